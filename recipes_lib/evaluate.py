@@ -1,0 +1,58 @@
+"""Quality: exact-match accuracy (ROUGE-1 for summaries) on the synthetic tasks, and perplexity."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import losses, tasks
+from .data import Document, pad_batch
+from .tasks import Example
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 12,
+                   batch_size: int = 64, progress: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts`` up to the end-of-sequence token, decoded to text."""
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="eval", leave=False):
+        chunk = [tokenizer.bos_token + p for p in prompts[start:start + batch_size]]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def task_scores(model, tokenizer, examples: Sequence[Example], **kwargs) -> dict[str, float]:
+    """Mean score per task (exact match; ROUGE-1 F1 for ``summary``) and their mean as ``"mean"``."""
+    predictions = greedy_answers(model, tokenizer, [ex.prompt for ex in examples], **kwargs)
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for ex, pred in zip(examples, predictions):
+        by_task[ex.task].append(tasks.score(ex, pred))
+    result = {task: sum(v) / len(v) for task, v in sorted(by_task.items())}
+    result["mean"] = sum(result.values()) / len(result)
+    return result
+
+
+@torch.no_grad()
+def perplexity(model, docs: Sequence[Document], pad_id: int, batch_size: int = 16) -> float:
+    """exp(mean next-token loss) over the scored tokens of ``docs``."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(docs), batch_size):
+        batch = pad_batch(docs[start:start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += losses.cross_entropy_sum(logits, batch["labels"]).item()
+        count += losses.count_targets(batch["labels"])
+    return math.exp(total / count)

@@ -1,0 +1,67 @@
+"""The plot kinds the notebooks share: ladder bars (memory breakdown, throughput) and curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+
+from .measure import GiB
+
+_PARTS = [("parameters", "#4C72B0"), ("gradients", "#DD8452"), ("optimizer", "#55A868"),
+          ("activations", "#C44E52")]
+
+
+def _unit(max_bytes: float) -> tuple[float, str]:
+    return (GiB, "GiB") if max_bytes >= 0.5 * GiB else (2**20, "MiB")
+
+
+def memory_bars(rows: Sequence[dict], title: str, ax=None):
+    """Stacked bars of the peak-memory breakdown per configuration; OOM rows are labelled.
+
+    Args:
+        rows: dicts with ``name`` and either ``memory`` (a ``MemoryBreakdown``) or ``oom=True``.
+    """
+    ax = ax or plt.gca()
+    peaks = [r["memory"].peak for r in rows if not r.get("oom")]
+    scale, unit = _unit(max(peaks, default=GiB))
+    names = [r["name"] for r in rows]
+    bottoms = [0.0] * len(rows)
+    for part, color in _PARTS:
+        heights = [0.0 if r.get("oom") else getattr(r["memory"], part) / scale for r in rows]
+        ax.bar(names, heights, bottom=bottoms, color=color, label=part)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    for i, r in enumerate(rows):
+        label = "OOM" if r.get("oom") else f"{r['memory'].peak / scale:.2f}"
+        ax.annotate(label, (i, bottoms[i]), ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel(f"peak memory ({unit})")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=20)
+    return ax
+
+
+def value_bars(names: Sequence[str], values: Sequence[float | None], ylabel: str, title: str, ax=None,
+               fmt: str = "{:,.0f}"):
+    """Plain bars with the value written on top; None shows as OOM."""
+    ax = ax or plt.gca()
+    heights = [v or 0.0 for v in values]
+    bars = ax.bar(names, heights, color="#4C72B0")
+    for bar, v in zip(bars, values):
+        ax.annotate("OOM" if v is None else fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=20)
+    return ax
+
+
+def ladder(rows: Sequence[dict], title: str):
+    """The recipe ladder: peak-memory breakdown and tokens/s side by side."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    memory_bars(rows, "peak memory per configuration", ax=left)
+    value_bars([r["name"] for r in rows], [None if r.get("oom") else r["tokens_per_s"] for r in rows],
+               "tokens/s", "training throughput", ax=right)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,78 @@
+"""QLoRA: a frozen 4-bit NF4 base plus small trainable low-rank adapters on every linear layer.
+
+Memory per base parameter drops from 2 (bf16) + 2 (grad) + 4 (AdamW state in bf16) = 8 bytes to
+about 0.5 byte (NF4, 64-value blocks, double-quantized scales: +0.127 bit/param); only the adapters
+(``r * (d_in + d_out)`` per layer) carry gradients and optimizer state.
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+from .models import DEFAULT_MODEL, load_model
+
+
+def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0) -> LoraConfig:
+    """LoRA on all linear layers except the LM head, as the QLoRA paper recommends."""
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
+    """Freeze ``model`` and wrap it with LoRA adapters; returns the peft model."""
+    return get_peft_model(model, lora_config(r, alpha, dropout))
+
+
+def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+                gradient_checkpointing: bool = False, attn_implementation: str = "sdpa", hw=None):
+    """Our QLoRA: NF4 base (double quantization), bf16 compute, LoRA on all linear layers.
+
+    Unlike ``prepare_model_for_kbit_training`` it keeps the unquantized weights (embeddings, norms,
+    LM head) in bf16: upcasting them to fp32 costs memory and makes the LM head an fp32 matmul.
+    """
+    model = load_model(name, quantization="nf4", gradient_checkpointing=gradient_checkpointing,
+                       attn_implementation=attn_implementation, hw=hw)
+    return add_lora(model, r, alpha, dropout)
+
+
+def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.05, hw=None):
+    """The plain transformers + peft + bitsandbytes QLoRA set-up as their documentation shows it.
+
+    ``BitsAndBytesConfig`` NF4 + double quantization, ``prepare_model_for_kbit_training`` (fp32
+    upcast of non-quantized weights, gradient checkpointing on), LoRA on all linear layers. The
+    baseline our recipe is measured against.
+    """
+    model = load_model(name, quantization="nf4", hw=hw)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return get_peft_model(model, lora_config(r, alpha, dropout))
+
+
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks
+
+
+def _linear_shapes(config) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every decoder linear layer of a Llama-style config."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
+    return per_layer * config.num_hidden_layers
+
+
+def predicted_state_bytes(config, r: int | None, weight_bytes: int) -> dict[str, float]:
+    """Parameters, gradients and AdamW state predicted from the config alone.
+
+    Full fine-tuning (``r=None``): every weight in ``weight_bytes``, a gradient of the same size,
+    and two AdamW moments of the same dtype. QLoRA: NF4 decoder linears, the rest in ``weight_bytes``,
+    fp32 adapters with fp32 gradients and two fp32 moments.
+    """
+    shapes = _linear_shapes(config)
+    n_linear = sum(i * o for i, o in shapes)
+    n_embed = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    n_norm = config.hidden_size * (2 * config.num_hidden_layers + 1)
+    if r is None:
+        n = n_linear + n_embed + n_norm
+        return {"parameters": n * weight_bytes, "gradients": n * weight_bytes, "optimizer": 2 * n * weight_bytes}
+    n_lora = r * sum(i + o for i, o in shapes)
+    params = n_linear * NF4_BYTES_PER_PARAM + (n_embed + n_norm) * weight_bytes + n_lora * 4
+    return {"parameters": params, "gradients": n_lora * 4, "optimizer": n_lora * 8}
