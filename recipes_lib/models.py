@@ -32,7 +32,7 @@ def resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or path.suffix
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1  # hub ids are "org/name"
     if looks_like_path:
         raise RecipeError(f"MODEL={name!r}: no such directory. Set MODEL to a local model folder "
                           f"(the default is {DEFAULT_MODEL}), a hub id like 'HuggingFaceTB/SmolLM2-135M', "

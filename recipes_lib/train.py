@@ -9,6 +9,7 @@ micro-batch's mean loss, the common shortcut, weights a token in a short micro-b
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,7 +51,8 @@ def _split_lm(model: torch.nn.Module):
 def loss_sum(model: torch.nn.Module, batch: dict, fused_head: bool = True,
              chunk_size: int = 2048) -> torch.Tensor:
     """Summed next-token loss of one micro-batch (fused chunked LM head + CE where possible)."""
-    inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
+    # No KV cache: with one, transformers skips the packed-sequence (block-diagonal) mask.
+    inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch} | {"use_cache": False}
     parts = _split_lm(model) if fused_head else None
     if parts is None:
         return losses.cross_entropy_sum(model(**inputs).logits, batch["labels"])
@@ -122,9 +124,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     trainable = [p for p in model.parameters() if p.requires_grad]
     stats = TrainStats()
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    for micro_batches in _chunks(batches, accum_steps):
-        if len(stats.losses) == steps:
-            break
+    for micro_batches in itertools.islice(_chunks(batches, accum_steps), steps):
         _sync(device)
         start = time.perf_counter()
         loss = accumulate_gradients(model, micro_batches, autocast_dtype, fused_head, scaler)

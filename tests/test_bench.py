@@ -1,0 +1,110 @@
+"""bench: one configuration measured end to end on CPU, OOM as a result, and the table."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from recipes_lib import bench, data, hardware, measure
+
+VOCAB, SEQ_LEN = 64, 32
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return data.random_documents(32, VOCAB, 4, 16, seed=1)
+
+
+def _config(name="base", micro_batch=2, accum_steps=1):
+    return bench.Config(name, lambda: tiny_model(VOCAB),
+                        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), micro_batch, accum_steps)
+
+
+@pytest.fixture(scope="module")
+def row(docs):
+    return bench.run(_config(), lambda mb: data.packed_batches(docs, SEQ_LEN, mb), hardware.detect("cpu"),
+                     steps=2, warmup=1, seq_len=SEQ_LEN,
+                     flops_per_token=lambda m: measure.training_flops_per_token(m.config, SEQ_LEN))
+
+
+def test_run_row(row):
+    assert row["name"] == "base" and row["oom"] is False
+    assert row["tokens_per_s"] > 0 and row["step_s"] > 0
+    assert row["loss"] > 0
+    assert (row["micro_batch"], row["accum_steps"], row["seq_len"]) == (2, 1, SEQ_LEN)
+    model = tiny_model(VOCAB)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert row["trainable_params"] == n_params
+    assert row["mfu"] is None  # no known peak on CPU
+
+
+def test_run_memory(row):
+    memory = row["memory"]
+    n_params = sum(p.numel() for p in tiny_model(VOCAB).parameters())
+    assert memory.parameters >= 4 * n_params
+    assert memory.gradients == 4 * n_params
+    assert memory.optimizer >= 8 * n_params  # two fp32 AdamW moments
+    assert memory.peak >= memory.states
+    assert memory.activations == memory.peak - memory.states > 0
+
+
+def test_run_accumulation_and_mfu(docs):
+    hw = dataclasses.replace(hardware.detect("cpu"), peak_flops=1e12)
+    row = bench.run(_config("accum", micro_batch=1, accum_steps=2), lambda mb: data.packed_batches(docs, SEQ_LEN, mb),
+                    hw, steps=1, warmup=1, seq_len=SEQ_LEN,
+                    flops_per_token=lambda m: measure.training_flops_per_token(m.config, SEQ_LEN))
+    assert row["accum_steps"] == 2 and not row["oom"]
+    expected = row["tokens_per_s"] * measure.training_flops_per_token(tiny_model(VOCAB).config, SEQ_LEN) / 1e12
+    assert row["mfu"] == pytest.approx(expected)
+
+
+def _raises(error):
+    def model_fn():
+        raise error
+    return model_fn
+
+
+def test_run_oom_is_a_row():
+    config = bench.Config("huge", _raises(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB\n"
+                                                                 "details")), lambda m: None, micro_batch=8, accum_steps=4)
+    row = bench.run(config, lambda mb: iter(()), hardware.detect("cpu"), seq_len=4096)
+    assert row["oom"] is True and row["name"] == "huge"
+    assert row["error"] == "CUDA out of memory. Tried to allocate 80 GiB"  # first line only
+    assert (row["micro_batch"], row["accum_steps"], row["seq_len"]) == (8, 4, 4096)
+    assert "memory" not in row
+
+
+def test_run_other_errors_propagate():
+    config = bench.Config("broken", _raises(ValueError("bad config")), lambda m: None, micro_batch=1)
+    with pytest.raises(ValueError, match="bad config"):
+        bench.run(config, lambda mb: iter(()), hardware.detect("cpu"))
+
+
+def test_table_renders_oom_rows(row):
+    oom = {"name": "huge", "oom": True, "error": "CUDA out of memory", "micro_batch": 8, "accum_steps": 4,
+           "seq_len": SEQ_LEN}
+    table = bench.table([row, oom], reference="base")
+    assert list(table.index) == ["base", "huge"]
+    assert table.loc["huge", "peak (GiB)"] == "OOM"
+    assert table.loc["huge", "micro-batch x accum"] == "8 x 4"
+    assert table.loc["base", "micro-batch x accum"] == "2 x 1"
+    assert table.loc["base", "peak (GiB)"] == pytest.approx(row["memory"].peak / 2**30, abs=1e-3)
+    assert table.loc["base", "tokens/s"] == pytest.approx(row["tokens_per_s"], abs=0.1)
+    assert table.loc["base", "peak vs base"] == "100.0%"
+    assert "MFU (%)" not in table.columns
+
+
+def test_table_relative_peak(row):
+    half = dict(row, name="half", memory=measure.MemoryBreakdown(0, 0, 0, 0, row["memory"].peak // 2))
+    table = bench.table([row, half], reference="base")
+    assert table.loc["half", "peak vs base"] == "50.0%"
+
+
+def test_to_json(row):
+    out = bench.to_json(row)
+    assert "memory" not in out
+    assert out["memory_bytes"]["peak"] == row["memory"].peak
+    assert set(out["memory_bytes"]) == {"parameters", "gradients", "optimizer", "activations", "peak"}
+    oom = {"name": "x", "oom": True, "error": "e"}
+    assert bench.to_json(oom) == oom

@@ -1,0 +1,137 @@
+"""measure: the CPU allocation tracker, the memory breakdown, FLOPs per token, MFU, OOM detection."""
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+from recipes_lib import measure
+
+MiB = 2**20
+
+
+def test_tracker_peak_of_known_allocations():
+    baseline = torch.empty(MiB, dtype=torch.uint8)
+    with measure.AllocationTracker([baseline]) as tracker:
+        assert tracker.current == MiB  # the baseline counts from the start
+        a = torch.ones(4 * MiB, dtype=torch.uint8)
+        assert tracker.current == 5 * MiB
+        del a
+        assert tracker.current == MiB  # freed storage is released
+        b = torch.zeros(2 * MiB, dtype=torch.uint8)
+        view = b.view(2, MiB)  # a view shares the storage: not counted twice
+        assert tracker.current == 3 * MiB
+        del b, view
+    assert tracker.peak == 5 * MiB
+
+
+def test_tracker_without_baseline_and_peak_of_two_live_tensors():
+    with measure.AllocationTracker() as tracker:
+        a = torch.ones(MiB // 4)  # 1 MiB of fp32
+        b = torch.ones(MiB // 2)  # 2 MiB
+        del a, b
+        c = torch.ones(MiB // 8)
+        del c
+    assert tracker.peak == 3 * MiB
+
+
+def test_tracker_counts_the_backward_pass():
+    weight = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(64, 256)
+    with measure.AllocationTracker([weight]) as tracker:
+        (x @ weight).sum().backward()
+    # weight + its gradient at least, and the 64x256 matmul output.
+    assert tracker.peak >= 2 * weight.nbytes + 64 * 256 * 4
+
+
+def test_peak_memory_on_cpu():
+    baseline = [torch.empty(MiB, dtype=torch.uint8)]
+    with measure.peak_memory(torch.device("cpu"), baseline) as result:
+        x = torch.ones(3 * MiB, dtype=torch.uint8)
+        del x
+    assert result["peak"] == 4 * MiB
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    a = torch.zeros(10)  # 40 bytes
+    b = torch.zeros(3, dtype=torch.float64)  # 24 bytes
+    assert measure.tensor_bytes([a, a[2:5], a.view(2, 5), b, None]) == 64
+    assert measure.tensor_bytes([a, b], torch.device("cpu")) == 64
+    assert measure.tensor_bytes([a, torch.zeros(4, device="meta")], torch.device("cpu")) == 40
+
+
+def test_breakdown_arithmetic():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 5, bias=False))
+    model[1].weight.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    model(torch.randn(3, 10)).sum().backward()
+    optimizer.step()  # creates one momentum buffer per trainable parameter
+
+    params = (10 * 20 + 20 + 20 * 5) * 4
+    trainable = (10 * 20 + 20) * 4
+    assert measure.optimizer_tensors(optimizer) and measure.tensor_bytes(measure.optimizer_tensors(optimizer)) == trainable
+
+    bd = measure.breakdown(model, optimizer, peak=10_000, device=torch.device("cpu"))
+    assert (bd.parameters, bd.gradients, bd.optimizer) == (params, trainable, trainable)
+    assert bd.states == params + 2 * trainable
+    assert bd.activations == 10_000 - bd.states
+    assert bd.peak == 10_000
+    assert bd.gib()["peak"] == pytest.approx(10_000 / 2**30)
+
+    small = measure.breakdown(model, None, peak=100, device=torch.device("cpu"))
+    assert small.optimizer == 0 and small.activations == 0  # never negative
+
+
+def test_breakdown_counts_buffers_as_parameters():
+    model = tiny_model(64)
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())
+    buffer_bytes = sum(b.nbytes for b in model.buffers())
+    bd = measure.breakdown(model, None, peak=0, device=torch.device("cpu"))
+    assert bd.parameters == param_bytes + buffer_bytes
+    assert bd.gradients == param_bytes
+
+
+def test_training_flops_per_token_by_hand():
+    config = tiny_config(vocab_size=64)  # d=32, 4 heads of 8, 2 kv heads, ffn 64, 2 layers
+    # per layer: q 32*32 + k 32*16 + v 32*16 + o 32*32 = 3072; mlp 3 * 32 * 64 = 6144
+    n = 2 * (3072 + 6144) + 64 * 32  # + the LM head = 20480
+    seq_len = 16
+    attention = 12 * 2 * 32 * seq_len  # 12 L d T
+    assert n == 20480
+    assert measure.training_flops_per_token(config, seq_len) == 6 * n + attention == 135168
+    # Frozen base: forward 2N + input gradients 2N, no weight gradients.
+    assert measure.training_flops_per_token(config, seq_len, trainable_fraction=0.0) == 4 * n + attention
+    assert measure.training_flops_per_token(config, seq_len, trainable_fraction=0.5) == 5 * n + attention
+
+
+def test_flops_n_is_the_matmul_weights_of_the_model():
+    model = tiny_model(64)
+    n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert measure.training_flops_per_token(model.config, 1) == 6 * n_linear + 12 * 2 * 32
+
+
+def test_mfu():
+    assert measure.mfu(1000.0, 1e9, None) is None
+    assert measure.mfu(1000.0, 1e9, 0) is None
+    assert measure.mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
+
+
+def test_is_oom():
+    assert measure.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert measure.is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not measure.is_oom(RuntimeError("shape mismatch"))
+    assert not measure.is_oom(ValueError("out of memory"))
+
+
+def test_median_seconds_and_steady_median():
+    calls = []
+    t = measure.median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=5, warmup=2)
+    assert len(calls) == 7 and 0 <= t < 0.1
+    assert measure.steady_median([100.0, 1.0, 3.0, 2.0]) == 2.0
+    assert measure.steady_median([5.0], skip=1) == 5.0
+
+
+def test_report_format(capsys):
+    measure.report("config", **{"peak (GiB)": 1.23456, "tokens/s": 12345.6, "oom": False})
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("config")
+    assert out.endswith("peak (GiB): 1.23 | tokens/s: 12,346 | oom: False")

@@ -1,0 +1,103 @@
+"""qlora: NF4 base + LoRA on every decoder linear layer, and the documented baseline set-up."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import checkpointing_on
+from peft.tuners.lora import LoraLayer
+
+from recipes_lib import data, models, qlora, tasks, train
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _decoder_linears(peft_model):
+    base = peft_model.get_base_model()
+    for layer in base.model.layers:
+        for name in DECODER_LINEARS:
+            yield name, getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+
+
+def _train_one_step(model, tokenizer):
+    docs = data.encode(tokenizer, tasks.make_examples(4, seed=3))
+    batch = data.pad_batch(docs, pad_id=tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(torch.count_nonzero(b) == 0 for b in lora_b.values())  # LoRA starts as a no-op
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    stats = train.train(model, optimizer, [batch], steps=1, progress=False)
+    assert len(stats.losses) == 1 and stats.losses[0] > 0
+    changed = [n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(p, lora_b[n])]
+    assert changed  # the adapters learned
+    return stats
+
+
+@pytest.fixture(scope="module")
+def qlora_tiny(tiny_model_dir):
+    return qlora.qlora_model(tiny_model_dir, r=2, alpha=4)
+
+
+def test_qlora_trains_few_parameters(qlora_tiny):
+    trainable, total = models.count_parameters(qlora_tiny)
+    assert 0 < trainable < 0.1 * total
+    assert all("lora_" in n for n, p in qlora_tiny.named_parameters() if p.requires_grad)
+    # r * (d_in + d_out) per adapted layer.
+    expected = sum(2 * (m.in_features + m.out_features) for _, m in _decoder_linears(qlora_tiny))
+    assert trainable == expected
+
+
+def test_qlora_adapts_every_decoder_linear_but_not_the_head(qlora_tiny):
+    seen = set()
+    for name, module in _decoder_linears(qlora_tiny):
+        assert isinstance(module, LoraLayer), name
+        assert isinstance(module.get_base_layer(), bnb.nn.Linear4bit), name
+        assert module.r["default"] == 2
+        seen.add(name)
+    assert seen == set(DECODER_LINEARS)
+    head = qlora_tiny.get_base_model().lm_head
+    assert not isinstance(head, LoraLayer) and not isinstance(head, bnb.nn.Linear4bit)
+    assert not head.weight.requires_grad
+
+
+def test_qlora_keeps_non_quantized_weights_in_model_dtype(qlora_tiny):
+    base = qlora_tiny.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == torch.float32  # fp32 on CPU: the model dtype here
+    assert not checkpointing_on(base)
+
+
+def test_qlora_gradient_checkpointing_option(tiny_model_dir):
+    model = qlora.qlora_model(tiny_model_dir, r=2, gradient_checkpointing=True)
+    assert checkpointing_on(model.get_base_model())
+
+
+def test_qlora_trains_one_step(qlora_tiny, tokenizer):
+    _train_one_step(qlora_tiny, tokenizer)
+
+
+def test_docs_qlora_model(tiny_model_dir, tokenizer):
+    model = qlora.docs_qlora_model(tiny_model_dir, r=2, alpha=4)
+    base = model.get_base_model()
+    assert checkpointing_on(base)
+    for _, module in _decoder_linears(model):
+        assert isinstance(module.get_base_layer(), bnb.nn.Linear4bit)
+    non_quantized = {p.dtype for p in model.parameters() if p.dtype != torch.uint8}
+    assert non_quantized == {torch.float32}  # prepare_model_for_kbit_training upcasts to fp32
+    trainable, total = models.count_parameters(model)
+    assert 0 < trainable < 0.1 * total
+    _train_one_step(model, tokenizer)
+
+
+def test_predicted_state_bytes_full_fine_tuning(tokenizer):
+    from conftest import tiny_model
+
+    model = tiny_model(len(tokenizer))
+    n = sum(p.numel() for p in model.parameters())
+    assert qlora.predicted_state_bytes(model.config, None, 4) == {
+        "parameters": 4 * n, "gradients": 4 * n, "optimizer": 8 * n}
+
+
+def test_predicted_state_bytes_qlora(qlora_tiny):
+    trainable, _ = models.count_parameters(qlora_tiny)
+    predicted = qlora.predicted_state_bytes(qlora_tiny.get_base_model().config, 2, 4)
+    assert predicted["gradients"] == 4 * trainable
+    assert predicted["optimizer"] == 8 * trainable

@@ -1,0 +1,188 @@
+"""train: token-normalised accumulation, the fused-head loss, the loop itself."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch.testing import assert_close
+
+from recipes_lib import data, losses, tasks, train
+
+VOCAB = 64
+
+
+def flat_grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def docs():
+    # Lengths 3..20 so micro-batches hold very different numbers of real tokens.
+    return data.random_documents(8, VOCAB, 3, 20, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(VOCAB)
+
+
+def micro_batches(docs):
+    return [data.pad_batch(docs[i:i + 2], pad_id=0) for i in range(0, len(docs), 2)]
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_accumulation_equals_one_large_batch(model, docs, fused_head):
+    mbs = micro_batches(docs)
+    assert len({mb["input_ids"].shape[1] for mb in mbs}) == len(mbs)  # all padded to different lengths
+    assert len({losses.count_targets(mb["labels"]) for mb in mbs}) > 1
+
+    model.zero_grad(set_to_none=True)
+    step_loss = train.accumulate_gradients(model, mbs, fused_head=fused_head)
+    accumulated = flat_grads(model).clone()
+
+    model.zero_grad(set_to_none=True)
+    big = data.pad_batch(docs, pad_id=0)
+    big_loss = train.accumulate_gradients(model, [big], fused_head=fused_head)
+    reference = flat_grads(model).clone()
+    model.zero_grad(set_to_none=True)
+
+    assert rel_err(accumulated, reference) < 1e-5
+    assert step_loss == pytest.approx(big_loss, rel=1e-5)
+    # The returned loss is the mean per target token of the whole step.
+    with torch.no_grad():
+        expected = train.loss_sum(model, big, fused_head=False) / losses.count_targets(big["labels"])
+    assert step_loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_naive_mean_of_means_does_not_match(model, docs):
+    """The common shortcut (mean loss per micro-batch, averaged) gives a different gradient."""
+    mbs = micro_batches(docs)
+    model.zero_grad(set_to_none=True)
+    for mb in mbs:
+        (train.loss_sum(model, mb) / losses.count_targets(mb["labels"]) / len(mbs)).backward()
+    naive = flat_grads(model).clone()
+    model.zero_grad(set_to_none=True)
+    train.accumulate_gradients(model, [data.pad_batch(docs, pad_id=0)])
+    reference = flat_grads(model).clone()
+    model.zero_grad(set_to_none=True)
+    assert rel_err(naive, reference) > 1e-3
+
+
+def test_accumulate_rejects_a_step_without_targets(model):
+    batch = data.pad_batch([data.Document([1, 2, 3], [losses.IGNORE_INDEX] * 3)], pad_id=0)
+    with pytest.raises(ValueError, match="no target tokens"):
+        train.accumulate_gradients(model, [batch])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_head_loss_equals_unfused(model, docs, packed):
+    if packed:
+        batch = data.stack_rows(data.pack_rows(docs, seq_len=40)[:2])
+    else:
+        batch = data.pad_batch(docs[:4], pad_id=0)
+    assert train._split_lm(model) is not None  # the fused path is really taken
+
+    model.zero_grad(set_to_none=True)
+    fused = train.loss_sum(model, batch, fused_head=True, chunk_size=7)
+    fused.backward()
+    g_fused = flat_grads(model).clone()
+    model.zero_grad(set_to_none=True)
+    plain = train.loss_sum(model, batch, fused_head=False)
+    plain.backward()
+    g_plain = flat_grads(model).clone()
+    model.zero_grad(set_to_none=True)
+
+    assert abs(fused.item() - plain.item()) / plain.item() < 1e-5
+    assert rel_err(g_fused, g_plain) < 1e-5
+
+
+def test_fused_head_loss_with_tied_embeddings(docs):
+    model = tiny_model(VOCAB, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    batch = data.pad_batch(docs[:4], pad_id=0)
+    train.loss_sum(model, batch, fused_head=True).backward()
+    g_fused = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    train.loss_sum(model, batch, fused_head=False).backward()
+    assert rel_err(g_fused, model.lm_head.weight.grad) < 1e-5
+
+
+def test_real_tokens(docs):
+    padded = data.pad_batch(docs[:3], pad_id=0)
+    assert train.real_tokens(padded) == sum(len(d.input_ids) for d in docs[:3])
+    rows = data.pack_rows(docs, seq_len=64)
+    packed = data.stack_rows(rows)
+    n_real = sum(len(d.input_ids) for d in docs)
+    assert packed["input_ids"].numel() > n_real  # the last row has a padding tail
+    assert train.real_tokens(packed) == n_real
+
+
+def test_train_raises_when_batches_run_out(docs):
+    model = tiny_model(VOCAB)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = micro_batches(docs)[:3]  # 3 micro-batches, but 2 steps x 2 need 4
+    with pytest.raises(ValueError, match="ran out"):
+        train.train(model, optimizer, batches, steps=2, accum_steps=2, progress=False)
+
+
+def test_train_stats_and_update(docs):
+    model = tiny_model(VOCAB)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mbs = micro_batches(docs)
+    stats = train.train(model, optimizer, mbs, steps=2, accum_steps=2, progress=False)
+    assert len(stats.losses) == 2 and len(stats.step_seconds) == 2
+    assert stats.tokens == sum(len(d.input_ids) for d in docs)
+    assert stats.tokens_per_step == stats.tokens / 2
+    assert all(p.grad is None for p in model.parameters())  # zeroed after the step
+    assert not torch.equal(before["model.embed_tokens.weight"], model.state_dict()["model.embed_tokens.weight"])
+
+
+def test_train_lowers_the_loss(tokenizer):
+    torch.manual_seed(0)
+    model = tiny_model(len(tokenizer))
+    docs = data.encode(tokenizer, tasks.make_examples(64, seed=0), train_on_prompt=True)
+    batches = data.packed_batches(docs, seq_len=96, batch_size=4, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = train.train(model, optimizer, batches, steps=30, progress=False)
+    assert len(stats.losses) == 30
+    first, last = stats.losses[0], sum(stats.losses[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+
+
+def test_cosine_schedule():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = train.cosine_schedule(optimizer, steps=10, warmup=2)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0)  # the peak, at the end of the warm-up
+    assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)  # floor at 10%
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_packed_documents_do_not_attend_to_each_other(model, docs):
+    """A packed row's loss equals the sum of its documents' losses taken one at a time."""
+    rows = data.pack_rows(docs[:3], seq_len=64)
+    assert len(rows) == 1
+    packed = train.loss_sum(model, data.stack_rows(rows), fused_head=False)
+    alone = sum(train.loss_sum(model, data.pad_batch([d], pad_id=0), fused_head=False) for d in docs[:3])
+    assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_train_does_not_consume_extra_batches(docs):
+    model = tiny_model(VOCAB)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    stream = iter(micro_batches(docs) * 2)  # 8 micro-batches
+    train.train(model, optimizer, stream, steps=3, progress=False)
+    assert len(list(stream)) == 5
