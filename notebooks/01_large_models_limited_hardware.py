@@ -50,9 +50,9 @@ PROFILE = "auto"  # "cpu": CI-sized on the embedded model; "gpu": Llama-3.2-1B s
 MODEL = None      # override the profile's model: a hub id, a local path, or random:<shape>
 PROFILES = {
     "cpu": dict(model="data/tiny-llama", seq_len=256, micro_batch=8, accum_steps=4, lora_r=8,
-                steps=2, finetune_steps=60, finetune_batch=16),
+                steps=2, finetune_steps=150, finetune_batch=16),
     "gpu": dict(model="random:llama-3.2-1b", seq_len=2048, micro_batch=8, accum_steps=4, lora_r=16,
-                steps=4, finetune_steps=150, finetune_batch=32),
+                steps=4, finetune_steps=300, finetune_batch=16),
 }
 QUALITY_MODEL = "data/tiny-llama"  # the embedded default: it knows its tasks, so quality means something
 FINETUNE_TASK = "reverse"          # a task the embedded model never saw in pre-training
@@ -214,18 +214,22 @@ report("checkpointing", **{"activation cut %": 100 * activation_cut, "tokens/s l
 # Checkpointing must not change the result: gradients with and without it agree (fp32, embedded model).
 
 # %%
-def lora_grads(checkpointing):
-    torch.manual_seed(0)
-    model = qlora.qlora_model(QUALITY_NAME, r=4, gradient_checkpointing=checkpointing, hw=hardware.detect("cpu"))
-    for name, p in model.named_parameters():  # non-zero B so every adapter gets a gradient signal
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    batch = data.pad_batch(ft_docs[:4], tokenizer.pad_token_id)
-    train.accumulate_gradients(model, [batch])
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-g_plain, g_ckpt = lora_grads(False), lora_grads(True)
+def lora_grads(model):
+    train.accumulate_gradients(model, [data.pad_batch(ft_docs[:4], tokenizer.pad_token_id)])
+    return torch.cat([p.grad.flatten() for p in trainable(model)])
+
+
+cpu = hardware.detect("cpu")  # fp32, so the comparison is exact up to float rounding
+plain_model = qlora.qlora_model(QUALITY_NAME, r=4, hw=cpu)
+ckpt_model = qlora.qlora_model(QUALITY_NAME, r=4, gradient_checkpointing=True, hw=cpu)
+for p_plain, p_ckpt in zip(trainable(plain_model), trainable(ckpt_model)):
+    torch.nn.init.normal_(p_plain, std=0.02)  # non-zero B too, so every adapter gets a gradient
+    p_ckpt.data.copy_(p_plain.data)
+g_plain, g_ckpt = lora_grads(plain_model), lora_grads(ckpt_model)
 ckpt_error = ((g_ckpt - g_plain).norm() / g_plain.norm()).item()
 report("checkpointing gradients", **{"relative error": ckpt_error})
 
@@ -389,7 +393,7 @@ plt.show()
 # A missing model, a length over the model's limit, and a kernel this machine lacks (with its fallback):
 
 # %%
-for attempt in (lambda: models.load_model("models/does-not-exist"),
+for attempt in (lambda: models.load_model("./models/does-not-exist"),
                 lambda: models.check_seq_len(config, config.max_position_embeddings + 1)):
     try:
         attempt()

@@ -9,6 +9,7 @@ from there, for speed and memory runs where quality does not matter).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -148,7 +149,7 @@ def check_seq_len(model_or_config, seq_len: int) -> None:
     if limit is not None and seq_len > limit:
         raise RecipeError(f"SEQ_LEN={seq_len} is over this model's limit of {limit} positions: lower SEQ_LEN, "
                           f"or extend RoPE (e.g. rope_scaling={{'rope_type': 'yarn', 'factor': "
-                          f"{seq_len / limit:.1f}}}) and fine-tune at the new length.")
+                          f"{math.ceil(seq_len / limit)}.0}}) and fine-tune at the new length.")
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -1,0 +1,45 @@
+# `make run`: build the environment, execute every notebook here, print the scoreboard.
+# `make test`: build the environment, unit tests, then every notebook under nbval.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+
+.PHONY: run test unit nbval lab sync env clean
+
+run: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py $(NOTEBOOKS)
+	$(BIN)/python scripts/scoreboard.py
+
+test: unit nbval
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+# --nbval-lax: run every cell and fail on any error (a failed assert included) without comparing
+# outputs, which are committed from a GPU run and differ from a CPU's by design.
+nbval: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=900 $(NOTEBOOKS)
+
+lab: $(STAMP)
+	$(BIN)/python -m pip install -q jupyterlab jupytext
+	$(BIN)/jupyter lab notebooks/
+
+# Re-pair notebooks/*.ipynb with their reviewable py:percent twins after editing either.
+sync: $(STAMP)
+	$(BIN)/jupytext --sync notebooks/*.py
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (recipes)" >/dev/null
+	touch $@
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
