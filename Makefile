@@ -20,7 +20,7 @@ unit: $(STAMP)
 # --nbval-lax: run every cell and fail on any error (a failed assert included) without comparing
 # outputs, which are committed from a GPU run and differ from a CPU's by design.
 nbval: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	RECIPES_PROGRESS=0 $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=900 $(NOTEBOOKS)
 
 lab: $(STAMP)

@@ -11,10 +11,12 @@ def quiet() -> None:
     """Silence load-time progress bars and known-harmless library warnings (for notebooks)."""
     import warnings
 
+    warnings.filterwarnings("ignore", category=SyntaxWarning)  # escape sequences in some libraries' docstrings
+    for pattern in (".*is deprecated and will be removed in v6.*", ".*use_reentrant.*",
+                    ".*MatMul8bitLt: inputs will be cast.*", ".*torch_dtype.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for pattern in (".*is deprecated and will be removed in v6.*", ".*use_reentrant.*",
-                    ".*MatMul8bitLt: inputs will be cast.*", ".*torch_dtype.*"):
-        warnings.filterwarnings("ignore", message=pattern)

@@ -27,6 +27,7 @@ class Config:
     micro_batch: int
     accum_steps: int = 1
     max_grad_norm: float | None = 1.0
+    fused_head: bool = True  # False: the model's own logits + cross-entropy, as plain transformers does
 
 
 def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardware, steps: int = 3,
@@ -54,9 +55,9 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
     optimizer = config.optimizer_fn(model)
     batches = batches_fn(config.micro_batch)
     kwargs = dict(accum_steps=config.accum_steps, autocast_dtype=hw.amp_dtype,
-                  max_grad_norm=config.max_grad_norm, progress=False)
+                  max_grad_norm=config.max_grad_norm, fused_head=config.fused_head, progress=False)
     train.train(model, optimizer, batches, steps=warmup, **kwargs)
-    timed = train.train(model, optimizer, batches, steps=steps, desc=config.name, **kwargs)
+    timed = train.train(model, optimizer, batches, steps=steps, **kwargs)
     baseline = list(model.parameters()) + list(model.buffers()) + measure.optimizer_tensors(optimizer)
     with measure.peak_memory(hw.device, baseline) as peak:
         train.train(model, optimizer, batches, steps=1, **kwargs)

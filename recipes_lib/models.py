@@ -31,8 +31,9 @@ def resolve(name: str) -> str:
     if name.startswith("random:"):
         return str(_materialise_random(name.removeprefix("random:")))
     path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
+    for candidate in (path, REPO_ROOT / path):  # relative paths also work from the repository root
+        if candidate.is_dir():
+            return str(candidate)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1  # hub ids are "org/name"
     if looks_like_path:
         raise RecipeError(f"MODEL={name!r}: no such directory. Set MODEL to a local model folder "

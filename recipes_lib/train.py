@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def _chunks(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
           steps: int, accum_steps: int = 1, autocast_dtype: torch.dtype | None = None,
           max_grad_norm: float | None = 1.0, fused_head: bool = True,
-          scheduler=None, progress: bool = True, desc: str = "train") -> TrainStats:
+          scheduler=None, progress: bool | None = None, desc: str = "train") -> TrainStats:
     """Run ``steps`` optimizer steps of ``accum_steps`` micro-batches each.
 
     Args:
@@ -117,7 +118,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         autocast_dtype: ``torch.bfloat16``/``torch.float16`` for mixed precision, None for none.
             fp16 turns on loss scaling.
         fused_head: compute the loss with the chunked fused LM head (no full logits).
+        progress: show a progress bar; None means yes unless ``RECIPES_PROGRESS=0`` (set for
+            headless notebook runs, where a bar would be saved in its first state).
     """
+    if progress is None:
+        progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None

@@ -9,6 +9,7 @@ Exits non-zero, naming the notebook and cell, if any cell fails (a failed ``asse
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def execute(path: Path, timeout: int, kernel: str) -> nbformat.NotebookNode:
     """Run every cell of ``path`` with the notebook's folder as the working directory."""
+    os.environ.setdefault("RECIPES_PROGRESS", "0")  # a saved bar would show its first state only
     nb = nbformat.read(path, as_version=4)
     n_code = sum(c.cell_type == "code" for c in nb.cells)
     bar = tqdm(total=n_code, desc=path.stem, unit="cell")
