@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from .hardware import Hardware, RecipeError, detect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = str(REPO_ROOT / "data" / "tiny-llama")
+DEFAULT_MODEL = "data/tiny-llama"  # relative paths resolve from the repository root too
 SHAPES_DIR = REPO_ROOT / "data" / "configs"
 CACHE_DIR = Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "recipes_lib"))
 QUANTIZATIONS = (None, "nf4", "int8")
