@@ -110,9 +110,10 @@ def packed_batches(docs: Sequence[Document], seq_len: int, batch_size: int, seed
     return _endless(rows, batch_size, seed, stack_rows)
 
 
-def padded_batches(docs: Sequence[Document], batch_size: int, pad_id: int, seed: int = 0) -> Iterator[dict]:
-    """An endless stream of micro-batches padded to their longest document."""
-    return _endless(list(docs), batch_size, seed, lambda group: pad_batch(group, pad_id))
+def padded_batches(docs: Sequence[Document], batch_size: int, pad_id: int, seed: int = 0,
+                   pad_to: int | None = None) -> Iterator[dict]:
+    """An endless stream of micro-batches padded to their longest document (or to ``pad_to``)."""
+    return _endless(list(docs), batch_size, seed, lambda group: pad_batch(group, pad_id, pad_to))
 
 
 def _endless(items: list, batch_size: int, seed: int, collate) -> Iterator[dict]:
