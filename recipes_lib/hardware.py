@@ -51,8 +51,8 @@ class Hardware:
 
     @property
     def model_dtype(self) -> torch.dtype:
-        """dtype to hold weights in: the mixed-precision dtype on a GPU, fp32 on CPU."""
-        return self.amp_dtype or torch.float32
+        """dtype to hold weights in: bf16 where the GPU has it; fp32 otherwise (fp16 AMP needs fp32 masters)."""
+        return torch.bfloat16 if self.amp_dtype == torch.bfloat16 else torch.float32
 
     def summary(self) -> str:
         peak = f"{self.peak_flops / 1e12:.0f} TFLOP/s bf16 (datasheet)" if self.peak_flops else "unknown"
