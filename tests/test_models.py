@@ -168,10 +168,3 @@ def test_count_parameters():
     packed.b = torch.nn.Parameter(torch.zeros(3))
     assert models.count_parameters(packed) == (3, 8 * 2 + 3)  # two 4-bit values per byte
 
-
-def test_fp16_gpu_keeps_fp32_master_weights():
-    from dataclasses import replace
-
-    old_gpu = replace(hardware.detect("cpu"), device=torch.device("cuda"), bf16=False)
-    assert old_gpu.amp_dtype == torch.float16 and old_gpu.needs_loss_scaling
-    assert old_gpu.model_dtype == torch.float32
