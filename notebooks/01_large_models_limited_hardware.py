@@ -298,6 +298,15 @@ accum_row = measured(accum_cfg)
 assert accum_row["memory"].activations < ckpt_row["memory"].activations, \
     "smaller micro-batches should need less activation memory"
 
+# %%
+fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+plots.value_bars(["token-normalised", "naive mean of means"], [accum_error, naive_error],
+                 "relative gradient error vs large batch", "only token normalisation matches the large batch",
+                 ax=left, fmt="{:.1e}")
+left.set_yscale("log")
+plots.memory_bars([ckpt_row, accum_row], "same effective batch, less activation memory", ax=right)
+plt.show()
+
 # %% [markdown]
 # ## 4 · CPU offloading of optimizer states
 #
@@ -326,6 +335,10 @@ if hw.cuda:
     assert offload_full_row["memory"].peak < full_row["memory"].peak
 else:
     print("no accelerator: the state already lives in host memory, so there is nothing to save here")
+
+# %%
+plots.memory_bars([full_row, offload_full_row], "offloading moves AdamW's state off the accelerator")
+plt.show()
 
 # %% [markdown]
 # ## The ladder
