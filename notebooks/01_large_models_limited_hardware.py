@@ -429,7 +429,7 @@ plt.show()
 # %% [markdown]
 # **Reading the speed ladder.** In the committed H100 run, dynamic padding was the documented set-up's
 # largest cost: padding every batch to the full `seq_len` (more padding, but one shape for every step)
-# ran 3.7x faster, packing 5.4x, and our model set-up 7.6x. We have not profiled where the dynamic-padding
+# ran 3.7x faster, packing 5.4x, and our model set-up 7.3x. We have not profiled where the dynamic-padding
 # time goes; since the fixed-shape run pads *more* and is still faster, a new shape every step (fresh
 # allocations, new kernel choices) is the likely cost. On a CPU (CI) fixed-length padding is the slowest,
 # as compute per token dominates there: measure on your own hardware before choosing.
