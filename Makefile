@@ -38,6 +38,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# torchao offloads optimizer state from a GPU only: install it where there is one.
+	if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/python -m pip install -q "torchao>=0.12"; fi
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (recipes)" >/dev/null
 	touch $@
 

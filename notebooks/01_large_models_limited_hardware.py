@@ -58,6 +58,7 @@ QUALITY_MODEL = "data/tiny-llama"  # the embedded default: it knows its tasks, s
 FINETUNE_TASK = "reverse"          # a task the embedded model never saw in pre-training
 
 # %%
+import itertools
 import json
 
 import recipes_lib
@@ -80,7 +81,20 @@ P = PROFILES[profile]
 MODEL_NAME = MODEL or os.environ.get("RECIPES_MODEL") or P["model"]
 QUALITY_NAME = QUALITY_MODEL
 print(hw.summary())
-print(f"profile: {profile} | model: {MODEL or P['model']} | {json.dumps(P)}")
+print(f"profile: {profile} | model: {MODEL_NAME} | {json.dumps(P)}")
+BENCHMARK_GPU = "H100"  # the GPU the targets below were set for: asserted there, printed elsewhere
+
+
+def check_target(name, value, ok):
+    """Print a GPU target's outcome; on the benchmark GPU a miss fails the notebook."""
+    print(f"target ({BENCHMARK_GPU}): {name}: {value} -> {ok}")
+    if BENCHMARK_GPU in hw.name:
+        assert ok, f"missed the {BENCHMARK_GPU} target: {name}"
+
+
+def fits(*rows):
+    """False if any configuration ran out of memory: comparisons with it are skipped, not crashed."""
+    return all(not r["oom"] for r in rows)
 
 # %% [markdown]
 # ### The model and the batches
@@ -109,6 +123,7 @@ def adamw(model):
 
 
 def measured(cfg, batches_fn=packed):
+    """Run one configuration and print its one-line report (OOM is a result, not a crash)."""
     row = bench.run(cfg, batches_fn, hw, steps=P["steps"], seq_len=SEQ_LEN, flops_per_token=flops_per_token)
     if row["oom"]:
         report(cfg.name, peak="OOM")
@@ -140,6 +155,8 @@ qlora_cfg = bench.Config("QLoRA", lambda: qlora.qlora_model(MODEL_NAME, r=P["lor
 full_row, qlora_row = measured(full_cfg), measured(qlora_cfg)
 
 for row, r in [(full_row, None), (qlora_row, P["lora_r"])]:
+    if row["oom"]:
+        continue
     predicted = qlora.predicted_state_bytes(config, r, weight_bytes)
     m = row["memory"]
     for part in ("parameters", "gradients", "optimizer"):
@@ -148,18 +165,23 @@ for row, r in [(full_row, None), (qlora_row, P["lora_r"])]:
               f"match: {abs(getattr(m, part) - predicted[part]) <= 0.05 * predicted[part] + 2**20}")
 
 # %%
-state_ratio = qlora_row["memory"].states / full_row["memory"].states
-trainable_fraction = qlora_row["trainable_params"] / full_row["trainable_params"]
-report("QLoRA vs full", **{"trainable %": 100 * trainable_fraction, "states %": 100 * state_ratio,
-                           "peak %": 100 * qlora_row["memory"].peak / full_row["memory"].peak})
-assert trainable_fraction < 0.10, "QLoRA should train a small fraction of the parameters"
-assert state_ratio < 0.25, "QLoRA's weights+grads+optimizer should be far below full fine-tuning's"
-assert qlora_row["memory"].peak < full_row["memory"].peak
-if hw.cuda:
-    print(f"target (GPU): QLoRA states <= 15% of full fine-tuning: {state_ratio:.1%} -> {state_ratio <= 0.15}")
+state_ratio = None
+if fits(full_row, qlora_row):
+    state_ratio = qlora_row["memory"].states / full_row["memory"].states
+    trainable_fraction = qlora_row["trainable_params"] / full_row["trainable_params"]
+    report("QLoRA vs full", **{"trainable %": 100 * trainable_fraction, "states %": 100 * state_ratio,
+                               "peak %": 100 * qlora_row["memory"].peak / full_row["memory"].peak})
+    assert trainable_fraction < 0.10, "QLoRA should train a small fraction of the parameters"
+    assert state_ratio < 0.25, "QLoRA's weights+grads+optimizer should be far below full fine-tuning's"
+    assert qlora_row["memory"].peak < full_row["memory"].peak
+    if hw.cuda:
+        check_target("QLoRA states <= 15% of full fine-tuning's", f"{state_ratio:.1%}", state_ratio <= 0.15)
+else:
+    assert not qlora_row["oom"], "QLoRA should fit where full fine-tuning does not"
+    print("full fine-tuning does not fit on this device; QLoRA does")
 
 # %%
-plots.memory_bars([full_row, qlora_row], f"QLoRA keeps {state_ratio:.0%} of full fine-tuning's weights+grads+optimizer")
+plots.memory_bars([full_row, qlora_row], "QLoRA: a 4-bit frozen base, adapter-only gradients and AdamW state")
 plt.show()
 
 # %% [markdown]
@@ -207,9 +229,11 @@ ckpt_cfg = bench.Config("QLoRA + checkpointing",
                         lambda: qlora.qlora_model(MODEL_NAME, r=P["lora_r"], gradient_checkpointing=True),
                         adamw, P["micro_batch"])
 ckpt_row = measured(ckpt_cfg)
-activation_cut = 1 - ckpt_row["memory"].activations / qlora_row["memory"].activations
-slowdown = 1 - ckpt_row["tokens_per_s"] / qlora_row["tokens_per_s"]
-report("checkpointing", **{"activation cut %": 100 * activation_cut, "tokens/s lost %": 100 * slowdown})
+activation_cut = slowdown = None
+if fits(qlora_row, ckpt_row):
+    activation_cut = 1 - ckpt_row["memory"].activations / qlora_row["memory"].activations
+    slowdown = 1 - ckpt_row["tokens_per_s"] / qlora_row["tokens_per_s"]
+    report("checkpointing", **{"activation cut %": 100 * activation_cut, "tokens/s lost %": 100 * slowdown})
 
 # %% [markdown]
 # Checkpointing must not change the result: gradients with and without it agree (fp32, embedded model).
@@ -236,24 +260,27 @@ report("checkpointing gradients", **{"relative error": ckpt_error})
 
 # %%
 assert ckpt_error < 1e-5, "checkpointing must reproduce the gradients"
-assert activation_cut > 0.5, "checkpointing should cut activation memory by more than half"
-if hw.cuda:
-    print(f"target (GPU): activation cut >= 60%: {activation_cut:.1%} -> {activation_cut >= 0.60}; "
-          f"tokens/s lost <= 35%: {slowdown:.1%} -> {slowdown <= 0.35}")
+assert not ckpt_row["oom"], "QLoRA with checkpointing should fit"
+if activation_cut is not None:
+    assert activation_cut > 0.5, "checkpointing should cut activation memory by more than half"
+    if hw.cuda:
+        check_target("activation memory cut >= 60%", f"{activation_cut:.1%}", activation_cut >= 0.60)
+        check_target("tokens/s lost <= 35%", f"{slowdown:.1%}", slowdown <= 0.35)
 
 # %%
 fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-plots.memory_bars([qlora_row, ckpt_row], f"checkpointing cuts activations by {activation_cut:.0%}", ax=left)
-plots.value_bars([qlora_row["name"], ckpt_row["name"]], [qlora_row["tokens_per_s"], ckpt_row["tokens_per_s"]],
-                 "tokens/s", f"for {slowdown:.0%} fewer tokens/s", ax=right)
+plots.memory_bars([qlora_row, ckpt_row], "checkpointing keeps only each layer's input", ax=left)
+plots.value_bars([qlora_row["name"], ckpt_row["name"]], [qlora_row.get("tokens_per_s"), ckpt_row["tokens_per_s"]],
+                 "tokens/s", "and recomputes the rest in backward", ax=right)
 plt.show()
 
 # %% [markdown]
 # ## 3 · Gradient accumulation
 #
 # Activation memory grows with the micro-batch; the optimizer step wants a large batch. Accumulating
-# `k` micro-batches before each step gives the large batch's gradient at `1/k` of its activation
-# memory, **if** the loss is normalised correctly. The mean loss of a batch averages over its target
+# `k` micro-batches before each step gives the large batch's gradient with `1/k` of the activations
+# that scale with the batch (the loss chunks and one layer's recomputation do not shrink), **if**
+# the loss is normalised correctly. The mean loss of a batch averages over its target
 # tokens; averaging per-micro-batch means weights a token in a short (heavily padded) micro-batch
 # more than one in a long one. `recipes_lib.train` sums each micro-batch's token losses and divides by
 # the token count of the whole step, which is exactly the large batch's loss.
@@ -311,7 +338,7 @@ plt.show()
 # ## 4 · CPU offloading of optimizer states
 #
 # AdamW's two moments are as large as the trainable weights (twice, in fp32). `recipes_lib.offload`
-# uses torchao's `CPUOffloadOptimizer`: moments, an fp32 master copy and the AdamW step live in pinned
+# uses torchao's `CPUOffloadOptimizer`: moments, a host copy of the parameters and the AdamW step live in pinned
 # host memory; each gradient is copied to the host during backward on a side stream, updated weights
 # come back after the step. It matters most where the optimizer state is large: full fine-tuning.
 # (Gradient clipping must then happen on the host copy, so these runs train without it.)
@@ -321,8 +348,9 @@ offload_full_cfg = bench.Config("full fine-tune + offload", lambda: models.load_
                                 lambda m: offload.offloaded_adamw(m.parameters(), hw.device, lr=1e-5),
                                 P["micro_batch"], max_grad_norm=None)
 offload_full_row = measured(offload_full_cfg)
-print("optimizer state on the accelerator:", f"{offload_full_row['memory'].optimizer / GiB:.3f} GiB",
-      "| full fine-tune without offload:", f"{full_row['memory'].optimizer / GiB:.3f} GiB")
+if fits(full_row, offload_full_row):
+    print("optimizer state on the accelerator:", f"{offload_full_row['memory'].optimizer / GiB:.3f} GiB",
+          "| full fine-tune without offload:", f"{full_row['memory'].optimizer / GiB:.3f} GiB")
 
 # %%
 probe = models.load_model(QUALITY_NAME)
@@ -330,7 +358,7 @@ opt = offload.offloaded_adamw(probe.parameters(), hw.device, lr=1e-4)
 train.train(probe, opt, data.padded_batches(ft_docs, 4, tokenizer.pad_token_id), steps=1, max_grad_norm=None, progress=False)
 print("optimizer state lives on:", offload.optimizer_state_devices(opt))
 assert offload.optimizer_state_devices(opt) == {"cpu"}, "the optimizer state should be in host memory"
-if hw.cuda:
+if hw.cuda and fits(full_row, offload_full_row):
     assert offload_full_row["memory"].optimizer == 0, "no optimizer state should remain on the GPU"
     assert offload_full_row["memory"].peak < full_row["memory"].peak
 else:
@@ -359,20 +387,21 @@ ladder = [full_row, qlora_row, ckpt_row, accum_row, measured(offload_cfg)]
 for row, name in zip(ladder, ["full fine-tune", "+ QLoRA", "+ checkpointing", "+ accumulation", "+ offload"]):
     row["name"] = name
 display(bench.table(ladder, reference="full fine-tune"))
-last_ratio = ladder[-1]["memory"].peak / full_row["memory"].peak
-offload_delta = ladder[-1]["memory"].peak - accum_row["memory"].peak
-report("offload on top of QLoRA", **{"peak change GiB": offload_delta / GiB,
-                                     "tokens/s change %": 100 * (ladder[-1]["tokens_per_s"] / accum_row["tokens_per_s"] - 1)})
+last_ratio = ladder[-1]["memory"].peak / full_row["memory"].peak if fits(full_row, ladder[-1]) else None
+if fits(accum_row, ladder[-1]):
+    report("offload on top of QLoRA", **{
+        "peak change GiB": (ladder[-1]["memory"].peak - accum_row["memory"].peak) / GiB,
+        "tokens/s change %": 100 * (ladder[-1]["tokens_per_s"] / accum_row["tokens_per_s"] - 1)})
 
 # %%
 assert all(not r["oom"] for r in ladder[1:]), "every rung with QLoRA should fit"
-assert ladder[-1]["memory"].peak < 0.5 * full_row["memory"].peak, "the full recipe should at least halve peak memory"
-if hw.cuda:
-    print(f"target (GPU): last rung <= 25% of full fine-tuning's peak: {last_ratio:.1%} -> {last_ratio <= 0.25}")
+if last_ratio is not None:
+    assert last_ratio < 0.5, "the full recipe should at least halve peak memory"
+    if hw.cuda:
+        check_target("last rung <= 25% of full fine-tuning's peak", f"{last_ratio:.1%}", last_ratio <= 0.25)
 
 # %%
-plots.ladder(ladder, f"{MODEL or P['model']} at {SEQ_LEN} tokens x {P['micro_batch']} sequences per step: "
-             f"the full recipe needs {last_ratio:.0%} of full fine-tuning's memory")
+plots.ladder(ladder, f"{MODEL_NAME} at {SEQ_LEN} tokens x {P['micro_batch']} sequences per step")
 plt.show()
 
 # %% [markdown]
@@ -398,7 +427,7 @@ def docs_model():
 
 
 speed_batch = P["micro_batch"] // 2
-sample = [next(padded(speed_batch)) for _ in range(50)]
+sample = list(itertools.islice(padded(speed_batch), 50))
 padding_efficiency = sum(int(b["attention_mask"].sum()) for b in sample) / sum(b["attention_mask"].numel() for b in sample)
 report("dynamic padding", **{"real tokens %": 100 * padding_efficiency,
                              "fixed-length padding real tokens %": 100 * sum(len(d.input_ids) for d in docs) / len(docs) / SEQ_LEN})
@@ -409,30 +438,37 @@ speed_rows = [
     measured(bench.Config("+ packing", docs_model, adamw, speed_batch, fused_head=False)),
     measured(bench.Config("+ our set-up (ours)", ckpt_cfg.model_fn, adamw, speed_batch)),
 ]
-docs_row, ours_row = speed_rows[0], speed_rows[-1]
+# The speed-up is claimed against the faster of the two padded baselines: a few timed steps charge
+# dynamic padding's one-off per-shape costs in full, which a long run would partly amortise.
+ours_row = speed_rows[-1]
+docs_row = max((r for r in speed_rows[:2] if not r["oom"]), key=lambda r: r["tokens_per_s"])
 speedup = ours_row["tokens_per_s"] / docs_row["tokens_per_s"]
 for row in speed_rows:
+    if row["oom"]:
+        continue
     mfu_text = f"{100 * row['mfu']:.1f}% of {hw.peak_flops / 1e12:.0f} TFLOP/s" if row["mfu"] else "n/a (CPU)"
-    report(row["name"], **{"tokens/s": row["tokens_per_s"], "x docs": row["tokens_per_s"] / docs_row["tokens_per_s"],
+    report(row["name"], **{"tokens/s": row["tokens_per_s"], "x docs": row["tokens_per_s"] / speed_rows[0]["tokens_per_s"],
                            "MFU": mfu_text})
+report("speed-up", **{"vs the faster padded baseline": speedup, "baseline": docs_row["name"]})
 
 # %%
 assert speedup > 1.0, "our QLoRA should be faster than the documented set-up"
 if hw.cuda:
-    print(f"target (GPU): >= 1.3x the documented QLoRA: {speedup:.2f}x -> {speedup >= 1.3}")
+    check_target(">= 1.3x the documented QLoRA (its faster padding)", f"{speedup:.2f}x", speedup >= 1.3)
 
 # %%
 plots.value_bars([r["name"] for r in speed_rows], [r["tokens_per_s"] for r in speed_rows],
-                 "real tokens/s", f"our QLoRA runs {speedup:.2f}x the documented set-up")
+                 "real tokens/s", f"our QLoRA runs {speedup:.2f}x the documented set-up's faster padding")
 plt.show()
 
 # %% [markdown]
-# **Reading the speed ladder.** In the committed H100 run, dynamic padding was the documented set-up's
-# largest cost: padding every batch to the full `seq_len` (more padding, but one shape for every step)
-# ran 3.7x faster, packing 5.4x, and our model set-up 7.3x. We have not profiled where the dynamic-padding
-# time goes; since the fixed-shape run pads *more* and is still faster, a new shape every step (fresh
-# allocations, new kernel choices) is the likely cost. On a CPU (CI) fixed-length padding is the slowest,
-# as compute per token dominates there: measure on your own hardware before choosing.
+# **Reading the speed ladder.** A short benchmark charges dynamic padding its per-shape costs (fresh
+# allocations, new kernel choices) on nearly every timed step, which a long run would partly amortise;
+# we have not profiled that split. So the headline speed-up is taken against the *faster* of the two
+# padded baselines. Padding every batch to `seq_len` computes on more padding but reuses one shape;
+# packing removes the padding and the padding mask; our set-up removes the fp32 LM head, adapter dropout
+# and the full logits. On a CPU (CI) fixed-length padding is the slowest, as compute per token dominates
+# there: measure on your own hardware before choosing.
 
 # %% [markdown]
 # ## Bad input gives one clear message
@@ -461,18 +497,19 @@ def rung(row):
 
 
 board = [results.scoreboard_row("01", name, "full fine-tune", rung(row), rung(full_row),
-                                row.get("tokens_per_s"), full_row["tokens_per_s"])
+                                row.get("tokens_per_s"), full_row.get("tokens_per_s"))
          for name, row in [("QLoRA", qlora_row), ("+ checkpointing", ckpt_row), ("+ accumulation", accum_row),
                            ("+ offload (full recipe)", ladder[-1])]]
-board.append(results.scoreboard_row("01", "our QLoRA (speed)", "docs QLoRA (padded)", rung(ours_row), rung(docs_row),
+board.append(results.scoreboard_row("01", "our QLoRA (speed)", docs_row["name"], rung(ours_row), rung(docs_row),
                                     ours_row["tokens_per_s"], docs_row["tokens_per_s"]))
 figures = {"ladder": [bench.to_json(r) for r in ladder], "speed": [bench.to_json(r) for r in speed_rows],
            "offload_full": bench.to_json(offload_full_row),
            "qlora_state_ratio": state_ratio, "activation_cut": activation_cut, "checkpointing_slowdown": slowdown,
            "last_rung_peak_ratio": last_ratio, "qlora_speedup": speedup, "accumulation_rel_error": accum_error,
            "checkpointing_grad_rel_error": ckpt_error, "quality_exact_match": quality}
-env = results.environment(hw, **{**P, "model": MODEL or P["model"]})
-for path in results.save("01_large_models_limited_hardware", hw, env, figures, board):
+env = results.environment(hw, **{**P, "model": MODEL_NAME, "profile": profile})
+publish = hw.cuda and profile == "gpu" and MODEL_NAME == P["model"]  # results/ holds the reference runs only
+for path in results.save("01_large_models_limited_hardware", hw, env, figures, board, publish=publish):
     print("wrote", path.relative_to(models.REPO_ROOT) if path.is_relative_to(models.REPO_ROOT) else path)
 
 # %% [markdown]

@@ -20,7 +20,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     """Greedy continuations of ``prompts`` up to the end-of-sequence token, decoded to text."""
     model.eval()
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
     answers: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="eval", leave=False):
         chunk = [tokenizer.bos_token + p for p in prompts[start:start + batch_size]]
@@ -29,6 +29,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new = out[:, enc["input_ids"].shape[1]:]
         answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    tokenizer.padding_side = side
     return [a.strip() for a in answers]
 
 

@@ -110,11 +110,3 @@ def detect(device: str | None = None) -> Hardware:
         name, bf16, memory, peak = "CPU", True, None, None
     return Hardware(dev, name, bf16, sdpa_backends(dev), bitsandbytes_works(dev), peak, memory)
 
-
-def measured_matmul_flops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
-    """Achieved bf16 FLOP/s of a large square matmul: the practical ceiling to set MFU against."""
-    from .measure import median_seconds
-
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats=repeats)

@@ -42,16 +42,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             t, v = targets[start:start + chunk_size], valid[start:start + chunk_size]
-            logits = (h @ w.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            probs = (h @ w.T).float()  # the chunk's logits, turned into d(loss)/d(logits) in place below
+            lse = torch.logsumexp(probs, dim=-1)
             safe_t = t.clamp_min(0)
-            loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * v).sum()
-            probs = torch.exp(logits - lse[:, None])  # d(loss)/d(logits) = softmax - onehot
-            probs.scatter_add_(1, safe_t[:, None], -torch.ones_like(probs[:, :1]))
-            probs *= v[:, None]
+            loss += ((lse - probs.gather(1, safe_t[:, None]).squeeze(1)) * v).sum()
+            probs.sub_(lse[:, None]).exp_()  # softmax
+            probs.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse[:, None]))  # - onehot
+            probs.mul_(v[:, None])
             grad_hidden[start:start + chunk_size] = (probs.to(h.dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += probs.T @ h.float()
+            del probs, lse  # free this chunk before the next one allocates
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else hidden.new_empty(0))
         ctx.weight_dtype, ctx.weight_trainable = weight.dtype, grad_weight is not None
         return loss
@@ -64,14 +65,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_size: int = 2048) -> torch.Tensor:
+                         chunk_size: int = 1024) -> torch.Tensor:
     """Summed next-token cross-entropy of ``hidden @ weight.T`` without materialising the logits.
 
     Args:
         hidden: final hidden states ``[batch, seq, hidden]``.
         weight: LM-head weight ``[vocab, hidden]``.
         labels: ``[batch, seq]`` token ids aligned with the inputs (-100 = ignore), shifted here.
-        chunk_size: tokens per chunk; peak extra memory is ``chunk_size * vocab * 4`` bytes.
+        chunk_size: tokens per chunk; the loss needs about ``chunk_size * vocab * (4 + 2)`` bytes at
+            a time (fp32 logits, turned into their gradient in place, and the bf16 matmul output),
+            plus the gradient of ``hidden`` (and of ``weight`` in fp32, if it is trained).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

@@ -40,8 +40,10 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], device: torch.device | None = 
 
 def optimizer_tensors(optimizer) -> list[torch.Tensor]:
     """Every tensor of the optimizer's state (works for wrappers exposing ``optim_dict`` too)."""
-    inner = getattr(optimizer, "optim_dict", None)  # torchao's CPUOffloadOptimizer
+    inner = getattr(optimizer, "optim_dict", None)  # torchao's CPUOffloadOptimizer (host side) ...
     optimizers = list(inner.values()) if inner else [optimizer]
+    if getattr(optimizer, "d_opt", None) is not None:  # ... and the small parameters it keeps on the device
+        optimizers.append(optimizer.d_opt)
     return [v for opt in optimizers for state in opt.state.values() for v in state.values()
             if isinstance(v, torch.Tensor)]
 
@@ -67,12 +69,23 @@ class MemoryBreakdown:
 
 def breakdown(model: torch.nn.Module, optimizer, peak: int, device: torch.device) -> MemoryBreakdown:
     """Split ``peak`` into parameter, gradient (one per trainable parameter), optimizer and the rest."""
-    params = list(model.parameters()) + list(model.buffers())
+    params = list(model.parameters()) + list(model.buffers()) + _quantization_state(model)
     parameters = tensor_bytes(params, device)
     trainable = [p for p in model.parameters() if p.requires_grad and p.device.type == device.type]
     gradients = sum(p.numel() * p.element_size() for p in trainable)
     opt = tensor_bytes(optimizer_tensors(optimizer), device) if optimizer is not None else 0
     return MemoryBreakdown(parameters, gradients, opt, max(peak - parameters - gradients - opt, 0), peak)
+
+
+def _quantization_state(model: torch.nn.Module) -> list[torch.Tensor]:
+    """bitsandbytes' 4-bit block scales (and their own scales), held beside the packed weights."""
+    tensors = []
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None and not isinstance(state, list):
+            tensors += [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if t is not None]
+            state = getattr(state, "state2", None)
+    return tensors
 
 
 class AllocationTracker(TorchDispatchMode):

@@ -39,13 +39,14 @@ def scoreboard_row(notebook: str, technique: str, baseline: str, memory_bytes: i
             "tokens_per_s": tokens_per_s, "baseline_tokens_per_s": baseline_tokens_per_s}
 
 
-def save(notebook: str, hw: Hardware, environment_: dict, figures: dict, scoreboard: list[dict]) -> list[Path]:
-    """Write ``outputs/<notebook>.json``; on a GPU also ``results/<notebook>.<gpu>.json``."""
+def save(notebook: str, hw: Hardware, environment_: dict, figures: dict, scoreboard: list[dict],
+         publish: bool = False) -> list[Path]:
+    """Write ``outputs/<notebook>.json``; with ``publish`` (a reference GPU run) also ``results/<notebook>.<gpu>.json``."""
     payload = {"notebook": notebook, "environment": environment_, "figures": figures, "scoreboard": scoreboard}
     text = json.dumps(payload, indent=2, default=_plain) + "\n"
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     paths = [OUTPUTS / f"{notebook}.json"]
-    if hw.cuda:
+    if publish:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", hw.name.removeprefix("NVIDIA ")).strip("-")
         RESULTS.mkdir(exist_ok=True)
         paths.append(RESULTS / f"{notebook}.{slug}.json")

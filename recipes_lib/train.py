@@ -50,7 +50,7 @@ def _split_lm(model: torch.nn.Module):
 
 
 def loss_sum(model: torch.nn.Module, batch: dict, fused_head: bool = True,
-             chunk_size: int = 2048) -> torch.Tensor:
+             chunk_size: int = 1024) -> torch.Tensor:
     """Summed next-token loss of one micro-batch (fused chunked LM head + CE where possible)."""
     # No KV cache: with one, transformers skips the packed-sequence (block-diagonal) mask.
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch} | {"use_cache": False}
@@ -123,6 +123,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     """
     if progress is None:
         progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
+    if max_grad_norm is not None and hasattr(optimizer, "optim_dict"):  # torchao CPUOffloadOptimizer
+        raise ValueError("an offloaded optimizer copies gradients to the host during backward, so clipping "
+                         "the device gradients would do nothing: pass max_grad_norm=None")
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
