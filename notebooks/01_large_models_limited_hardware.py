@@ -356,10 +356,12 @@ if fits(full_row, offload_full_row):
 probe = models.load_model(QUALITY_NAME)
 opt = offload.offloaded_adamw(probe.parameters(), hw.device, lr=1e-4)
 train.train(probe, opt, data.padded_batches(ft_docs, 4, tokenizer.pad_token_id), steps=1, max_grad_norm=None, progress=False)
-print("optimizer state lives on:", offload.optimizer_state_devices(opt))
-assert offload.optimizer_state_devices(opt) == {"cpu"}, "the optimizer state should be in host memory"
+state_bytes = offload.optimizer_state_bytes(opt)
+report("optimizer state", **{f"{device} MiB": n / 2**20 for device, n in state_bytes.items()})
+assert state_bytes.get("cpu", 0) > 0.99 * sum(state_bytes.values()), "the optimizer state should be in host memory"
 if hw.cuda and fits(full_row, offload_full_row):
-    assert offload_full_row["memory"].optimizer == 0, "no optimizer state should remain on the GPU"
+    assert offload_full_row["memory"].optimizer < 0.01 * full_row["memory"].optimizer, \
+        "all but the smallest parameters' optimizer state should leave the GPU"
     assert offload_full_row["memory"].peak < full_row["memory"].peak
 else:
     print("no accelerator: the state already lives in host memory, so there is nothing to save here")

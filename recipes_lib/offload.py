@@ -42,7 +42,14 @@ def offloaded_adamw(params, device: torch.device, lr: float = 1e-4, **kwargs):
     return CPUOffloadOptimizer(params, torch.optim.AdamW, offload_gradients=False, lr=lr, fused=True, **kwargs)
 
 
-def optimizer_state_devices(optimizer) -> set[str]:
-    """Device types that hold the optimizer's state tensors (after at least one step)."""
+def optimizer_state_bytes(optimizer) -> dict[str, int]:
+    """Bytes of optimizer state per device type, e.g. ``{"cpu": ..., "cuda": ...}`` (after a step).
+
+    torchao keeps parameters smaller than its ``minimal_size`` (norm weights) and their state on
+    the device: a sliver next to the rest.
+    """
     from .measure import optimizer_tensors
-    return {t.device.type for t in optimizer_tensors(optimizer)}
+    totals: dict[str, int] = {}
+    for t in optimizer_tensors(optimizer):
+        totals[t.device.type] = totals.get(t.device.type, 0) + t.numel() * t.element_size()
+    return totals
