@@ -62,11 +62,12 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
     with measure.peak_memory(hw.device, baseline) as peak:
         train.train(model, optimizer, batches, steps=1, **kwargs)
     memory = measure.breakdown(model, optimizer, peak["peak"], hw.device)
-    tokens_per_s = timed.tokens_per_step / measure.steady_median(timed.step_seconds, skip=0)
+    step_s = measure.steady_median(timed.step_seconds, skip=0)  # warm-up steps already ran separately
+    tokens_per_s = timed.tokens_per_step / step_s
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fpt = flops_per_token(model) if flops_per_token else None
     row = {"name": config.name, "oom": False, "memory": memory, "tokens_per_s": tokens_per_s,
-           "step_s": measure.steady_median(timed.step_seconds, skip=0), "loss": timed.losses[-1],
+           "step_s": step_s, "loss": timed.losses[-1],
            "trainable_params": trainable, "mfu": measure.mfu(tokens_per_s, fpt, hw.peak_flops) if fpt else None}
     del model, optimizer
     return row
