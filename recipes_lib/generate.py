@@ -1,0 +1,135 @@
+"""The one generation benchmark: prefill and decode tokens/s, measured the same way for every model.
+
+``benchmark`` fills a static KV cache with a random prompt of ``prompt_len`` tokens (prefill), then
+greedily decodes ``new_tokens`` tokens one at a time. On a GPU the one-token step is compiled with
+``torch.compile(mode="reduce-overhead")`` (Inductor kernels replayed as a CUDA graph), so the host
+launches one graph per token and decode is bound by the GPU, not by Python; ``transformers``'
+``generate`` loop adds per-token host work (logits processors, stopping checks) that hides the
+difference between a bf16 and an int8 model. Times are CUDA events on a GPU, ``perf_counter`` on
+CPU, after warm-up, median of ``repeats``. Prefill runs eagerly (one forward over the prompt).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import StaticCache
+
+from .hardware import Hardware
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Each model (and batch size) compiles the same step function: allow more than the default 8."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+
+
+def static_cache(model, max_len: int) -> StaticCache:
+    """A fixed-size KV cache of ``max_len`` positions (its tensors are allocated on first use)."""
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def _step(model, tokens: torch.Tensor, cache_position: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+    """One forward into the cache; returns the greedy next token of every row, ``[batch, 1]``."""
+    logits = model(input_ids=tokens, cache_position=cache_position, past_key_values=cache, use_cache=True).logits
+    return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int, compile: bool | None = None,
+              repeats: int = 5, warmup: int = 2, name: str = "", seed: int = 0) -> dict:
+    """Prefill and greedy-decode tokens/s of ``model`` (see the module docstring for the protocol).
+
+    Args:
+        compile: compile the decode step with CUDA graphs; None means yes on a GPU, no on CPU.
+            Models whose kernels torch.compile cannot trace (bitsandbytes) pass False.
+        repeats: timed prefills and timed decodes; the median of each is reported.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    compile = device.type == "cuda" if compile is None else compile
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+    cache = static_cache(model, prompt_len + new_tokens)
+    step = _step
+    if compile:
+        _raise_recompile_limit()
+        step = torch.compile(_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    prefill_positions = torch.arange(prompt_len, device=device)
+    decode_positions = [torch.tensor([prompt_len + i], device=device) for i in range(new_tokens)]
+
+    def prefill() -> torch.Tensor:
+        return _step(model, prompt, prefill_positions, cache)
+
+    def fresh_prefill() -> torch.Tensor:
+        cache.reset()  # recent transformers count the filled length inside the cache
+        return prefill()
+
+    def decode(first: torch.Tensor) -> torch.Tensor:
+        token = first
+        for position in decode_positions:
+            token = step(model, token, position, cache)
+            if compile:
+                token = token.clone()  # the CUDA graph's output buffer is overwritten by the next replay
+        return token
+
+    for _ in range(warmup):
+        decode(fresh_prefill())
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        first = None
+
+        def run_prefill():
+            nonlocal first
+            first = prefill()
+
+        cache.reset()  # outside the timed region
+        prefill_s.append(_timed(run_prefill, device))
+        decode_s.append(_timed(lambda: decode(first), device))
+    prefill_median, decode_median = statistics.median(prefill_s), statistics.median(decode_s)
+    return {"name": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "compiled": compile, "repeats": repeats,
+            "prefill_s": prefill_median, "decode_s": decode_median,
+            "prefill_tokens_per_s": batch * prompt_len / prefill_median,
+            "decode_tokens_per_s": batch * new_tokens / decode_median,
+            "ms_per_decode_step": 1e3 * decode_median / new_tokens}
+
+
+def describe(row: dict) -> str:
+    """The protocol of one measurement, in words (for the notebooks' captions)."""
+    how = "torch.compile + CUDA graph decode step" if row["compiled"] else "eager decode step"
+    return (f"batch {row['batch']}, prompt {row['prompt_len']} tokens, {row['new_tokens']} new tokens, static KV "
+            f"cache, {how}, median of {row['repeats']} after warm-up")
+
+
+@torch.no_grad()
+def greedy_tokens(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The tokens the benchmark's decode loop produces (eager), ``[batch, new_tokens]``: for checking it."""
+    model.eval()
+    length = prompt.shape[1]
+    cache = static_cache(model, length + new_tokens)
+    token = _step(model, prompt, torch.arange(length, device=prompt.device), cache)
+    out = [token]
+    for i in range(new_tokens - 1):
+        token = _step(model, token, torch.tensor([length + i], device=prompt.device), cache)
+        out.append(token)
+    return torch.cat(out, dim=1)

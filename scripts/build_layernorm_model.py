@@ -1,0 +1,80 @@
+"""Build the embedded LayerNorm model: a tiny GPT-2 pre-trained on the synthetic tasks.
+
+    python scripts/build_layernorm_model.py --out data/tiny-gpt2 --minutes 3
+
+Notebook 03 swaps its LayerNorms for RMSNorm and heals the swap with a short fine-tune, so it needs
+a model that (a) uses LayerNorm, as GPT-2 does, and (b) has learned its tasks, so the quality drop
+and its recovery mean something. Same tokenizer and corpus as ``data/tiny-llama``; saved with
+``save_pretrained`` (safetensors, fp32) with ``eval.json`` holding its held-out task scores.
+Runs on a GPU when there is one (bf16 autocast), else on the CPU (pass a small --minutes budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from recipes_lib import data, evaluate, hardware, models, tasks, train
+
+
+def build_model(tokenizer, args) -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=args.positions, n_embd=args.hidden,
+                        n_layer=args.layers, n_head=args.hidden // 32, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/tiny-gpt2")
+    parser.add_argument("--tokenizer", default=models.DEFAULT_MODEL, help="reuse the embedded model's tokenizer")
+    parser.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--positions", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-steps", type=int, default=20000)
+    args = parser.parse_args()
+    hw = hardware.detect()
+
+    tokenizer = models.load_tokenizer(args.tokenizer)
+    model = build_model(tokenizer, args).to(hw.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+
+    docs = data.encode(tokenizer, tasks.make_examples(200_000, seed=1), train_on_prompt=True)
+    batches = data.packed_batches(docs, args.seq_len, args.batch, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    probe = train.train(model, optimizer, batches, steps=10, autocast_dtype=hw.amp_dtype, progress=False)
+    steps = min(args.max_steps, int(args.minutes * 60 / (sum(probe.step_seconds[5:]) / 5)))
+    print(f"training {steps} steps of {args.batch}x{args.seq_len} tokens")
+    scheduler = train.cosine_schedule(optimizer, steps, warmup=min(100, steps // 10))
+    start = time.time()
+    stats = train.train(model, optimizer, batches, steps=steps, scheduler=scheduler,
+                        autocast_dtype=hw.amp_dtype, desc="pretrain")
+    print(f"final loss {stats.losses[-1]:.3f} after {time.time() - start:.0f}s")
+
+    held_out = tasks.make_examples(500, seed=12345)
+    scores = evaluate.task_scores(model, tokenizer, held_out)
+    print("held-out scores:", json.dumps({k: round(v, 3) for k, v in scores.items()}))
+
+    out = Path(args.out)
+    model.float().cpu().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    report = {"held_out_scores": scores, "n_params": n_params, "steps": steps, "device": hw.name,
+              "tokens": stats.tokens, "final_loss": stats.losses[-1],
+              "seconds": round(time.time() - start), "args": vars(args)}
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""RMSNorm against its formula; the LayerNorm swap carries weights and leaves no LayerNorm."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from recipes_lib import norms
+from recipes_lib.hardware import RecipeError
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_rmsnorm_matches_formula(fused):
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    norm = norms.RMSNorm(16, eps=1e-5, bias=True, fused=fused).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight + norm.bias
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_swap_carries_weights_and_removes_every_layernorm():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.uniform_(0.5, 1.5)
+    weight = model.transformer.ln_f.weight.clone()
+    n = norms.count_layernorms(model)
+    assert norms.swap_layernorm(model) == n == 5  # ln_1 and ln_2 per layer, and ln_f
+    assert norms.count_layernorms(model) == 0
+    assert isinstance(model.transformer.ln_f, norms.RMSNorm)
+    torch.testing.assert_close(model.transformer.ln_f.weight, weight)
+    # Zero-mean inputs: LayerNorm and RMSNorm coincide (up to eps), so the swap is exact there.
+    ln = nn.LayerNorm(32)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    holder = nn.Sequential(ln)
+    x = torch.randn(4, 32)
+    x = x - x.mean(-1, keepdim=True)
+    expected = ln(x)
+    norms.swap_layernorm(holder)
+    torch.testing.assert_close(holder[0](x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_swap_without_layernorm_is_refused():
+    with pytest.raises(RecipeError, match="no nn.LayerNorm"):
+        norms.swap_layernorm(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_norm_benchmark_runs_and_floor_is_positive():
+    device = torch.device("cpu")
+    fns = norms.norm_functions(64, device, torch.float32, compile=False)
+    for fn in fns.values():
+        assert norms.forward_backward_seconds(fn, 32, 64, device, torch.float32, repeats=2, warmup=1) > 0
+    assert norms.bytes_moved(32, 64, torch.bfloat16) == 5 * 32 * 64 * 2

@@ -1,0 +1,27 @@
+"""SDPA backends agree with eager attention; a missing backend warns and falls back."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from recipes_lib import hardware, sdpa_bench
+
+
+def test_backends_agree_with_eager():
+    hw = hardware.detect("cpu")
+    q, k, v = sdpa_bench.random_qkv(1, 2, 32, 16, hw.device, torch.float32)
+    kernels = sdpa_bench.kernels(hw)
+    assert "sdpa math" in kernels
+    for fn in kernels.values():
+        assert sdpa_bench.max_error_vs_eager(fn, q, k, v) < 1e-5
+
+
+def test_missing_flash_falls_back():
+    hw = dataclasses.replace(hardware.detect("cpu"), sdpa_backends=("math",))
+    with pytest.warns(UserWarning, match="does not run"):
+        assert sdpa_bench.choose_backend("flash", hw) == "math"
+
+
+def test_causal_flops():
+    assert sdpa_bench.causal_flops(1, 1, 4, 2) == 4 * 16 * 2 / 2
