@@ -13,7 +13,8 @@ def quiet() -> None:
 
     warnings.filterwarnings("ignore", category=SyntaxWarning)  # escape sequences in some libraries' docstrings
     for pattern in (".*is deprecated and will be removed in v6.*", ".*use_reentrant.*",
-                    ".*MatMul8bitLt: inputs will be cast.*", ".*torch_dtype.*"):
+                    ".*MatMul8bitLt: inputs will be cast.*", ".*torch_dtype.*",
+                    ".*flex_attention called without torch.compile.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
     import transformers

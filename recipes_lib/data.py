@@ -44,6 +44,14 @@ def encode(tokenizer, examples: Sequence[Example], train_on_prompt: bool = False
     return docs
 
 
+def token_stream(tokenizer, examples: Sequence[Example]) -> torch.Tensor:
+    """One long 1-D stream of ``<bos> example <eos>`` token ids, to cut into rows of any length."""
+    ids: list[int] = []
+    for doc in encode(tokenizer, examples, train_on_prompt=True):
+        ids += doc.input_ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def random_documents(n: int, vocab_size: int, min_len: int, max_len: int, seed: int = 0) -> list[Document]:
     """Documents of uniformly random tokens and lengths: for speed and memory runs on random weights."""
     gen = torch.Generator().manual_seed(seed)

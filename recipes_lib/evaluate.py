@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import losses, tasks
-from .data import Document, pad_batch
+from .data import Document, encode, pad_batch
 from .tasks import Example
 
 
@@ -57,3 +57,27 @@ def perplexity(model, docs: Sequence[Document], pad_id: int, batch_size: int = 1
         total += losses.cross_entropy_sum(logits, batch["labels"]).item()
         count += losses.count_targets(batch["labels"])
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def forced_exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 64) -> list[float]:
+    """Exact match by teacher forcing: 1.0 where the greedy next token is right at every answer position.
+
+    That is the answer greedy decoding would produce (answer tokens, then end-of-sequence), scored in
+    one forward pass per batch. Rows are right-padded and run without a padding mask: causal attention
+    never looks right, so the padding changes nothing before it (and sliding windows need no mask).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    docs = [d.input_ids for d in encode(tokenizer, examples)]
+    answer_lengths = [len(tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"]) + 1 for ex in examples]
+    scores: list[float] = []
+    for start in range(0, len(docs), batch_size):
+        chunk = docs[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([d + [tokenizer.pad_token_id] * (width - len(d)) for d in chunk], device=device)
+        predicted = model(input_ids=ids).logits.argmax(-1)
+        for row, doc, n in zip(predicted, chunk, answer_lengths[start:start + batch_size]):
+            targets = torch.tensor(doc[-n:], device=device)
+            scores.append(float(torch.equal(row[len(doc) - n - 1:len(doc) - 1], targets)))
+    return scores

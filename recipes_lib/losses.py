@@ -59,9 +59,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if getattr(ctx, "done", False):
+            raise RuntimeError("linear_cross_entropy's backward runs once: its saved gradients are scaled in place")
+        ctx.done = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.weight_trainable else None
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), gw, None, None
+        # In place: the saved gradients are used once, and a copy of the fp32 weight gradient would
+        # be the largest allocation of the whole loss at a 128k vocabulary.
+        gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype) if ctx.weight_trainable else None
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), gw, None, None
+
+
+@torch.no_grad()
+def _chunked_loss_only(hidden, weight, targets, chunk_size):
+    w = weight.to(hidden.dtype)
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        t = targets[start:start + chunk_size]
+        logits = (hidden[start:start + chunk_size] @ w.T).float()
+        loss += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -74,9 +90,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         labels: ``[batch, seq]`` token ids aligned with the inputs (-100 = ignore), shifted here.
         chunk_size: tokens per chunk; the loss needs about ``chunk_size * vocab * (4 + 2)`` bytes at
             a time (fp32 logits, turned into their gradient in place, and the bf16 matmul output),
-            plus the gradient of ``hidden`` (and of ``weight`` in fp32, if it is trained).
+            plus the gradient of ``hidden`` (and of ``weight`` in fp32, if it is trained). It need
+            not divide the number of tokens: the last chunk is simply shorter.
+
+    Without autograd (``torch.no_grad()``, or nothing requires a gradient) only the loss is computed.
     """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r}: a chunk is a positive whole number of tokens "
+                         f"(1024 is a good default; the last chunk may be shorter)")
     targets = shift_labels(labels).reshape(-1)
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return _chunked_loss_only(flat, weight, targets, chunk_size)
+    return _LinearCrossEntropy.apply(flat, weight, targets, chunk_size)

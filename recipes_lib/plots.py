@@ -65,3 +65,23 @@ def ladder(rows: Sequence[dict], title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def curves(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], xlabel: str, ylabel: str, title: str,
+           ax=None, logx: bool = False, logy: bool = False):
+    """One line per named series of ``(x, y)`` points; None values (OOM) are left out of a line."""
+    ax = ax or plt.gca()
+    for name, (xs, ys) in series.items():
+        points = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=4, label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax

@@ -103,3 +103,18 @@ def test_linear_cross_entropy_rejects_non_positive_chunk(inputs, chunk_size):
     hidden, weight, labels = inputs
     with pytest.raises(ValueError, match="chunk_size"):
         losses.linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size)
+
+
+def test_linear_cross_entropy_uneven_chunks_and_no_grad():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(1, 100, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(50, (1, 100), generator=gen)
+    reference = losses.cross_entropy_sum(hidden @ weight.T, labels)
+    for chunk in (7, 33, 100, 1000):
+        torch.testing.assert_close(losses.linear_cross_entropy(hidden, weight, labels, chunk), reference)
+    with torch.no_grad():
+        torch.testing.assert_close(losses.linear_cross_entropy(hidden, weight, labels, 7), reference.detach())
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="positive whole number"):
+            losses.linear_cross_entropy(hidden, weight, labels, bad)

@@ -1,0 +1,128 @@
+"""Sequence-length curriculum: start short, grow to the target length, at a fixed token budget.
+
+Every step trains the same number of tokens (``tokens_per_step``), as ``tokens_per_step // L``
+rows of ``L`` tokens cut from one token stream, so a short step costs less attention work
+(``O(L)`` per token) for the same number of tokens. The lengths double in equal stages over the
+first ``grow_fraction`` of the steps, then stay at the target. Both runs are judged by the loss on
+held-out rows of the *target* length, against tokens and against training wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import train
+from .hardware import RecipeError
+
+
+def length_schedule(target: int, steps: int, start: int | None = None, grow_fraction: float = 0.5) -> list[int]:
+    """Sequence length for each step: ``start, 2*start, ...`` in equal stages, then ``target``.
+
+    ``start=None`` (or ``start == target``) is the fixed-length baseline.
+    """
+    start = start or target
+    if target % start or (target // start) & (target // start - 1):
+        raise RecipeError(f"start={start} must be target={target} divided by a power of two")
+    if not 0.0 <= grow_fraction < 1.0:
+        raise RecipeError(f"grow_fraction={grow_fraction} must be in [0, 1)")
+    stages = []
+    length = start
+    while length < target:
+        stages.append(length)
+        length *= 2
+    per_stage = int(steps * grow_fraction) // max(len(stages), 1)
+    schedule = [length for length in stages for _ in range(per_stage)]
+    return schedule + [target] * (steps - len(schedule))
+
+
+def rows_from_stream(stream: torch.Tensor, offset: int, seq_len: int, rows: int) -> tuple[dict, int]:
+    """``rows`` consecutive rows of ``seq_len`` tokens from a 1-D token stream (wrapping around)."""
+    need = rows * seq_len
+    if need > stream.numel():
+        raise RecipeError(f"a step needs {need} tokens but the stream holds {stream.numel()}")
+    if offset + need > stream.numel():
+        offset = 0
+    ids = stream[offset:offset + need].view(rows, seq_len)
+    return {"input_ids": ids, "labels": ids}, offset + need
+
+
+@dataclass
+class History:
+    """A run's trace: per step the length, cumulative tokens and training seconds; eval points."""
+
+    lengths: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_tokens: list[int] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+
+    def time_to_reach(self, loss: float) -> float | None:
+        """Training seconds at the first evaluation whose loss is at or below ``loss`` (None if never)."""
+        for seconds, value in zip(self.eval_seconds, self.eval_loss):
+            if value <= loss:
+                return seconds
+        return None
+
+
+def run(model, optimizer, schedule: Sequence[int], stream: torch.Tensor, tokens_per_step: int,
+        evaluate: Callable[[], float], eval_every: int, scheduler=None, autocast_dtype=None,
+        max_grad_norm: float | None = 1.0, progress: bool | None = None, desc: str = "train") -> History:
+    """Train one step per entry of ``schedule`` (its sequence length), evaluating every ``eval_every`` steps.
+
+    Evaluation time is not counted in ``seconds``: the comparison is training time.
+    """
+    if any(tokens_per_step % length for length in schedule):
+        raise RecipeError(f"tokens_per_step={tokens_per_step} must be a multiple of every length in the schedule")
+    if progress is None:
+        progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
+    device = next(model.parameters()).device
+    history, offset, elapsed, seen = History(), 0, 0.0, 0
+    bar = tqdm(total=len(schedule), desc=desc, disable=not progress, leave=False)
+    for step, length in enumerate(schedule):
+        batch, offset = rows_from_stream(stream, offset, length, tokens_per_step // length)
+        model.train()
+        train._sync(device)
+        start = time.perf_counter()
+        loss = train.accumulate_gradients(model, [batch], autocast_dtype, fused_head=True)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        train._sync(device)
+        elapsed += time.perf_counter() - start
+        seen += tokens_per_step
+        history.lengths.append(length)
+        history.tokens.append(seen)
+        history.seconds.append(elapsed)
+        history.train_loss.append(loss)
+        if (step + 1) % eval_every == 0 or step + 1 == len(schedule):
+            history.eval_tokens.append(seen)
+            history.eval_seconds.append(elapsed)
+            history.eval_loss.append(evaluate())
+        bar.update(1)
+        bar.set_postfix(L=length, loss=f"{loss:.3f}")
+    bar.close()
+    return history
+
+
+@torch.no_grad()
+def eval_loss(model, rows: torch.Tensor, autocast_dtype=None) -> float:
+    """Mean next-token loss over held-out ``[n, seq_len]`` rows (the target length)."""
+    model.eval()
+    total = count = 0.0
+    for row in rows.split(4):
+        batch = {"input_ids": row, "labels": row}
+        with train._autocast(row.device, autocast_dtype):
+            total += train.loss_sum(model, batch).item()
+        count += row.shape[0] * (row.shape[1] - 1)
+    return total / count

@@ -1,0 +1,80 @@
+"""Selective checkpointing, the ladder's search, and the sequence-length curriculum."""
+
+import pytest
+import torch
+
+from recipes_lib import curriculum, hardware, longctx, losses, models
+
+
+def _grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    losses.cross_entropy_sum(model(input_ids=ids, use_cache=False).logits, ids).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_selective_checkpointing_same_gradients():
+    model = models.load_model()
+    ids = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    reference = _grads(model, ids)
+    for every, expected in [(1, [0, 1, 2, 3]), (2, [0, 2]), (3, [0, 3])]:
+        assert models.enable_checkpointing(model, every=every) == expected
+        model.train()
+        torch.testing.assert_close(_grads(model, ids), reference, atol=1e-6, rtol=1e-5)
+    models.disable_checkpointing(model)
+    with pytest.raises(hardware.RecipeError):
+        models.enable_checkpointing(model, every=0)
+
+
+def test_offloaded_checkpointing_same_gradients():
+    model = models.load_model()
+    ids = torch.randint(3, 500, (1, 32), generator=torch.Generator().manual_seed(0))
+    reference = _grads(model, ids)
+    models.enable_checkpointing(model, every=1, offload=True)
+    model.train()
+    torch.testing.assert_close(_grads(model, ids), reference, atol=1e-6, rtol=1e-5)
+
+
+def test_longest_trainable_search():
+    calls = []
+
+    def step(n):
+        calls.append(n)
+        return {"seq_len": n, "oom": n > 5000}
+
+    best, rows = longctx.longest_trainable(step, 1024, 65536, refine=3, multiple=256)
+    assert calls == [1024, 2048, 4096, 8192, 6144, 5120, 4608] and best == 4608 and len(rows) == len(calls)
+    assert longctx.longest_trainable(step, 1024, 4096)[0] == 4096  # reaching the limit ends the search
+    assert longctx.longest_trainable(lambda n: {"oom": True}, 1024, 4096)[0] is None
+
+
+def test_train_step_budget_counts_as_oom():
+    hw = hardware.detect("cpu")
+    model = models.load_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    rung = longctx.Rung("x", "sdpa", chunked_loss=True)
+    longctx.apply(model, rung)
+    row = longctx.train_step(model, optimizer, rung, 64, hw)
+    assert not row["oom"] and row["peak_bytes"] > 0 and row["tokens_per_s"] > 0
+    assert longctx.train_step(model, optimizer, rung, 64, hw, budget_bytes=row["peak_bytes"] // 4)["oom"]
+    with pytest.raises(hardware.RecipeError):
+        longctx.apply(model, longctx.Rung("bad", offload_activations=True))
+
+
+def test_length_schedule():
+    schedule = curriculum.length_schedule(512, 12, start=128, grow_fraction=0.5)
+    assert schedule == [128] * 3 + [256] * 3 + [512] * 6
+    assert curriculum.length_schedule(512, 5) == [512] * 5
+    with pytest.raises(hardware.RecipeError):
+        curriculum.length_schedule(512, 10, start=100)
+
+
+def test_curriculum_run_counts_tokens():
+    model = models.fresh_model(models.DEFAULT_MODEL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stream = torch.randint(3, 500, (4096,), generator=torch.Generator().manual_seed(0))
+    schedule = curriculum.length_schedule(64, 4, start=32)
+    history = curriculum.run(model, optimizer, schedule, stream, 256, lambda: 1.0, eval_every=2, progress=False)
+    assert history.tokens == [256, 512, 768, 1024] and history.lengths == schedule
+    assert history.eval_tokens == [512, 1024] and history.time_to_reach(1.0) == history.eval_seconds[0]
+    with pytest.raises(hardware.RecipeError):
+        curriculum.run(model, optimizer, [48], stream, 256, lambda: 1.0, eval_every=1, progress=False)
