@@ -90,6 +90,7 @@ from recipes_lib import data, distill, evaluate, generate, hardware, measure, mo
 from recipes_lib.measure import GiB, report
 
 torch._logging.set_logs(inductor=logging.ERROR)  # autotuning chatter would fill the outputs
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a per-call "inputs will be cast to fp16" notice
 torch.manual_seed(0)
 hw = hardware.detect()
 profile = os.environ.get("RECIPES_PROFILE", PROFILE)
