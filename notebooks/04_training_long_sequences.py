@@ -57,9 +57,9 @@ PROFILES = {
                 tradeoff_examples=24),
     "gpu": dict(model="random:llama-3.2-1b", budget_mib=None, ladder_start=1024, ladder_limit=131072,
                 attn_lengths=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
-                flex_lengths=[8192, 32768, 65536], slide_at=32768, attn_heads=32, head_dim=64,
+                flex_lengths=[8192, 32768], slide_at=32768, attn_heads=32, head_dim=64,
                 window=4096, ce_tokens=8192, ce_vocab=128256, ce_hidden=2048, ckpt_lengths=[4096, 8192, 16384],
-                curriculum=dict(target=4096, start=512, steps=240, tokens_per_step=65536, lr=3e-3, eval_every=12),
+                curriculum=dict(target=16384, start=2048, steps=240, tokens_per_step=65536, lr=3e-3, eval_every=8),
                 tradeoff_examples=200),
 }
 QUALITY_MODEL = "data/tiny-llama"     # knows the kv retrieval task: the sliding-window trade-off is measured on it
@@ -99,11 +99,13 @@ print(f"profile: {profile} | model: {MODEL_NAME} | memory budget: "
 BENCHMARK_GPU = "H100"  # the GPU the targets below were set for: asserted there, printed elsewhere
 
 
+TARGETS = {}  # name -> (measured, met): printed where measured, asserted together at the end
+
+
 def check_target(name, value, ok):
-    """Print a GPU target's outcome; on the benchmark GPU a miss fails the notebook."""
-    print(f"target ({BENCHMARK_GPU}): {name}: {value} -> {ok}")
-    if BENCHMARK_GPU in hw.name:
-        assert ok, f"missed the {BENCHMARK_GPU} target: {name}"
+    """Record and print a GPU target's outcome; on the benchmark GPU the last cell fails on any miss."""
+    TARGETS[name] = (value, bool(ok))
+    print(f"target ({BENCHMARK_GPU}): {name}: {value} -> {'met' if ok else 'MISSED'}")
 
 
 def rel_error(a, b):
@@ -139,9 +141,13 @@ for window in (None, CHECK_WINDOW):
         q.float(), k.float(), v.float(), attn_mask=attention.dense_mask(CHECK_LEN, window, hw.device))
     flex_name = "flex-causal" if window is None else "flex-sliding"
     for impl in ["eager", *(f"sdpa-{b}" for b in hw.sdpa_backends), flex_name]:
-        agreement[(impl, window)] = rel_error(attention.attend(impl, q, k, v, window), reference)
-        report(f"{impl} ({'causal' if window is None else f'window {window}'})",
-               **{"rel. error vs dense-mask SDPA (fp32)": agreement[(impl, window)]})
+        label = f"{impl} ({'causal' if window is None else f'window {window}'})"
+        try:
+            agreement[(impl, window)] = rel_error(attention.attend(impl, q, k, v, window), reference)
+        except RuntimeError as error:  # flash-style kernels take causal masks only, not arbitrary ones
+            report(label, **{"result": f"no kernel for a custom mask ({str(error).splitlines()[0][:40]})"})
+            continue
+        report(label, **{"rel. error vs dense-mask SDPA (fp32)": agreement[(impl, window)]})
 q_gqa, k_gqa, v_gqa = attention_inputs(CHECK_LEN, 8, 2, 64, hw.model_dtype)  # grouped-query attention, as in Llama
 gqa_reference = torch.nn.functional.scaled_dot_product_attention(
     q_gqa.float(), k_gqa.float().repeat_interleave(4, 1), v_gqa.float().repeat_interleave(4, 1),
@@ -437,7 +443,8 @@ if hw.cuda:
 C = P["curriculum"]
 tokenizer = models.load_tokenizer(QUALITY_MODEL)
 stream = data.token_stream(tokenizer, tasks.make_examples(C["tokens_per_step"] * C["steps"] // 40, seed=11)).to(hw.device)
-held_rows = data.token_stream(tokenizer, tasks.make_examples(400, seed=12))[: 8 * C["target"]].view(8, -1).to(hw.device)
+held_rows = data.token_stream(tokenizer, tasks.make_examples(C["target"], seed=12))[: 8 * C["target"]]
+held_rows = held_rows.view(8, C["target"]).to(hw.device)  # ~40 tokens per example: 8 full rows
 print(f"stream: {stream.numel():,} tokens for a budget of {C['steps'] * C['tokens_per_step']:,}; "
       f"held-out: {tuple(held_rows.shape)}")
 
@@ -601,11 +608,22 @@ figures = {"attention": attn_rows, "sliding_speedup_vs_flex_causal": sliding_spe
            "chunked_ce_errors": ce_errors, "checkpointing_grad_errors": ckpt_errors, "checkpointing": ckpt_rows,
            "ladder": ladder.reset_index().to_dict("records"), "ladder_probes": probes,
            "curriculum": {"fixed": vars(fixed), "curriculum": vars(curric), "reach_s": reach, "time_saved": time_saved},
-           "sliding_window_accuracy": {"distances": DISTANCES, **accuracy}}
+           "sliding_window_accuracy": {"distances": DISTANCES, "token_spans": spans, **accuracy},
+           "targets": {name: {"measured": value, "met": met} for name, (value, met) in TARGETS.items()}}
 env = results.environment(hw, **{**P, "model": MODEL_NAME, "profile": profile})
 publish = hw.cuda and profile == "gpu" and MODEL_NAME == P["model"]  # results/ holds the reference runs only
 for path in results.save("04_training_long_sequences", hw, env, figures, board, publish=publish):
     print("wrote", path.relative_to(models.REPO_ROOT) if path.is_relative_to(models.REPO_ROOT) else path)
+
+# %% [markdown]
+# ## The targets
+# Measured above and saved with the figures; on the GPU they were set for, a miss fails here.
+
+# %%
+for name, (value, met) in TARGETS.items():
+    print(f"{'met   ' if met else 'MISSED'} | {name}: {value}")
+if BENCHMARK_GPU in hw.name:
+    assert TARGETS and all(met for _, met in TARGETS.values()), "a benchmark target was missed (listed above)"
 
 # %% [markdown]
 # ## Use it in your own code

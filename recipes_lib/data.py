@@ -47,8 +47,8 @@ def encode(tokenizer, examples: Sequence[Example], train_on_prompt: bool = False
 def token_stream(tokenizer, examples: Sequence[Example]) -> torch.Tensor:
     """One long 1-D stream of ``<bos> example <eos>`` token ids, to cut into rows of any length."""
     ids: list[int] = []
-    for doc in encode(tokenizer, examples, train_on_prompt=True):
-        ids += doc.input_ids
+    for tokens in tokenizer([ex.text for ex in examples], add_special_tokens=False)["input_ids"]:
+        ids += [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
     return torch.tensor(ids, dtype=torch.long)
 
 

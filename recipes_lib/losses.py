@@ -51,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.mul_(v[:, None])
             grad_hidden[start:start + chunk_size] = (probs.to(h.dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += probs.T @ h.float()
+                grad_weight.addmm_(probs.T, h.float())  # in place: no [vocab, hidden] temporary
             del probs, lse  # free this chunk before the next one allocates
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else hidden.new_empty(0))
         ctx.weight_dtype, ctx.weight_trainable = weight.dtype, grad_weight is not None
