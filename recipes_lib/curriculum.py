@@ -10,6 +10,7 @@ held-out rows of the *target* length, against tokens and against training wall t
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,13 @@ class History:
     eval_tokens: list[int] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
+
+    def step_seconds_by_length(self) -> dict[int, float]:
+        """Median training seconds of one step at each sequence length the run used."""
+        steps: dict[int, list[float]] = {}
+        for length, before, after in zip(self.lengths, [0.0, *self.seconds], self.seconds):
+            steps.setdefault(length, []).append(after - before)
+        return {length: statistics.median(times) for length, times in steps.items()}
 
     def time_to_reach(self, loss: float) -> float | None:
         """Training seconds at the first evaluation whose loss is at or below ``loss`` (None if never)."""

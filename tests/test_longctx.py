@@ -76,5 +76,6 @@ def test_curriculum_run_counts_tokens():
     history = curriculum.run(model, optimizer, schedule, stream, 256, lambda: 1.0, eval_every=2, progress=False)
     assert history.tokens == [256, 512, 768, 1024] and history.lengths == schedule
     assert history.eval_tokens == [512, 1024] and history.time_to_reach(1.0) == history.eval_seconds[0]
+    assert set(history.step_seconds_by_length()) == {32, 64}
     with pytest.raises(hardware.RecipeError):
         curriculum.run(model, optimizer, [48], stream, 256, lambda: 1.0, eval_every=1, progress=False)
