@@ -103,12 +103,11 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None =
         sinks: with a window, the first ``sinks`` tokens stay visible to every query.
     """
     mask = block_mask(q.shape[-2], effective_window(window, q.shape[-2]), str(q.device), sinks)
-    compiled = q.device.type == "cuda" if compiled is None else compiled
-    return _flex(compiled)(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return _flex(_compile_for(q, compiled))(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """Textbook causal attention: the ``[seq, seq]`` scores and probabilities are materialised."""
+    """Textbook causal (or windowed) attention: the ``[seq, seq]`` scores and probabilities are materialised."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~dense_mask(q.shape[-2], window, q.device), float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
@@ -145,7 +144,8 @@ def attend(implementation: str, q, k, v, window: int | None = None, compiled: bo
 def attention_flops(seq_len: int, heads: int, head_dim: int, window: int | None = None,
                     backward: bool = False) -> float:
     """Matmul FLOPs of causal (or windowed) attention: 4 * pairs * head_dim per head; backward costs 2.5x."""
-    pairs = seq_len * (seq_len + 1) / 2 if window is None else seq_len * min(window, seq_len) - window * (window - 1) / 2
+    window = None if window is None or window >= seq_len else window
+    pairs = seq_len * (seq_len + 1) / 2 if window is None else seq_len * window - window * (window - 1) / 2
     forward = 4 * pairs * head_dim * heads
     return forward * (3.5 if backward else 1.0)
 
@@ -156,12 +156,34 @@ def _sliding_attention_forward(window: int, compiled: bool | None, sinks: int):
             raise RecipeError("the FlexAttention sliding window here scores whole sequences (training, evaluation); "
                               "for generation with a KV cache use the architecture's own sliding_window "
                               "(attention.as_mistral)")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise RecipeError("the sliding-window attention assumes unpadded or right-padded rows")
+        if dropout or kwargs.get("softcap") or kwargs.get("sinks") is not None:
+            raise RecipeError("the sliding-window attention has no attention dropout, logit softcapping or "
+                              "learned sinks; use the model's own attention for this architecture")
         short = window >= query.shape[-2]  # a row no longer than the window: plain causal
-        out = flex(query, key, value, None if short else window, compiled, sinks)
+        out = _flex(_compile_for(query, compiled))(
+            query, key, value, block_mask=block_mask(query.shape[-2], None if short else window, str(query.device),
+                                                     sinks),
+            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None
     return forward
+
+
+def _compile_for(q: torch.Tensor, compiled: bool | None) -> bool:
+    """Whether to compile FlexAttention for ``q``: the caller's choice, else on a GPU."""
+    return q.device.type == "cuda" if compiled is None else compiled
+
+
+def _check_rows(module, args, kwargs):
+    """Refuse what the windowed attention cannot see: left padding and packed rows."""
+    mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is not None and mask.dim() == 2 and not bool((mask.cummin(dim=-1).values == mask).all()):
+        raise RecipeError("the sliding-window attention takes unpadded or right-padded rows: this attention_mask "
+                          "has padding before real tokens (left padding). Pad on the right, or pass no mask.")
+    if positions is not None:
+        expected = torch.arange(positions.shape[-1], device=positions.device)
+        if not bool((positions == expected).all()):
+            raise RecipeError("the sliding-window attention does not separate packed documents: pass rows whose "
+                              "position_ids are 0, 1, 2, ... (or none)")
 
 
 def use_sliding_window(model, window: int, compiled: bool | None = None, sinks: int = 0):
@@ -176,6 +198,9 @@ def use_sliding_window(model, window: int, compiled: bool | None = None, sinks: 
     name = f"recipes_sliding_{window}_sinks_{sinks}_{'auto' if compiled is None else int(compiled)}"
     AttentionInterface.register(name, _sliding_attention_forward(window, compiled, sinks))
     model.set_attn_implementation(name)
+    if not getattr(model, "_recipes_rows_checked", False):  # transformers hands custom attention no mask
+        model.register_forward_pre_hook(_check_rows, with_kwargs=True)
+        model._recipes_rows_checked = True
     return model
 
 

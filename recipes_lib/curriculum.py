@@ -38,6 +38,9 @@ def length_schedule(target: int, steps: int, start: int | None = None, grow_frac
         stages.append(length)
         length *= 2
     per_stage = int(steps * grow_fraction) // max(len(stages), 1)
+    if stages and per_stage == 0:
+        raise RecipeError(f"{steps} steps x grow_fraction={grow_fraction} leave no step for each of the "
+                          f"{len(stages)} shorter lengths {stages}: raise steps or grow_fraction, or start longer")
     schedule = [length for length in stages for _ in range(per_stage)]
     return schedule + [target] * (steps - len(schedule))
 
@@ -89,6 +92,8 @@ def run(model, optimizer, schedule: Sequence[int], stream: torch.Tensor, tokens_
     """
     if any(tokens_per_step % length for length in schedule):
         raise RecipeError(f"tokens_per_step={tokens_per_step} must be a multiple of every length in the schedule")
+    from .models import check_seq_len
+    check_seq_len(model, max(schedule))
     if progress is None:
         progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
     device = next(model.parameters()).device
@@ -108,7 +113,7 @@ def run(model, optimizer, schedule: Sequence[int], stream: torch.Tensor, tokens_
             scheduler.step()
         train._sync(device)
         elapsed += time.perf_counter() - start
-        seen += tokens_per_step
+        seen += batch["input_ids"].numel()
         history.lengths.append(length)
         history.tokens.append(seen)
         history.seconds.append(elapsed)

@@ -24,7 +24,7 @@ class Rung:
     """One configuration of the ladder."""
 
     name: str
-    attention: str = "sdpa"               # "eager" materialises the [seq, seq] scores; "sdpa" runs flash/cuDNN
+    attention: str = "sdpa"               # "eager" materialises the [seq, seq] scores; "sdpa" lets PyTorch pick flash/cuDNN
     checkpoint_every: int | None = None   # None: keep all activations; k: recompute every k-th layer
     chunked_loss: bool = False            # fused chunked LM head + cross-entropy instead of full logits
     offload_activations: bool = False     # checkpointed layers' saved inputs in pinned host memory
@@ -57,6 +57,7 @@ def train_step(model, optimizer, rung: Rung, seq_len: int, hw: Hardware,
         budget_bytes: a memory budget; a step whose peak exceeds it counts as out of memory (how the
             CPU run, which never runs out, plays the game of a smaller device).
     """
+    models.check_seq_len(model, seq_len)  # past the position limit RoPE would extrapolate silently
     batch = random_batch(model.config.vocab_size, seq_len, hw.device)
     states = list(model.parameters()) + list(model.buffers()) + measure.optimizer_tensors(optimizer)
     row = {"name": rung.name, "seq_len": seq_len, "oom": False, "peak_bytes": None, "seconds": None}

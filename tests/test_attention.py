@@ -68,3 +68,18 @@ def test_model_window_matches_mistral_and_full_when_wide():
 def test_time_attention_row():
     row = attention.time_attention("sdpa-math", 64, 2, 8, hardware.detect("cpu"), repeats=2)
     assert not row["oom"] and row["seconds"] > 0 and row["peak_bytes"] > 0
+
+
+def test_model_window_refuses_left_padding_and_packing():
+    model = attention.use_sliding_window(models.load_model().eval(), 8, compiled=False)
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(2))
+    right = torch.ones(2, 16, dtype=torch.long)
+    right[0, 12:] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=right)  # right padding is fine: causal attention never looks right
+        left = right.flip(-1)
+        with pytest.raises(hardware.RecipeError, match="left padding"):
+            model(input_ids=ids, attention_mask=left)
+        packed = torch.cat([torch.arange(8), torch.arange(8)]).repeat(2, 1)
+        with pytest.raises(hardware.RecipeError, match="packed"):
+            model(input_ids=ids, position_ids=packed)

@@ -79,3 +79,17 @@ def test_curriculum_run_counts_tokens():
     assert set(history.step_seconds_by_length()) == {32, 64}
     with pytest.raises(hardware.RecipeError):
         curriculum.run(model, optimizer, [48], stream, 256, lambda: 1.0, eval_every=1, progress=False)
+
+
+def test_lengths_past_the_position_limit_are_refused():
+    hw = hardware.detect("cpu")
+    model = models.load_model()
+    limit = model.config.max_position_embeddings
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with pytest.raises(hardware.RecipeError, match="RoPE"):
+        longctx.train_step(model, optimizer, longctx.Rung("x"), limit + 1, hw)
+    stream = torch.randint(3, 500, (8 * limit,))
+    with pytest.raises(hardware.RecipeError, match="RoPE"):
+        curriculum.run(model, optimizer, [2 * limit], stream, 2 * limit, lambda: 1.0, eval_every=1, progress=False)
+    with pytest.raises(hardware.RecipeError, match="no step"):
+        curriculum.length_schedule(4096, 2, start=512)
