@@ -1,0 +1,148 @@
+"""Data-parallel training on CPU with gloo, 2 processes: the same result as one process; the launcher.
+
+Tolerance (fp32 throughout): losses within rtol 1e-5, final parameters within atol 1e-5 after 3
+AdamW steps at lr 1e-3. The two runs differ only in summation order (each rank sums its own tokens,
+then the ranks' sums are added), so they agree to a few ulps of fp32 per step, which Adam's
+normalisation can magnify for parameters whose gradient is near zero. A wrong normalisation is far
+outside it: DDP summing over ranks after every micro-batch (which adds the earlier micro-batches'
+reduced gradients again) moved the second step's loss by 1.4e-3 relative when tried.
+"""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import train_distributed
+from recipes_lib import distributed, launcher, losses
+from recipes_lib.hardware import RecipeError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "train_distributed.py"
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-5
+
+
+def _script_args(model_dir: str, strategy: str, out: Path) -> list[str]:
+    return ["--model", model_dir, "--strategy", strategy, "--steps", "3", "--global-batch", "8",
+            "--micro-batch", "2", "--seq-len", "32", "--save-params", str(out)]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_model_dir, tmp_path_factory):
+    """The one-process reference, run in this process on the same global batches."""
+    out = tmp_path_factory.mktemp("single") / "params.pt"
+    result = train_distributed.run(train_distributed.parse_args(_script_args(tiny_model_dir, "single", out)))
+    return result, torch.load(out)
+
+
+def test_ranks_hold_different_numbers_of_target_tokens(tiny_model_dir):
+    """The equivalence below is only a test of token normalisation if the ranks' token counts differ."""
+    args = train_distributed.parse_args(_script_args(tiny_model_dir, "fsdp2", Path("unused")))
+    for batch in train_distributed.global_batches(args, vocab_size=64):
+        counts = [sum(losses.count_targets(mb["labels"]) for mb in
+                      train_distributed.rank_micro_batches(batch, rank, 2, args.micro_batch)) for rank in (0, 1)]
+        assert counts[0] != counts[1]
+
+
+@pytest.mark.parametrize("strategy, port", [("fsdp2", None), ("fsdp2-no-reshard", None), ("ddp", "free")])
+def test_two_processes_match_single_process(strategy, port, single_run, tiny_model_dir, tmp_path):
+    """FSDP2 (torchrun --standalone) and DDP (the multi-node rendezvous form, on one node) vs one process."""
+    reference, reference_params = single_run
+    out = tmp_path / "params.pt"
+    results = launcher.launch(SCRIPT, 2, _script_args(tiny_model_dir, strategy, out), timeout_s=60,
+                              port=launcher.free_port() if port else None, echo=False)
+    assert [r["rank"] for r in results] == [0, 1]
+    for result in results:
+        assert result["strategy"] == strategy and result["world_size"] == 2
+        torch.testing.assert_close(result["losses"], reference["losses"], rtol=LOSS_RTOL, atol=0)
+        # The norm of the reduced gradient: a mean over ranks instead of the sum would halve it.
+        torch.testing.assert_close(result["grad_norms"], reference["grad_norms"], rtol=LOSS_RTOL, atol=0)
+    params = torch.load(out)
+    assert params.keys() == reference_params.keys()
+    for name, value in params.items():
+        torch.testing.assert_close(value, reference_params[name], rtol=0, atol=PARAM_ATOL, msg=name)
+    if strategy.startswith("fsdp2"):  # each rank holds half of every parameter, and of Adam's state
+        assert results[0]["param_bytes"] == pytest.approx(reference["param_bytes"] / 2, rel=0.01)
+        assert results[0]["optimizer_bytes"] == pytest.approx(reference["optimizer_bytes"] / 2, rel=0.01)
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(body))
+    return script
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_launcher_stops_a_hung_run(tmp_path):
+    script = _write(tmp_path, f"""
+        import os, time
+        open(os.path.join({str(tmp_path)!r}, "pid" + os.environ["RANK"]), "w").write(str(os.getpid()))
+        time.sleep(600)
+    """)
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match="timeout_s=6"):
+        launcher.launch(script, 2, timeout_s=6, echo=False)
+    assert time.perf_counter() - start < 20
+    pids = [int((tmp_path / f"pid{rank}").read_text()) for rank in (0, 1)]
+    assert all(_gone(pid) for pid in pids), "a worker outlived the launcher's timeout"
+
+
+def test_launcher_reports_a_failing_script(tmp_path):
+    script = _write(tmp_path, """
+        import os
+        print("about to fail", flush=True)
+        raise ValueError("bad value on rank " + os.environ["RANK"])
+    """)
+    with pytest.raises(RecipeError, match="exit code 1") as error:
+        launcher.launch(script, 2, timeout_s=60, echo=False)
+    assert "ValueError: bad value on rank" in str(error.value)
+
+
+def test_launcher_reads_results_and_rank_prefixes(tmp_path, capsys):
+    script = _write(tmp_path, """
+        from recipes_lib import distributed
+        ctx = distributed.setup()
+        print("hello", flush=True)
+        distributed.report_result(ctx, world=ctx.world_size)
+        distributed.cleanup()
+    """)
+    results = launcher.launch(script, 2, timeout_s=60, env={"PYTHONPATH": str(REPO_ROOT)})
+    assert results == [{"rank": 0, "world": 2}, {"rank": 1, "world": 2}]
+    printed = capsys.readouterr().out
+    assert "[rank0]:hello" in printed and "[rank1]:hello" in printed
+    assert "RESULT" not in printed
+
+
+def test_bad_launch_requests_fail_before_starting(monkeypatch):
+    with pytest.raises(RecipeError, match="in use"):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            launcher.launch("never_started.py", 2, port=busy.getsockname()[1])
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match="nccl"):
+            launcher.launch("never_started.py", 2, backend="nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RecipeError, match="1 GPU"):
+        launcher.launch("never_started.py", 2)
+
+
+def test_setup_outside_torchrun_says_how_to_launch(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RecipeError, match="torchrun"):
+        distributed.setup()
