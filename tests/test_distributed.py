@@ -51,7 +51,7 @@ def test_ranks_hold_different_numbers_of_target_tokens(tiny_model_dir):
         assert counts[0] != counts[1]
 
 
-@pytest.mark.parametrize("strategy, port", [("fsdp2", None), ("fsdp2-no-reshard", None), ("ddp", "free")])
+@pytest.mark.parametrize("strategy, port", [("fsdp2", None), ("fsdp2-no-reshard", None), ("ddp", None)])
 def test_two_processes_match_single_process(strategy, port, single_run, tiny_model_dir, tmp_path):
     """FSDP2 (torchrun --standalone) and DDP (the multi-node rendezvous form, on one node) vs one process."""
     reference, reference_params = single_run
