@@ -12,12 +12,11 @@ CPU, after warm-up, median of ``repeats``. Prefill runs eagerly (one forward ove
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from transformers import StaticCache
 
+from . import measure
 from .hardware import Hardware
 
 
@@ -39,19 +38,6 @@ def _step(model, tokens: torch.Tensor, cache_position: torch.Tensor, cache: Stat
     """One forward into the cache; returns the greedy next token of every row, ``[batch, 1]``."""
     logits = model(input_ids=tokens, cache_position=cache_position, past_key_values=cache, use_cache=True).logits
     return logits[:, -1].argmax(dim=-1, keepdim=True)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -103,8 +89,8 @@ def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int,
             first = prefill()
 
         cache.reset()  # outside the timed region
-        prefill_s.append(_timed(run_prefill, device))
-        decode_s.append(_timed(lambda: decode(first), device))
+        prefill_s.append(measure.seconds(run_prefill, device))
+        decode_s.append(measure.seconds(lambda: decode(first), device))
     prefill_median, decode_median = statistics.median(prefill_s), statistics.median(decode_s)
     return {"name": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "compiled": compile, "repeats": repeats,

@@ -8,14 +8,13 @@ once, so the floor for forward + backward is the bytes moved over the memory ban
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import measure
 from .hardware import RecipeError
 
 
@@ -101,25 +100,6 @@ def norm_functions(hidden: int, device: torch.device, dtype: torch.dtype, compil
     return functions
 
 
-def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def forward_backward_seconds(fn: Callable, rows: int, hidden: int, device: torch.device, dtype: torch.dtype,
                              repeats: int = 20, warmup: int = 3) -> float:
     """Median time of ``fn``'s forward and backward on ``[rows, hidden]`` (gradients for x and weight)."""
@@ -132,7 +112,7 @@ def forward_backward_seconds(fn: Callable, rows: int, hidden: int, device: torch
         x.grad = w.grad = b.grad = None
         fn(x, w, b).backward(grad)
 
-    return _median_seconds(step, device, repeats, warmup)
+    return measure.median_seconds(step, device, repeats, warmup)
 
 
 def bytes_moved(rows: int, hidden: int, dtype: torch.dtype) -> int:
@@ -144,7 +124,7 @@ def copy_bandwidth(device: torch.device, n_bytes: int = 2**30, repeats: int = 20
     """Measured memory bandwidth, bytes/s, from a large device-to-device copy (read + write counted)."""
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), device, repeats, warmup=3)
+    seconds = measure.median_seconds(lambda: dst.copy_(src), device, repeats, warmup=3)
     return 2 * n_bytes / seconds
 
 
@@ -162,4 +142,4 @@ def train_step_seconds(model: nn.Module, batch: int, seq_len: int, repeats: int 
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    return _median_seconds(step, device, repeats, warmup)
+    return measure.median_seconds(step, device, repeats, warmup)

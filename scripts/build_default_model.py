@@ -71,6 +71,12 @@ def main() -> None:
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
     docs = data.encode(tokenizer, corpus, train_on_prompt=True)
+    pretrain_and_save(model, tokenizer, docs, args, hw)
+
+
+def pretrain_and_save(model, tokenizer, docs, args, hw) -> None:
+    """Pre-train on packed ``docs`` for the ``--minutes`` budget, score held-out tasks, save model + eval.json."""
+    n_params = sum(p.numel() for p in model.parameters())
     batches = data.packed_batches(docs, args.seq_len, args.batch, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     # Time-boxed: estimate the step time on a few steps, then fit the schedule to the budget.

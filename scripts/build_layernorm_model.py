@@ -12,14 +12,12 @@ Runs on a GPU when there is one (bf16 autocast), else on the CPU (pass a small -
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from recipes_lib import data, evaluate, hardware, models, tasks, train
+from build_default_model import pretrain_and_save  # scripts/ is on sys.path when run as a script
+from recipes_lib import data, hardware, models, tasks
 
 
 def build_model(tokenizer, args) -> GPT2LMHeadModel:
@@ -52,28 +50,7 @@ def main() -> None:
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
     docs = data.encode(tokenizer, tasks.make_examples(200_000, seed=1), train_on_prompt=True)
-    batches = data.packed_batches(docs, args.seq_len, args.batch, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    probe = train.train(model, optimizer, batches, steps=10, autocast_dtype=hw.amp_dtype, progress=False)
-    steps = min(args.max_steps, int(args.minutes * 60 / (sum(probe.step_seconds[5:]) / 5)))
-    print(f"training {steps} steps of {args.batch}x{args.seq_len} tokens")
-    scheduler = train.cosine_schedule(optimizer, steps, warmup=min(100, steps // 10))
-    start = time.time()
-    stats = train.train(model, optimizer, batches, steps=steps, scheduler=scheduler,
-                        autocast_dtype=hw.amp_dtype, desc="pretrain")
-    print(f"final loss {stats.losses[-1]:.3f} after {time.time() - start:.0f}s")
-
-    held_out = tasks.make_examples(500, seed=12345)
-    scores = evaluate.task_scores(model, tokenizer, held_out)
-    print("held-out scores:", json.dumps({k: round(v, 3) for k, v in scores.items()}))
-
-    out = Path(args.out)
-    model.float().cpu().save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    report = {"held_out_scores": scores, "n_params": n_params, "steps": steps, "device": hw.name,
-              "tokens": stats.tokens, "final_loss": stats.losses[-1],
-              "seconds": round(time.time() - start), "args": vars(args)}
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    pretrain_and_save(model, tokenizer, docs, args, hw)  # the same recipe and report as data/tiny-llama
 
 
 if __name__ == "__main__":
