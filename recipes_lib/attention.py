@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .hardware import RecipeError
+from .hardware import RecipeError, raise_recompile_limit
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -84,11 +84,7 @@ def _flex(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
     if not compiled:
         return flex_attention
-    # One compiled kernel per (length, mask): allow more than dynamo's default of 8 before it
-    # silently falls back to the eager path, which materialises the scores.
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), 64))
+    raise_recompile_limit()  # one compiled kernel per (length, mask); eager Flex would materialise the scores
     return torch.compile(flex_attention, dynamic=False)
 
 

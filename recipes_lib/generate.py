@@ -17,16 +17,7 @@ import torch
 from transformers import StaticCache
 
 from . import measure
-from .hardware import Hardware
-
-
-def _raise_recompile_limit(limit: int = 64) -> None:
-    """Each model (and batch size) compiles the same step function: allow more than the default 8."""
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+from .hardware import Hardware, raise_recompile_limit
 
 
 def static_cache(model, max_len: int) -> StaticCache:
@@ -58,7 +49,7 @@ def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int,
     cache = static_cache(model, prompt_len + new_tokens)
     step = _step
     if compile:
-        _raise_recompile_limit()
+        raise_recompile_limit()
         step = torch.compile(_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     prefill_positions = torch.arange(prompt_len, device=device)
     decode_positions = [torch.tensor([prompt_len + i], device=device) for i in range(new_tokens)]

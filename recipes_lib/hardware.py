@@ -110,3 +110,15 @@ def detect(device: str | None = None) -> Hardware:
         name, bf16, memory, peak = "CPU", True, None, None
     return Hardware(dev, name, bf16, sdpa_backends(dev), bitsandbytes_works(dev), peak, memory)
 
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Let torch.compile keep up to ``limit`` versions of one function (one per shape, model or mask).
+
+    Past dynamo's default of 8 it silently falls back to eager code, which for a compiled decode step
+    or FlexAttention means a different, much slower (or memory-hungry) program.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
