@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -96,34 +95,32 @@ def run(model, optimizer, schedule: Sequence[int], stream: torch.Tensor, tokens_
     check_seq_len(model, max(schedule))
     if progress is None:
         progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
-    device = next(model.parameters()).device
-    history, offset, elapsed, seen = History(), 0, 0.0, 0
+    history, offset, seen, elapsed = History(), 0, 0, 0.0
+
+    def batches():  # one step's rows, cut from the stream at that step's length
+        nonlocal offset
+        for length in schedule:
+            batch, offset = rows_from_stream(stream, offset, length, tokens_per_step // length)
+            yield batch
+
+    stream_of_batches = batches()
     bar = tqdm(total=len(schedule), desc=desc, disable=not progress, leave=False)
-    for step, length in enumerate(schedule):
-        batch, offset = rows_from_stream(stream, offset, length, tokens_per_step // length)
-        model.train()
-        train._sync(device)
-        start = time.perf_counter()
-        loss = train.accumulate_gradients(model, [batch], autocast_dtype, fused_head=True)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        train._sync(device)
-        elapsed += time.perf_counter() - start
-        seen += batch["input_ids"].numel()
-        history.lengths.append(length)
-        history.tokens.append(seen)
-        history.seconds.append(elapsed)
-        history.train_loss.append(loss)
-        if (step + 1) % eval_every == 0 or step + 1 == len(schedule):
-            history.eval_tokens.append(seen)
-            history.eval_seconds.append(elapsed)
-            history.eval_loss.append(evaluate())
-        bar.update(1)
-        bar.set_postfix(L=length, loss=f"{loss:.3f}")
+    for start in range(0, len(schedule), eval_every):
+        steps = min(eval_every, len(schedule) - start)
+        stats = train.train(model, optimizer, stream_of_batches, steps=steps, autocast_dtype=autocast_dtype,
+                            max_grad_norm=max_grad_norm, scheduler=scheduler, progress=False)
+        for length, seconds, loss in zip(schedule[start:start + steps], stats.step_seconds, stats.losses):
+            seen += tokens_per_step // length * length
+            elapsed += seconds
+            history.lengths.append(length)
+            history.tokens.append(seen)
+            history.seconds.append(elapsed)
+            history.train_loss.append(loss)
+        history.eval_tokens.append(seen)
+        history.eval_seconds.append(elapsed)  # evaluation time is not training time
+        history.eval_loss.append(evaluate())
+        bar.update(steps)
+        bar.set_postfix(L=schedule[start + steps - 1], loss=f"{history.train_loss[-1]:.3f}")
     bar.close()
     return history
 
