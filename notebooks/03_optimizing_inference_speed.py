@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -44,8 +46,8 @@ import os
 import sys
 
 if "google.colab" in sys.modules and importlib.util.find_spec("recipes_lib") is None:
-    !git clone -q https://github.com/llm-acceleration-recipes/recipes /content/recipes  # noqa
-    !pip install -q -e /content/recipes[quant,offload]  # noqa
+    # !git clone -q https://github.com/llm-acceleration-recipes/recipes /content/recipes  # noqa
+    # !pip install -q -e /content/recipes[quant,offload]  # noqa
     sys.path.insert(0, "/content/recipes")
 
 # %% tags=["parameters"]
@@ -113,7 +115,8 @@ def speed_row(row):
     """The one-line report of a generation benchmark row."""
     report(row["name"], **{"batch": row["batch"], "prompt": row["prompt_len"], "new": row["new_tokens"],
                            "prefill tok/s": row["prefill_tokens_per_s"], "decode tok/s": row["decode_tokens_per_s"],
-                           "ms/step": row["ms_per_decode_step"], "graph": row["compiled"]})
+                           "ms/step": row["ms_per_decode_step"], "graph": row["compiled"],
+                           "tuned": row["tuned"]})
     return row
 
 # %% [markdown]
@@ -188,9 +191,13 @@ for name, delta in ppl_delta.items():
 
 # %% [markdown]
 # ### Speed: one harness for every model
-# bf16 and torchao int8 decode with a compiled CUDA-graph step (on a GPU). bitsandbytes cannot be
-# traced by `torch.compile`, so LLM.int8() decodes eagerly, beside an eager bf16 row for a fair
-# comparison (fewer new tokens: eager steps are slow). Prefill is one eager forward for all.
+# bf16 and torchao int8 decode with a compiled CUDA-graph step (on a GPU). At batch 1 the step is
+# compiled with Inductor's coordinate-descent tuning for both (`tune=True`): decode at batch 1 is a
+# chain of matrix-vector products whose speed depends on the kernels' launch parameters. Batch 16
+# compiles untuned for both: tuning its mixed int8 x bf16 matmuls costs minutes of compile time.
+# bitsandbytes cannot be traced by `torch.compile`, so LLM.int8() decodes eagerly, beside an eager
+# bf16 row for a fair comparison (fewer new tokens: eager steps are slow). Prefill is one eager
+# forward for all.
 
 # %%
 def speed_model(quantization=None):
@@ -205,7 +212,8 @@ def run_speed(name, quantization=None, compile=None, new_tokens=None, repeats=No
     rows = []
     for batch in P["batches"]:
         row = generate.benchmark(model, hw, batch, P["prompt_len"], new_tokens or P["new_tokens"], compile=compile,
-                                 repeats=repeats or P["repeats"], warmup=1 if compile is False else 2, name=name)
+                                 repeats=repeats or P["repeats"], warmup=1 if compile is False else 2, name=name,
+                                 tune=batch == 1)
         rows.append(speed_row({**row, "weight_bytes": weights}))
     del model
     measure.free_memory()
@@ -215,16 +223,19 @@ def run_speed(name, quantization=None, compile=None, new_tokens=None, repeats=No
 speed = {}
 speed["bf16"] = run_speed("bf16" if hw.cuda else "fp32")
 speed["int8 weight-only"] = run_speed(f"int8 weight-only ({wo_backend})", "int8-wo")
+
+# %%
 speed["bf16 eager"] = run_speed("bf16 eager" if hw.cuda else "fp32 eager", compile=False,
                                 new_tokens=P["slow_new_tokens"], repeats=2)
 speed["LLM.int8() eager"] = run_speed("LLM.int8() eager", "int8", compile=False, new_tokens=P["slow_new_tokens"],
                                       repeats=2)
-print("protocol:", generate.describe(speed["bf16"][0]))
+print("protocol:", generate.describe(speed["bf16"][0]), "|", generate.describe(speed["bf16"][1]))
 
 # %%
 table = pd.DataFrame([{"method": r["name"], "batch": r["batch"], "weights (GiB)": round(r["weight_bytes"] / GiB, 3),
                        "prefill tok/s": round(r["prefill_tokens_per_s"]), "decode tok/s": round(r["decode_tokens_per_s"], 1),
-                       "CUDA graph": r["compiled"]} for rows in speed.values() for r in rows]).set_index("method")
+                       "CUDA graph": r["compiled"], "tuned": r["tuned"]}
+                      for rows in speed.values() for r in rows]).set_index("method")
 display(table)
 b1 = {k: v[0] for k, v in speed.items()}
 decode_speedup = b1["int8 weight-only"]["decode_tokens_per_s"] / b1["bf16"]["decode_tokens_per_s"]
@@ -307,7 +318,7 @@ kd_speed = {}
 for name, model in [("teacher", teacher), ("student", students["distilled (KL + CE)"])]:
     fast = copy.deepcopy(model).to(hw.model_dtype)
     kd_speed[name] = speed_row(generate.benchmark(fast, hw, 1, P["student_prompt_len"], P["new_tokens"],
-                                                  repeats=P["repeats"], name=name))
+                                                  repeats=P["repeats"], name=name, tune=True))
     del fast
 student_speedup = kd_speed["student"]["decode_tokens_per_s"] / kd_speed["teacher"]["decode_tokens_per_s"]
 kept = kd_quality["distilled (KL + CE)"]["accuracy"] / kd_quality["teacher"]["accuracy"]

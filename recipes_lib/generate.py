@@ -7,10 +7,14 @@ launches one graph per token and decode is bound by the GPU, not by Python; ``tr
 ``generate`` loop adds per-token host work (logits processors, stopping checks) that hides the
 difference between a bf16 and an int8 model. Times are CUDA events on a GPU, ``perf_counter`` on
 CPU, after warm-up, median of ``repeats``. Prefill runs eagerly (one forward over the prompt).
+``tune=True`` compiles the step with Inductor's coordinate-descent tuning of its kernels' launch
+parameters (what torchao and gpt-fast recommend for decode): faster small-batch decode kernels for a
+longer compile. Compare models under the same ``tune``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 import torch
@@ -33,13 +37,14 @@ def _step(model, tokens: torch.Tensor, cache_position: torch.Tensor, cache: Stat
 
 @torch.no_grad()
 def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int, compile: bool | None = None,
-              repeats: int = 5, warmup: int = 2, name: str = "", seed: int = 0) -> dict:
+              repeats: int = 5, warmup: int = 2, name: str = "", seed: int = 0, tune: bool = False) -> dict:
     """Prefill and greedy-decode tokens/s of ``model`` (see the module docstring for the protocol).
 
     Args:
         compile: compile the decode step with CUDA graphs; None means yes on a GPU, no on CPU.
             Models whose kernels torch.compile cannot trace (bitsandbytes) pass False.
         repeats: timed prefills and timed decodes; the median of each is reported.
+        tune: compile with Inductor's coordinate-descent tuning (ignored without ``compile``).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -69,8 +74,17 @@ def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int,
                 token = token.clone()  # the CUDA graph's output buffer is overwritten by the next replay
         return token
 
-    for _ in range(warmup):
-        decode(fresh_prefill())
+    tune = bool(tune and compile)
+    if compile and warmup < 1:
+        raise ValueError("a compiled benchmark needs warmup >= 1: the first decode compiles the step")
+    tuning = contextlib.nullcontext()
+    if tune:
+        import torch._inductor.config as inductor_config
+
+        tuning = inductor_config.patch(coordinate_descent_tuning=True)
+    with tuning:  # the step compiles during warm-up; later calls replay it
+        for _ in range(warmup):
+            decode(fresh_prefill())
     prefill_s, decode_s = [], []
     for _ in range(repeats):
         first = None
@@ -84,7 +98,7 @@ def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int,
         decode_s.append(measure.seconds(lambda: decode(first), device))
     prefill_median, decode_median = statistics.median(prefill_s), statistics.median(decode_s)
     return {"name": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "compiled": compile, "repeats": repeats,
+            "compiled": compile, "tuned": tune, "repeats": repeats,
             "prefill_s": prefill_median, "decode_s": decode_median,
             "prefill_tokens_per_s": batch * prompt_len / prefill_median,
             "decode_tokens_per_s": batch * new_tokens / decode_median,
@@ -94,6 +108,8 @@ def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int,
 def describe(row: dict) -> str:
     """The protocol of one measurement, in words (for the notebooks' captions)."""
     how = "torch.compile + CUDA graph decode step" if row["compiled"] else "eager decode step"
+    if row.get("tuned"):
+        how += " (coordinate-descent tuned)"
     return (f"batch {row['batch']}, prompt {row['prompt_len']} tokens, {row['new_tokens']} new tokens, static KV "
             f"cache, {how}, median of {row['repeats']} after warm-up")
 

@@ -85,7 +85,12 @@ def int8_weight_only(model: nn.Module, backend: str = "auto") -> tuple[nn.Module
     if backend in ("auto", "torchao") and torchao_available():
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, _: isinstance(module, nn.Linear))
+        # set_inductor_config=False: torchao would otherwise switch on Inductor's coordinate-descent tuning
+        # (all directions) for every later torch.compile in the process, bf16 models included, and a compile
+        # of a batch-16 decode step then autotunes for minutes. Tuning is the caller's choice
+        # (generate.benchmark(tune=True)), applied to the models being compared alike.
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
+        quantize_(model, config, filter_fn=lambda module, _: isinstance(module, nn.Linear))
         return model, "torchao"
     if backend == "torchao":
         warnings.warn("torchao is not installed (pip install torchao): using the plain-PyTorch int8 "

@@ -21,3 +21,17 @@ def test_benchmark_record():
     assert row["compiled"] is False and row["batch"] == 2 and row["new_tokens"] == 4
     assert row["decode_tokens_per_s"] == 2 * 4 / row["decode_s"] > 0
     assert "static KV cache" in generate.describe(row) and "median of 2" in generate.describe(row)
+
+
+def test_tune_applies_only_to_a_compiled_step():
+    row = generate.benchmark(tiny_model(), hardware.detect("cpu"), batch=1, prompt_len=4, new_tokens=2,
+                             repeats=1, warmup=1, tune=True)
+    assert row["tuned"] is False and "tuned" not in generate.describe(row)
+
+
+def test_compiled_benchmark_needs_warmup():
+    import pytest
+
+    with pytest.raises(ValueError, match="warmup"):
+        generate.benchmark(tiny_model(), hardware.detect("cpu"), batch=1, prompt_len=4, new_tokens=2,
+                           compile=True, warmup=0)
