@@ -164,6 +164,10 @@ bnb_q = models.load_model(QUALITY_MODEL, quantization="int8", dtype=torch.float1
 quality_rows["LLM.int8() (bitsandbytes)"] = quality(bnb_q)
 wo_q, wo_backend = quantize.int8_weight_only(models.load_model(QUALITY_MODEL))
 quality_rows[f"int8 weight-only ({wo_backend})"] = quality(wo_q)
+WO_BACKENDS = [wo_backend] + (["pytorch"] if wo_backend == "torchao" else [])  # torchao and our plain module
+if "pytorch" in WO_BACKENDS[1:]:
+    quality_rows["int8 weight-only (pytorch)"] = quality(
+        quantize.int8_weight_only(models.load_model(QUALITY_MODEL), backend="pytorch")[0])
 for name, q in quality_rows.items():
     report(name, **{"perplexity": q["perplexity"], "accuracy": q["accuracy"]})
 
@@ -201,8 +205,8 @@ for name, delta in ppl_delta.items():
 
 # %%
 def speed_model(quantization=None):
-    if quantization == "int8-wo":
-        return quantize.int8_weight_only(models.load_model(MODEL_NAME))[0]
+    if quantization and quantization.startswith("int8-wo"):  # "int8-wo:<backend>"
+        return quantize.int8_weight_only(models.load_model(MODEL_NAME), backend=quantization.split(":")[1])[0]
     return models.load_model(MODEL_NAME, quantization=quantization)
 
 
@@ -222,7 +226,8 @@ def run_speed(name, quantization=None, compile=None, new_tokens=None, repeats=No
 
 speed = {}
 speed["bf16"] = run_speed("bf16" if hw.cuda else "fp32")
-speed["int8 weight-only"] = run_speed(f"int8 weight-only ({wo_backend})", "int8-wo")
+for backend in WO_BACKENDS:
+    speed[f"int8 weight-only ({backend})"] = run_speed(f"int8 weight-only ({backend})", f"int8-wo:{backend}")
 
 # %%
 speed["bf16 eager"] = run_speed("bf16 eager" if hw.cuda else "fp32 eager", compile=False,
@@ -238,7 +243,11 @@ table = pd.DataFrame([{"method": r["name"], "batch": r["batch"], "weights (GiB)"
                       for rows in speed.values() for r in rows]).set_index("method")
 display(table)
 b1 = {k: v[0] for k, v in speed.items()}
-decode_speedup = b1["int8 weight-only"]["decode_tokens_per_s"] / b1["bf16"]["decode_tokens_per_s"]
+wo_speedups = {b: b1[f"int8 weight-only ({b})"]["decode_tokens_per_s"] / b1["bf16"]["decode_tokens_per_s"]
+               for b in WO_BACKENDS}
+best_wo = max(wo_speedups, key=wo_speedups.get)  # the int8 weight-only path this GPU runs fastest
+decode_speedup = wo_speedups[best_wo]
+WO_KEY = f"int8 weight-only ({best_wo})"
 for key in speed:
     for row, base in zip(speed[key], speed["bf16 eager" if "eager" in key else "bf16"]):
         for phase in ("prefill", "decode"):
@@ -251,18 +260,23 @@ for key in speed:
 # and splits out outlier columns at run time (several kernels per matmul, fp16 and int8 parts);
 # **int8 weight-only prefill** runs eagerly, so each matmul first converts its int8 weight into a
 # temporary bf16 copy (more bytes moved than bf16 itself) and prefill is compute-bound anyway;
-# **int8 weight-only at batch 16** may be paid by Inductor's matmul choice for the mixed
-# int8 x bf16 product. Weight-only int8 pays off where the bytes read dominate: decoding at small batch.
+# **int8 weight-only decode** is only as fast as the kernel that reads the int8 weights: both
+# paths compute `(x @ W_int8ᵀ) · scale`, but through different code (torchao's `Int8Tensor` subclass
+# dispatches its own matmul; our `Int8WeightOnlyLinear` is a plain module Inductor sees whole), and
+# they compile to different kernels. At batch 16 the product is a real matrix multiply, where an
+# int8 weight must be converted before the tensor cores use it. The table above is what this GPU
+# measured; the best of the two paths is what the target below is checked on.
 
 # %%
 assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for rows in speed.values() for r in rows)
-assert speed["int8 weight-only"][0]["weight_bytes"] < 0.8 * speed["bf16"][0]["weight_bytes"], \
+assert speed[WO_KEY][0]["weight_bytes"] < 0.8 * speed["bf16"][0]["weight_bytes"], \
     "int8 weight-only should hold far fewer weight bytes"
-report("int8 weight-only vs bf16", **{"decode speed-up at batch 1": decode_speedup,
-                                      "perplexity change %": 100 * ppl_delta[f"int8 weight-only ({wo_backend})"]})
+for backend, speedup in wo_speedups.items():
+    report(f"int8 weight-only ({backend}) vs bf16", **{"decode speed-up at batch 1": speedup,
+                                                       "perplexity change %": 100 * ppl_delta[f"int8 weight-only ({backend})"]})
 if hw.cuda:
     check_target("int8 weight-only decode at batch 1 >= 1.5x bf16", f"{decode_speedup:.2f}x", decode_speedup >= 1.5)
-    wo_ppl = ppl_delta[f"int8 weight-only ({wo_backend})"]
+    wo_ppl = ppl_delta[WO_KEY]
     check_target("int8 weight-only perplexity within 1% relative", f"{100 * wo_ppl:+.2f}%", abs(wo_ppl) <= 0.01)
 
 # %%
@@ -277,7 +291,7 @@ axes[2].bar(names, [speed[k][0]["weight_bytes"] / GiB for k in names], color="#5
 axes[2].set_ylabel("weights (GiB)")
 axes[2].set_title("weight memory")
 axes[2].tick_params(axis="x", labelrotation=20)
-fig.suptitle(f"int8 weight-only decodes at {decode_speedup:.2f}x bf16 (batch 1, compiled); LLM.int8() saves memory, not time")
+fig.suptitle(f"int8 weight-only ({best_wo}) decodes at {decode_speedup:.2f}x bf16 (batch 1, compiled); LLM.int8() saves memory, not time")
 fig.tight_layout()
 plt.show()
 
@@ -610,7 +624,7 @@ assert fallback is None and bnb_warnings, "missing bitsandbytes should warn and 
 # %%
 summary = pd.DataFrame([
     {"recipe": "int8 weight-only", "speed-up": f"{decode_speedup:.2f}x decode (batch 1)",
-     "quality": f"perplexity {100 * ppl_delta[f'int8 weight-only ({wo_backend})']:+.2f}%"},
+     "quality": f"perplexity {100 * ppl_delta[WO_KEY]:+.2f}%"},
     {"recipe": "LLM.int8()", "speed-up": f"{b1['LLM.int8() eager']['decode_tokens_per_s'] / b1['bf16 eager']['decode_tokens_per_s']:.2f}x decode vs eager bf16",
      "quality": f"perplexity {100 * ppl_delta['LLM.int8() (bitsandbytes)']:+.2f}%"},
     {"recipe": "distilled student", "speed-up": f"{student_speedup:.2f}x decode (batch 1)",
@@ -628,8 +642,8 @@ def speed_json(rows):
 
 
 board = [
-    results.scoreboard_row("03", "int8 weight-only (decode, batch 1)", "bf16", b1["int8 weight-only"]["weight_bytes"],
-                           b1["bf16"]["weight_bytes"], b1["int8 weight-only"]["decode_tokens_per_s"], b1["bf16"]["decode_tokens_per_s"]),
+    results.scoreboard_row("03", "int8 weight-only (decode, batch 1)", "bf16", b1[WO_KEY]["weight_bytes"],
+                           b1["bf16"]["weight_bytes"], b1[WO_KEY]["decode_tokens_per_s"], b1["bf16"]["decode_tokens_per_s"]),
     results.scoreboard_row("03", "LLM.int8() (eager decode, batch 1)", "bf16 eager", b1["LLM.int8() eager"]["weight_bytes"],
                            b1["bf16 eager"]["weight_bytes"], b1["LLM.int8() eager"]["decode_tokens_per_s"], b1["bf16 eager"]["decode_tokens_per_s"]),
     results.scoreboard_row("03", "distilled student (decode)", "teacher", None, None,
@@ -638,7 +652,7 @@ board = [
                            e2e_attention["sdpa"]["prefill_tokens_per_s"], e2e_attention["eager"]["prefill_tokens_per_s"]),
 ]
 figures = {"int8_speed": {k: speed_json(v) for k, v in speed.items()}, "int8_quality": quality_rows,
-           "int8_linear_bytes_ratio": linear_ratio, "int8_perplexity_delta": ppl_delta, "int8_decode_speedup": decode_speedup,
+           "int8_linear_bytes_ratio": linear_ratio, "int8_perplexity_delta": ppl_delta, "int8_decode_speedup": decode_speedup, "int8_decode_speedup_by_backend": wo_speedups,
            "distill_quality": kd_quality, "distill_speed": kd_speed, "student_speedup": student_speedup, "accuracy_kept": kept,
            "attention_errors": errors, "attention_sweep": sweep, "matmul_peak_tflops": matmul_tflops,
            "attention_best_fused": best_fused, "attention_fraction_of_matmul_peak": attention_fraction,
