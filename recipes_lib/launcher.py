@@ -131,7 +131,9 @@ def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float =
                   ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"])
     command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc),
                "--tee", "3", str(script), *map(str, args)]
-    prefix = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]:", "PYTHONUNBUFFERED": "1"}
+    prefix = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]:", "PYTHONUNBUFFERED": "1",
+              # torchrun's own default, set here so it does not print a banner about it on every launch
+              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | prefix | (env or {}), start_new_session=True)
     output = _Output(proc.stdout, echo, tail_lines)

@@ -22,8 +22,11 @@ import time
 import torch
 import torch.distributed as dist
 
+import recipes_lib
 from recipes_lib import data, distributed, measure, models
 from recipes_lib.hardware import RecipeError, detect
+
+recipes_lib.quiet()  # no weight-loading bars or known-harmless warnings in every rank's output
 
 STRATEGIES = ("single", "ddp", "fsdp2", "fsdp2-no-reshard", "fsdp2-offload")
 
@@ -105,6 +108,9 @@ def run(args) -> dict:
                     torch.cuda.synchronize(ctx.device)
                 step_seconds.append(time.perf_counter() - start)
                 step_tokens.append(int(batch["attention_mask"].sum()))
+                if ctx.is_main:  # live progress, one line per step
+                    print(f"step {len(step_losses)}/{args.steps} | loss {step.loss:.4f} | "
+                          f"{step_seconds[-1]:.2f} s | {step_tokens[-1] / step_seconds[-1]:,.0f} tokens/s", flush=True)
         state = distributed.full_state_dict(model)
         opt_state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         seconds = statistics.median(step_seconds[1:] or step_seconds)
