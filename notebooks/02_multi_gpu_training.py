@@ -73,7 +73,7 @@ import psutil
 import torch
 from IPython.display import display
 
-from recipes_lib import hardware, launcher
+from recipes_lib import distributed, hardware, launcher, models
 from recipes_lib.measure import report
 
 hw = hardware.detect()
@@ -159,6 +159,31 @@ for strategy in ("fsdp2", "fsdp2-no-reshard"):  # each rank holds 1/N of every p
     assert abs(by[strategy]["param bytes / rank"] * NPROC / by["single"]["param bytes / rank"] - 1) < 0.01
     assert abs(by[strategy]["optimizer bytes / rank"] * NPROC / by["single"]["optimizer bytes / rank"] - 1) < 0.01
 assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "DDP replicates the whole model"
+
+# %% [markdown]
+# ### Model state per rank: predicted and measured
+# Between steps each rank holds fp32 master weights and AdamW's two fp32 moments (gradients live
+# during the step only): `4 + 8` bytes per parameter on every DDP rank, `1/N` of that per FSDP2
+# rank. `distributed.predicted_state_bytes` says so in numbers; the runs above measured the bytes
+# each rank actually held (the local shards of FSDP2's `DTensor`s).
+
+# %%
+n_params = sum(p.numel() for p in models.load_model(MODEL_NAME, dtype=torch.float32).parameters())
+memory_rows = []
+for strategy, (result, _) in runs.items():
+    predicted = distributed.predicted_state_bytes(n_params, strategy, result["world_size"])
+    memory_rows.append({"strategy": strategy, "processes": result["world_size"],
+                        "weights predicted (MiB)": predicted["parameters"] / 2**20,
+                        "weights measured (MiB)": result["param_bytes"] / 2**20,
+                        "Adam state predicted (MiB)": predicted["optimizer"] / 2**20,
+                        "Adam state measured (MiB)": result["optimizer_bytes"] / 2**20})
+display(pd.DataFrame(memory_rows).set_index("strategy").round(3))
+
+# %%
+for row in memory_rows:
+    for what in ("weights", "Adam state"):
+        ratio = row[f"{what} measured (MiB)"] / row[f"{what} predicted (MiB)"]
+        assert abs(ratio - 1) < 0.01, f"{row['strategy']}: {what} measured {ratio:.3f}x the prediction"
 
 # %% [markdown]
 # ## Bad input: a clear message, nothing left running

@@ -193,6 +193,28 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if t is not None)
 
 
+STRATEGY_SHARDS = {"single": False, "ddp": False, "fsdp2": True, "fsdp2-no-reshard": True, "fsdp2-offload": True}
+
+
+def predicted_state_bytes(n_params: int, strategy: str, world_size: int, weight_bytes: int = 4,
+                          optimizer_states: int = 2) -> dict[str, int]:
+    """Bytes of model state one rank holds between steps: fp32 master weights, gradients, and Adam's
+    ``optimizer_states`` fp32 tensors per parameter (activations and gathered weights come on top).
+
+    DDP and one process hold all of it on every rank; FSDP2 holds ``1/world_size`` of each (FSDP2 pads
+    each parameter's first dimension to a multiple of ``world_size``, a rounding error here);
+    ``fsdp2-offload`` holds the same shards in host memory, none on the GPU.
+    """
+    if strategy not in STRATEGY_SHARDS:
+        raise RecipeError(f"strategy={strategy!r}; one of {', '.join(STRATEGY_SHARDS)}")
+    share = 1 / world_size if STRATEGY_SHARDS[strategy] else 1.0
+    per_param = {"parameters": weight_bytes, "gradients": weight_bytes, "optimizer": 4 * optimizer_states}
+    state = {k: round(n_params * b * share) for k, b in per_param.items()}
+    state["total"] = sum(state.values())
+    state["on device"] = 0 if strategy == "fsdp2-offload" else state["total"]
+    return state
+
+
 def report_result(ctx: Context | None, **values) -> None:
     """Print one line the launcher parses: ``RESULT {"rank": r, ...}``."""
     print(launcher.RESULT_PREFIX + json.dumps({"rank": ctx.rank if ctx else 0, **values}), flush=True)

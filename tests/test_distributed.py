@@ -146,3 +146,14 @@ def test_setup_outside_torchrun_says_how_to_launch(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RecipeError, match="torchrun"):
         distributed.setup()
+
+
+def test_predicted_state_bytes():
+    n = 1_000_000
+    ddp = distributed.predicted_state_bytes(n, "ddp", 2)
+    assert ddp == {"parameters": 4 * n, "gradients": 4 * n, "optimizer": 8 * n, "total": 16 * n, "on device": 16 * n}
+    fsdp = distributed.predicted_state_bytes(n, "fsdp2", 4)
+    assert fsdp["total"] == 4 * n and fsdp["on device"] == 4 * n
+    assert distributed.predicted_state_bytes(n, "fsdp2-offload", 4)["on device"] == 0
+    with pytest.raises(RecipeError, match="strategy"):
+        distributed.predicted_state_bytes(n, "zero9", 2)
