@@ -84,6 +84,8 @@ MODEL_NAME = MODEL or os.environ.get("RECIPES_MODEL") or P["model"]
 ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 SCRIPT = os.path.join(ROOT, "scripts", "train_distributed.py")
 BACKEND = "nccl" if hw.cuda else "gloo"
+# The workers import recipes_lib from this checkout, whatever the kernel's working directory.
+WORKER_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
 print(hw.summary())
 print(f"profile: {profile} | model: {MODEL_NAME} | {NPROC} processes, backend {BACKEND} | {P}")
 
@@ -104,7 +106,7 @@ def script_args(strategy, save_params=None, **overrides):
 # %%
 start = time.perf_counter()
 fsdp2_results = launcher.launch(SCRIPT, NPROC, script_args("fsdp2"), timeout_s=P["timeout_s"], backend=BACKEND,
-                                env={"PYTHONPATH": ROOT})
+                                env=WORKER_ENV)
 report("FSDP2 run", **{"ranks": len(fsdp2_results), "seconds": time.perf_counter() - start,
                        "loss per step": [round(x, 4) for x in fsdp2_results[0]["losses"]]})
 display(pd.DataFrame(fsdp2_results)[["rank", "strategy", "world_size", "device", "param_bytes", "optimizer_bytes"]])
@@ -136,7 +138,7 @@ runs = {}
 for strategy, nproc in [("single", 1), ("fsdp2", NPROC), ("fsdp2-no-reshard", NPROC), ("ddp", NPROC)]:
     path = os.path.abspath(f"outputs/02_params_{strategy}.pt")
     result = launcher.launch(SCRIPT, nproc, script_args(strategy, save_params=path), timeout_s=P["timeout_s"],
-                             env={"PYTHONPATH": ROOT}, echo=False)
+                             env=WORKER_ENV, echo=False)
     runs[strategy] = (result[0], torch.load(path))
 reference, reference_params = runs["single"]
 agreement = []
