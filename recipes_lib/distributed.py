@@ -1,8 +1,9 @@
 """Data parallelism with PyTorch's own engines (DDP, FSDP2), inside a torchrun-launched worker.
 
-Inside a ``torchrun`` worker: ``setup()``, ``shard_fsdp2(model)`` or ``wrap_ddp(model)``, then
-``train_step`` per optimizer step, ``report_result(...)``, ``cleanup()``. A notebook starts the
-workers with ``launcher.launch``.
+Inside a ``torchrun`` worker: ``setup()``, ``LossModel(model)``, then ``shard_fsdp2``, ``wrap_ddp``
+or ``wrap_deepspeed``, ``train_step`` per optimizer step, ``report_result(...)``, ``cleanup()``. A
+notebook starts the workers with ``launcher.launch``. ``split_across_devices`` is the naive model
+parallelism baseline (one process, layers spread over GPUs).
 
 Loss normalisation matches ``train.accumulate_gradients`` over the *global* batch: every rank
 divides its summed loss by the target tokens of all ranks (one all-reduce of a count), and the
@@ -75,9 +76,43 @@ def cleanup(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
+class LossModel(torch.nn.Module):
+    """A causal LM whose forward returns the summed next-token loss of a micro-batch.
+
+    With ``fused_head`` the loss is the fused chunked LM head + cross-entropy, which never holds the
+    ``[tokens, vocab]`` logits. Making the loss part of the module that FSDP2, DDP or DeepSpeed wrap
+    is what lets FSDP2's root unit gather the embeddings and LM head for it: calling the decoder
+    directly from outside would bypass the root's hooks.
+    """
+
+    def __init__(self, lm: torch.nn.Module, fused_head: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.fused_head = fused_head
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "position_ids": position_ids}
+        return train.loss_sum(self.lm, {k: v for k, v in batch.items() if v is not None}, fused_head=self.fused_head)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside DDP / DeepSpeed / ``LossModel`` wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or (model.lm if isinstance(model, LossModel) else None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a Hugging Face causal LM (each becomes one FSDP unit)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     layers = getattr(base.get_decoder(), "layers", None) if hasattr(base, "get_decoder") else None
     if layers is None:
         raise RecipeError(f"{type(model).__name__}: no decoder layers found to shard")
@@ -114,6 +149,107 @@ def shard_fsdp2(model: torch.nn.Module, reshard_after_forward: bool = True, mixe
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer (fuses its norms, RoPE, SwiGLU and residual adds).
+
+    Call it before ``shard_fsdp2``, as torchtitan does: FSDP2's all-gathers stay outside the
+    compiled code, and the identical layers share one compiled graph.
+    """
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+DEEPSPEED_STAGES = (2, 3)
+
+
+def deepspeed_config(stage: int, micro_batch: int, accum_steps: int, world_size: int,
+                     max_grad_norm: float | None, bf16: bool) -> dict:
+    """A DeepSpeed ZeRO config for ``stage`` 2 or 3 with the batch sizes this run uses."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum_steps,
+        "train_batch_size": micro_batch * accum_steps * world_size,
+        "gradient_clipping": max_grad_norm or 0.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
+        # torch.optim.AdamW, the same optimizer every other strategy steps with (no JIT-built DeepSpeed ops)
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def load_deepspeed_config(path: str) -> dict:
+    """A DeepSpeed JSON config from ``path``, with a clear message if it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"DeepSpeed config {path!r} not found") from None
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
+
+
+def check_deepspeed_config(config: dict, micro_batch: int, accum_steps: int, world_size: int) -> None:
+    """RecipeError unless ``config`` is a ZeRO-2/3 config consistent with this run's batch sizes.
+
+    DeepSpeed itself finds most of these only after loading the model on every rank, with a message
+    that does not name the file's field; here they are caught before anything starts.
+    """
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in DEEPSPEED_STAGES:
+        raise RecipeError(f"DeepSpeed config: zero_optimization.stage={stage!r}; this recipe compares ZeRO "
+                          f"stages {DEEPSPEED_STAGES} (2: shard gradients and optimizer state; 3: parameters too)")
+    expected = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accum_steps,
+                "train_batch_size": micro_batch * accum_steps * world_size}
+    for key, value in expected.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise RecipeError(f"DeepSpeed config: {key}={given} but this run uses {value} (--micro-batch "
+                              f"{micro_batch}, {accum_steps} accumulation steps, {world_size} processes); "
+                              f"set it to {value} or \"auto\"")
+    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
+        raise RecipeError("DeepSpeed config: fp16 and bf16 are both enabled; enable one")
+
+
+def wrap_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """Hand ``model`` and ``optimizer`` to DeepSpeed through Accelerate; returns (model, optimizer)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise RecipeError("DeepSpeed is not installed: `pip install deepspeed` (it needs a CUDA GPU; "
+                          "FSDP2 is PyTorch's own equivalent and needs nothing extra)") from None
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = {k: v for k, v in config.items()}
+    plugin = DeepSpeedPlugin(hf_ds_config=config)
+    accelerator = Accelerator(deepspeed_plugin=plugin,
+                              mixed_precision="bf16" if config.get("bf16", {}).get("enabled") else "no")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model._recipes_accelerator = accelerator
+    return model, optimizer
+
+
+def split_across_devices(model: torch.nn.Module, devices: Sequence[torch.device | str]) -> dict[str, str]:
+    """Naive model parallelism: consecutive decoder layers on each device, the rest on the first.
+
+    Accelerate's hooks move the hidden states from device to device, so one micro-batch runs
+    through the GPUs in turn and only one of them works at any moment. Returns the device map.
+    """
+    from accelerate import dispatch_model
+
+    devices = [str(torch.device(d)) for d in devices]
+    layers = decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    per_device = -(-len(layers) // len(devices))
+    device_map = {"": devices[0]}
+    for index, layer in enumerate(layers):
+        device_map[names[id(layer)]] = devices[index // per_device]
+    dispatch_model(model, device_map=device_map, main_device=devices[0])
+    return device_map
 
 
 def _sum_allreduce_hook(process_group, bucket):
@@ -153,32 +289,52 @@ def _ddp_sync(model: torch.nn.Module, last: bool):
     return contextlib.nullcontext()
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict],
+def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
                device: torch.device, autocast_dtype: torch.dtype | None = None,
-               max_grad_norm: float | None = 1.0) -> StepResult:
+               max_grad_norm: float | None = 1.0, after_backward=None) -> StepResult:
     """One optimizer step over this rank's micro-batches: the global batch's loss per target token, and
-    the global gradient's norm before clipping (None without clipping)."""
+    the global gradient's norm before clipping (None without clipping).
+
+    ``model`` is a ``LossModel``, bare or wrapped by FSDP2, DDP or DeepSpeed (``wrap_deepspeed``).
+    ``after_backward()``, if given, is called after the last backward, before the optimizer step
+    (where the gradients are alive and the activations gone: the memory breakdown reads it).
+    """
     local_targets = sum(losses.count_targets(mb["labels"]) for mb in micro_batches)
     total_targets = int(all_ranks_sum(local_targets, device, torch.int64))
     if total_targets == 0:
         raise ValueError("no target tokens in this step: every label is -100")
+    accelerator = getattr(model, "_recipes_accelerator", None)
+    # DeepSpeed's backward divides the loss by its accumulation steps and averages gradients over
+    # ranks; scaling by both gives the same summed, globally token-normalised gradient as the others.
+    scale = len(micro_batches) * (dist.get_world_size() if dist.is_initialized() else 1) if accelerator else 1
     local_loss = 0.0
     for i, mb in enumerate(micro_batches):
-        mb = {k: v.to(device) for k, v in mb.items()}
-        with _ddp_sync(model, last=i == len(micro_batches) - 1):
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        last = i == len(micro_batches) - 1
+        if accelerator is not None:
+            accelerator.gradient_state._set_sync_gradients(last)  # the optimizer steps after the last only
             with train._autocast(device, autocast_dtype):
-                # The full model forward, not the fused-head path: that one calls the decoder directly,
-                # and FSDP2's root unit (which gathers the embeddings and head) would never run.
-                loss = train.loss_sum(model, mb, fused_head=False) / total_targets
-            loss.backward()
+                loss = model(**mb) / total_targets
+            accelerator.backward(loss * scale)
+        else:
+            with _ddp_sync(model, last):
+                with train._autocast(device, autocast_dtype):
+                    loss = model(**mb) / total_targets
+                loss.backward()
         local_loss += loss.item()
+    if after_backward is not None:
+        after_backward()
     grad_norm = None
-    if max_grad_norm is not None:
-        # With FSDP2 the gradients are DTensor shards and clip_grad_norm_ reduces the norm across ranks.
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if accelerator is not None:  # DeepSpeed clipped and stepped inside the last backward
+        norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+    else:
+        if max_grad_norm is not None:
+            # With FSDP2 the gradients are DTensor shards and clip_grad_norm_ reduces the norm across ranks.
+            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+            grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return StepResult(all_ranks_sum(local_loss, device), grad_norm)
 
 
@@ -193,23 +349,65 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if t is not None)
 
 
-STRATEGY_SHARDS = {"single": False, "ddp": False, "fsdp2": True, "fsdp2-no-reshard": True, "fsdp2-offload": True}
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights this rank holds (its shard under FSDP2 and DeepSpeed ZeRO-3)."""
+    tensors = [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p for p in model.parameters()]
+    return local_bytes(tensors)
 
 
-def predicted_state_bytes(n_params: int, strategy: str, world_size: int, weight_bytes: int = 4,
-                          optimizer_states: int = 2) -> dict[str, int]:
-    """Bytes of model state one rank holds between steps: fp32 master weights, gradients, and Adam's
-    ``optimizer_states`` fp32 tensors per parameter (activations and gathered weights come on top).
+def optimizer_bytes(optimizer) -> int:
+    """Bytes of this rank's optimizer state: AdamW's moments, and DeepSpeed's fp32 master partitions."""
+    tensors, level = [], optimizer
+    while level is not None:
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-2, ZeRO-3
+            tensors += list(getattr(level, name, None) or [])
+        if isinstance(getattr(level, "state", None), dict) and getattr(level, "optimizer", None) is None:
+            tensors += [v for s in level.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        level = getattr(level, "optimizer", None)
+    seen, total = set(), 0
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.numel() and local.data_ptr() not in seen:
+            seen.add(local.data_ptr())
+            total += local.nbytes
+    return total
 
-    DDP and one process hold all of it on every rank; FSDP2 holds ``1/world_size`` of each (FSDP2 pads
-    each parameter's first dimension to a multiple of ``world_size``, a rounding error here);
-    ``fsdp2-offload`` holds the same shards in host memory, none on the GPU.
+
+# Bytes per parameter of (weights, gradients, optimizer state) one rank holds, and whether each is
+# sharded over the ranks. fp32 master weights throughout: bf16 compute is autocast (one process,
+# DDP) or FSDP2's MixedPrecisionPolicy (bf16 all-gathers, fp32 shards); DeepSpeed's bf16 mode keeps
+# bf16 weights in the model and the fp32 master copy inside its optimizer (ZeRO paper: 2 + 2 + 12).
+STATE_LAYOUT = {
+    "single": ((4, 4, 8), (False, False, False)),
+    "ddp": ((4, 4, 8), (False, False, False)),
+    "fsdp2": ((4, 4, 8), (True, True, True)),
+    "fsdp2-no-reshard": ((4, 4, 8), (True, True, True)),
+    "fsdp2-offload": ((4, 4, 8), (True, True, True)),
+    "deepspeed-zero2": ((2, 4, 12), (False, True, True)),
+    "deepspeed-zero3": ((2, 4, 12), (True, True, True)),
+    "fsdp2-qlora": ((4, 4, 8), (True, True, True)),  # with trainable= and frozen_bytes_per_param=
+    "naive-mp": ((4, 4, 8), (True, True, True)),  # each GPU holds its layers: about 1/N
+}
+STRATEGY_SHARDS = {k: all(sharded) for k, (_, sharded) in STATE_LAYOUT.items()}
+
+
+def predicted_state_bytes(n_params: int, strategy: str, world_size: int, trainable: int | None = None,
+                          frozen_bytes_per_param: float = 0.0) -> dict[str, int]:
+    """Bytes of model state one rank holds: weights, gradients and AdamW state (``STATE_LAYOUT``).
+
+    Activations and FSDP2's gathered layers come on top. ``fsdp2-offload`` holds its shards in host
+    memory, none on the GPU. With a frozen base (``trainable`` < ``n_params``, as in QLoRA) only the
+    trainable parameters have gradients and optimizer state, and the frozen ones take
+    ``frozen_bytes_per_param`` each (0.5 + scales for NF4), sharded like the rest.
     """
-    if strategy not in STRATEGY_SHARDS:
-        raise RecipeError(f"strategy={strategy!r}; one of {', '.join(STRATEGY_SHARDS)}")
-    share = 1 / world_size if STRATEGY_SHARDS[strategy] else 1.0
-    per_param = {"parameters": weight_bytes, "gradients": weight_bytes, "optimizer": 4 * optimizer_states}
-    state = {k: round(n_params * b * share) for k, b in per_param.items()}
+    if strategy not in STATE_LAYOUT:
+        raise RecipeError(f"strategy={strategy!r}; one of {', '.join(STATE_LAYOUT)}")
+    (weight, grad, opt), sharded = STATE_LAYOUT[strategy]
+    shares = [1 / world_size if s else 1.0 for s in sharded]
+    trainable = n_params if trainable is None else trainable
+    frozen = n_params - trainable
+    state = {"parameters": round((trainable * weight + frozen * frozen_bytes_per_param) * shares[0]),
+             "gradients": round(trainable * grad * shares[1]), "optimizer": round(trainable * opt * shares[2])}
     state["total"] = sum(state.values())
     state["on device"] = 0 if strategy == "fsdp2-offload" else state["total"]
     return state

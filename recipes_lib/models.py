@@ -80,7 +80,8 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return tokenizer
 
 
-def _quantization_config(quantization: str | None, hw: Hardware) -> BitsAndBytesConfig | None:
+def _quantization_config(quantization: str | None, hw: Hardware,
+                         quant_storage: torch.dtype = torch.uint8) -> BitsAndBytesConfig | None:
     if quantization not in QUANTIZATIONS:
         raise RecipeError(f"quantization={quantization!r}; choose one of {QUANTIZATIONS}")
     if quantization is None:
@@ -93,7 +94,7 @@ def _quantization_config(quantization: str | None, hw: Hardware) -> BitsAndBytes
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=hw.model_dtype, bnb_4bit_quant_storage=torch.uint8)
+                              bnb_4bit_compute_dtype=hw.model_dtype, bnb_4bit_quant_storage=quant_storage)
 
 
 def attention_implementation(requested: str) -> str:
@@ -110,7 +111,7 @@ def attention_implementation(requested: str) -> str:
 
 def load_model(name: str = DEFAULT_MODEL, quantization: str | None = None, attn_implementation: str = "sdpa",
                gradient_checkpointing: bool = False, dtype: torch.dtype | None = None,
-               hw: Hardware | None = None):
+               hw: Hardware | None = None, quant_storage: torch.dtype = torch.uint8):
     """Load a causal LM onto the detected device.
 
     Args:
@@ -118,9 +119,10 @@ def load_model(name: str = DEFAULT_MODEL, quantization: str | None = None, attn_
         attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ``"flex_attention"``.
         gradient_checkpointing: recompute each layer's activations in the backward pass.
         dtype: weight dtype; defaults to bf16/fp16 on a GPU and fp32 on CPU.
+        quant_storage: the dtype NF4 values are packed into (bf16 lets FSDP shard them like any weight).
     """
     hw = hw or detect()
-    quant = _quantization_config(quantization, hw)
+    quant = _quantization_config(quantization, hw, quant_storage)
     kwargs = dict(dtype=dtype or hw.model_dtype, attn_implementation=attention_implementation(attn_implementation))
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": hw.device})
@@ -199,7 +201,11 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit weight counts as its number of values."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * 2 if p.dtype == torch.uint8 else p.numel()  # two 4-bit values per byte
+        quant_state = getattr(p, "quant_state", None)  # a packed 4-bit weight, in whatever storage dtype
+        if quant_state is not None:
+            n = math.prod(quant_state.shape)
+        else:
+            n = p.numel() * 2 if p.dtype == torch.uint8 else p.numel()  # two 4-bit values per byte
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

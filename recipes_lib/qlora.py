@@ -24,14 +24,17 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
 
 
 def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.0,
-                gradient_checkpointing: bool = False, attn_implementation: str = "sdpa", hw=None):
+                gradient_checkpointing: bool = False, attn_implementation: str = "sdpa", hw=None,
+                quant_storage=None):
     """Our QLoRA: NF4 base (double quantization), bf16 compute, LoRA on all linear layers.
 
     Unlike ``prepare_model_for_kbit_training`` it keeps the unquantized weights (embeddings, norms,
     LM head) in bf16: upcasting them to fp32 costs memory and makes the LM head an fp32 matmul.
+    ``quant_storage=torch.bfloat16`` packs the NF4 values into bf16 words, which FSDP can shard.
     """
+    extra = {} if quant_storage is None else {"quant_storage": quant_storage}
     model = load_model(name, quantization="nf4", gradient_checkpointing=gradient_checkpointing,
-                       attn_implementation=attn_implementation, hw=hw)
+                       attn_implementation=attn_implementation, hw=hw, **extra)
     return add_lora(model, r, alpha, dropout)
 
 
