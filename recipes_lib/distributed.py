@@ -58,7 +58,9 @@ def setup(backend: str | None = None) -> Context:
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    # With NCCL, gloo too for tensors on the CPU (FSDP2's CPU offload reduces the gradient norm there).
+    pg_backend = "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+    dist.init_process_group(pg_backend, device_id=device if device.type == "cuda" else None)
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -233,23 +235,41 @@ def wrap_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, con
     return model, optimizer
 
 
-def split_across_devices(model: torch.nn.Module, devices: Sequence[torch.device | str]) -> dict[str, str]:
-    """Naive model parallelism: consecutive decoder layers on each device, the rest on the first.
+def _move(obj, device: torch.device):
+    """``obj`` with every tensor in it (tuples, lists, dicts) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
 
-    Accelerate's hooks move the hidden states from device to device, so one micro-batch runs
-    through the GPUs in turn and only one of them works at any moment. Returns the device map.
+
+def split_across_devices(model: torch.nn.Module, devices: Sequence[torch.device | str]) -> list[str]:
+    """Naive model parallelism: consecutive decoder layers on each device, everything else on the first.
+
+    A pre-forward hook on each layer (and on the final norm) moves its inputs to its own device, so
+    one micro-batch runs through the GPUs in turn: only one of them works at any moment, and the
+    hidden states cross between them twice per boundary (forward and backward). Returns the layers'
+    devices.
     """
-    from accelerate import dispatch_model
-
-    devices = [str(torch.device(d)) for d in devices]
+    devices = [torch.device(d) for d in devices]
     layers = decoder_layers(model)
-    names = {id(m): n for n, m in model.named_modules()}
     per_device = -(-len(layers) // len(devices))
-    device_map = {"": devices[0]}
+    model.to(devices[0])
+    placed = []
     for index, layer in enumerate(layers):
-        device_map[names[id(layer)]] = devices[index // per_device]
-    dispatch_model(model, device_map=device_map, main_device=devices[0])
-    return device_map
+        device = devices[index // per_device]
+        layer.to(device)
+        placed.append(str(device))
+    decoder = unwrap(model)
+    decoder = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder
+    for module in [*layers, *(m for m in decoder.children() if not isinstance(m, torch.nn.ModuleList))]:
+        device = next(module.parameters(), torch.empty(0, device=devices[0])).device
+        module.register_forward_pre_hook(
+            lambda _, args, kwargs, device=device: (_move(args, device), _move(kwargs, device)), with_kwargs=True)
+    return placed
 
 
 def _sum_allreduce_hook(process_group, bucket):

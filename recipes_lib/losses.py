@@ -8,6 +8,8 @@ costs no recomputation.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,26 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+@contextlib.contextmanager
+def _tf32_if(enabled: bool):
+    """TF32 tensor cores for fp32 matmuls inside (CUDA); plain fp32 otherwise.
+
+    In a bf16 run the fp32 weight-gradient matmul of the LM head would otherwise run on the GPU's
+    fp32 units, about ten times slower than bf16 tensor cores: at a 128k vocabulary and hidden 2048
+    it is 2 TFLOP per 4096 tokens, some 40 ms on an H100's fp32 units. TF32 keeps fp32 accumulation
+    and 10 of fp32's 23 mantissa bits, more than the bf16 inputs carry.
+    """
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
@@ -38,6 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         w = weight.to(hidden.dtype)
+        mixed = hidden.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type)
         loss = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
@@ -51,7 +74,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.mul_(v[:, None])
             grad_hidden[start:start + chunk_size] = (probs.to(h.dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight.addmm_(probs.T, h.float())  # in place: no [vocab, hidden] temporary
+                with _tf32_if(mixed):
+                    grad_weight.addmm_(probs.T, h.float())  # in place: no [vocab, hidden] temporary
             del probs, lse  # free this chunk before the next one allocates
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else hidden.new_empty(0))
         ctx.weight_dtype, ctx.weight_trainable = weight.dtype, grad_weight is not None
