@@ -332,10 +332,15 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
         last = i == len(micro_batches) - 1
         if accelerator is not None:
-            accelerator.gradient_state._set_sync_gradients(last)  # the optimizer steps after the last only
             with train._autocast(device, autocast_dtype):
                 loss = model(**mb) / total_targets
-            accelerator.backward(loss * scale)
+            if last:  # Accelerate's backward would also step; apart, the gradients can be measured first
+                engine = accelerator.deepspeed_engine_wrapped.engine
+                engine.set_gradient_accumulation_boundary(is_boundary=True)
+                engine.backward(loss * scale)
+            else:
+                accelerator.gradient_state._set_sync_gradients(False)
+                accelerator.backward(loss * scale)
         else:
             with _ddp_sync(model, last):
                 with train._autocast(device, autocast_dtype):
@@ -345,7 +350,9 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
     if after_backward is not None:
         after_backward()
     grad_norm = None
-    if accelerator is not None:  # DeepSpeed clipped and stepped inside the last backward
+    if accelerator is not None:  # DeepSpeed clips, steps and zeroes the gradients itself
+        accelerator.deepspeed_engine_wrapped.engine.step()
+        accelerator.gradient_state._set_sync_gradients(True)
         norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
     else:
@@ -399,7 +406,9 @@ def optimizer_bytes(optimizer) -> int:
 # bf16 weights in the model and the fp32 master copy inside its optimizer (ZeRO paper: 2 + 2 + 12).
 STATE_LAYOUT = {
     "single": ((4, 4, 8), (False, False, False)),
-    "ddp": ((4, 4, 8), (False, False, False)),
+    # DDP's default (gradient_as_bucket_view=False) keeps a second copy of the gradients in its
+    # all-reduce buckets: 4 + 4 bytes of gradients per parameter.
+    "ddp": ((4, 8, 8), (False, False, False)),
     "fsdp2": ((4, 4, 8), (True, True, True)),
     "fsdp2-no-reshard": ((4, 4, 8), (True, True, True)),
     "fsdp2-offload": ((4, 4, 8), (True, True, True)),

@@ -151,9 +151,61 @@ def test_setup_outside_torchrun_says_how_to_launch(monkeypatch):
 def test_predicted_state_bytes():
     n = 1_000_000
     ddp = distributed.predicted_state_bytes(n, "ddp", 2)
-    assert ddp == {"parameters": 4 * n, "gradients": 4 * n, "optimizer": 8 * n, "total": 16 * n, "on device": 16 * n}
+    assert ddp == {"parameters": 4 * n, "gradients": 8 * n, "optimizer": 8 * n, "total": 20 * n, "on device": 20 * n}
     fsdp = distributed.predicted_state_bytes(n, "fsdp2", 4)
     assert fsdp["total"] == 4 * n and fsdp["on device"] == 4 * n
     assert distributed.predicted_state_bytes(n, "fsdp2-offload", 4)["on device"] == 0
+    zero2, zero3 = (distributed.predicted_state_bytes(n, f"deepspeed-zero{k}", 2) for k in (2, 3))
+    assert zero2["parameters"] == 2 * n and zero3["parameters"] == n and zero2["optimizer"] == 6 * n
+    qlora = distributed.predicted_state_bytes(n, "fsdp2-qlora", 2, trainable=n // 100, frozen_bytes_per_param=0.5)
+    assert qlora["parameters"] == round((n // 100 * 4 + (n - n // 100) * 0.5) / 2)
+    assert qlora["optimizer"] == n // 100 * 4
     with pytest.raises(RecipeError, match="strategy"):
         distributed.predicted_state_bytes(n, "zero9", 2)
+
+
+def test_naive_model_parallel_split_keeps_the_loss(tiny_model_dir):
+    """Layers spread over 'devices' (two CPU devices here: the hooks and the split run the same code)."""
+    from recipes_lib import models
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+    whole = distributed.LossModel(models.load_model(tiny_model_dir, dtype=torch.float32))
+    expected = whole(**batch)
+    split = distributed.LossModel(models.load_model(tiny_model_dir, dtype=torch.float32))
+    placed = distributed.split_across_devices(split.lm, ["cpu", "cpu"])
+    n = len(distributed.decoder_layers(split))
+    assert len(placed) == n
+    torch.testing.assert_close(split(**batch), expected)
+
+
+def test_deepspeed_config_checks():
+    config = distributed.deepspeed_config(3, micro_batch=2, accum_steps=2, world_size=2, max_grad_norm=1.0, bf16=True)
+    distributed.check_deepspeed_config(config, 2, 2, 2)
+    assert config["train_batch_size"] == 8 and config["zero_optimization"]["stage"] == 3
+    with pytest.raises(RecipeError, match="zero_optimization.stage=1"):
+        distributed.check_deepspeed_config({"zero_optimization": {"stage": 1}}, 2, 2, 2)
+    with pytest.raises(RecipeError, match="train_batch_size=64 but this run uses 8"):
+        distributed.check_deepspeed_config(config | {"train_batch_size": 64}, 2, 2, 2)
+    distributed.check_deepspeed_config(config | {"train_batch_size": "auto"}, 2, 2, 2)
+    with pytest.raises(RecipeError, match="both enabled"):
+        distributed.check_deepspeed_config(config | {"fp16": {"enabled": True}}, 2, 2, 2)
+
+
+def test_deepspeed_config_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        distributed.load_deepspeed_config(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ stage: 3 ")
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        distributed.load_deepspeed_config(str(bad))
+
+
+def test_fsdp_qlora_two_processes_match_one(tiny_model_dir, tmp_path):
+    """FSDP2 over an NF4 base (bf16 storage, sharded) trains the adapters as one process does."""
+    args = ["--model", tiny_model_dir, "--strategy", "fsdp2-qlora", "--steps", "2", "--global-batch", "4",
+            "--micro-batch", "2", "--seq-len", "32", "--lora-r", "4"]
+    one = launcher.launch(SCRIPT, 1, args, timeout_s=90, echo=False)[0]
+    two = launcher.launch(SCRIPT, 2, args, timeout_s=90, echo=False)
+    torch.testing.assert_close(two[0]["losses"], one["losses"], rtol=LOSS_RTOL, atol=0)
+    assert two[0]["trainable_params"] < one["n_params"] / 5
+    assert two[0]["optimizer_bytes"] == pytest.approx(one["optimizer_bytes"] / 2, rel=0.01)
