@@ -376,13 +376,17 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if t is not None)
 
 
-def param_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights this rank holds (its shard under FSDP2 and DeepSpeed ZeRO-3)."""
+def _on(t: torch.Tensor, device: torch.device | None) -> bool:
+    return device is None or t.device == device
+
+
+def param_bytes(model: torch.nn.Module, device: torch.device | None = None) -> int:
+    """Bytes of the weights this rank holds (its shard under FSDP2 and ZeRO-3), optionally on one device."""
     tensors = [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p for p in model.parameters()]
-    return local_bytes(tensors)
+    return local_bytes(t for t in tensors if t is not None and _on(t, device))
 
 
-def optimizer_bytes(optimizer) -> int:
+def optimizer_bytes(optimizer, device: torch.device | None = None) -> int:
     """Bytes of this rank's optimizer state: AdamW's moments, and DeepSpeed's fp32 master partitions."""
     tensors, level = [], optimizer
     while level is not None:
@@ -394,10 +398,34 @@ def optimizer_bytes(optimizer) -> int:
     seen, total = set(), 0
     for t in tensors:
         local = t.to_local() if isinstance(t, DTensor) else t
-        if local.numel() and local.data_ptr() not in seen:
+        if local.numel() and local.data_ptr() not in seen and _on(local, device):
             seen.add(local.data_ptr())
             total += local.nbytes
     return total
+
+
+def memory_breakdown(result: dict, device_index: int | None = None):
+    """A rank's (or one GPU's) peak split into weights, gradients, optimizer state and activations.
+
+    From a training script's result: gradients are what was allocated right after the last backward
+    beyond weights and optimizer state (with DDP, its all-reduce buckets too); activations (and
+    temporaries, FSDP2's gathered layers among them) are the peak beyond that. With several GPUs per
+    rank (naive model parallelism) ``device_index`` picks one, by default the fullest. None without
+    CUDA readings.
+    """
+    from .measure import MemoryBreakdown
+
+    i = device_index
+    if i is None and result.get("device_peaks"):  # naive model parallelism: the fullest GPU
+        i = max(range(len(result["device_peaks"])), key=result["device_peaks"].__getitem__)
+    peak = result["peak_bytes"] if i is None else result["device_peaks"][i]
+    if peak is None or not result.get("after_backward_bytes"):
+        return None
+    after = result["after_backward_bytes"][i or 0]
+    params = result["param_bytes"] if i is None else result["device_param_bytes"][i]
+    opt = result["optimizer_bytes"] if i is None else result["device_optimizer_bytes"][i]
+    grads = max(after - params - opt, 0)
+    return MemoryBreakdown(params, grads, opt, max(peak - params - grads - opt, 0), peak)
 
 
 # Bytes per parameter of (weights, gradients, optimizer state) one rank holds, and whether each is

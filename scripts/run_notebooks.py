@@ -22,15 +22,20 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def execute(path: Path, timeout: int, kernel: str) -> nbformat.NotebookNode:
-    """Run every cell of ``path`` with the notebook's folder as the working directory."""
+def execute(path: Path, timeout: int, kernel: str, checkpoint: Path | None = None) -> nbformat.NotebookNode:
+    """Run every cell of ``path`` with the notebook's folder as the working directory.
+
+    Args:
+        checkpoint: write the notebook there after every cell, so a run that fails or is killed
+            half-way still leaves what it executed (a GPU lease can end mid-run).
+    """
     os.environ.setdefault("RECIPES_PROGRESS", "0")  # a saved bar would show its first state only
     nb = nbformat.read(path, as_version=4)
     n_code = sum(c.cell_type == "code" for c in nb.cells)
     bar = tqdm(total=n_code, desc=path.stem, unit="cell")
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel,
                             resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_executed=lambda **_: bar.update(1))
+                            on_cell_executed=lambda **_: (bar.update(1), checkpoint and nbformat.write(nb, checkpoint)))
     try:
         client.execute()
     finally:
@@ -51,10 +56,11 @@ def main() -> int:
     for path in args.notebooks:
         start = time.time()
         try:
-            nb = execute(path, args.timeout, args.kernel)
+            nb = execute(path, args.timeout, args.kernel, checkpoint=args.out / f"{path.stem}.partial.ipynb")
         except CellExecutionError as error:
             failed.append(path.name)
-            print(f"FAILED {path.name}:\n{str(error)[-3000:]}", file=sys.stderr)
+            print(f"FAILED {path.name} (executed cells: {args.out / path.stem}.partial.ipynb):\n"
+                  f"{str(error)[-3000:]}", file=sys.stderr)
             continue
         target = path if args.inplace else args.out / path.name
         nbformat.write(nb, target)

@@ -194,6 +194,9 @@ def run(args) -> dict:
                       f"{step_seconds[-1]:.2f} s | {step_tokens[-1] / step_seconds[-1]:,.0f} tokens/s", flush=True)
         if on_gpu:
             peaks = [torch.cuda.max_memory_allocated(d) for d in devices]
+        per_device = len(devices) > 1  # naive model parallelism: each GPU's own share
+        device_params = [distributed.param_bytes(model, d) for d in devices] if per_device else None
+        device_optimizer = [distributed.optimizer_bytes(optimizer, d) for d in devices] if per_device else None
         state = distributed.full_state_dict(model)
         seconds = statistics.median(step_seconds[args.warmup:])
         result = dict(
@@ -203,7 +206,8 @@ def run(args) -> dict:
             param_bytes=distributed.param_bytes(model),
             optimizer_bytes=distributed.optimizer_bytes(optimizer),
             after_backward_bytes=after_backward_bytes if on_gpu else None,
-            peak_bytes=peaks[0], device_peaks=peaks if len(devices) > 1 else None,
+            peak_bytes=peaks[0], device_peaks=peaks if per_device else None,
+            device_param_bytes=device_params, device_optimizer_bytes=device_optimizer,
             step_seconds=seconds,
             tokens_per_s=statistics.median(step_tokens[args.warmup:]) / seconds,  # global batch, all ranks
             tokens_per_step=statistics.median(step_tokens[args.warmup:]),
