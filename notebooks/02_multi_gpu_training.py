@@ -190,7 +190,9 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 # optimizer state; `distributed.predicted_state_bytes` gives them per strategy from the parameter
 # count (bytes per parameter: fp32 master weights 4, gradients 4, AdamW's two moments 8; DDP keeps a
 # second copy of the gradients in its all-reduce buckets; DeepSpeed's bf16 mode keeps bf16 weights
-# in the model and the fp32 master copy in its optimizer: 2 + 4 + 12). Each run below reads, on every
+# in the model and the fp32 master copy in its optimizer: 2 + 2 (ZeRO-3: 4) + 12; naive model
+# parallelism puts the embeddings and LM head on the first GPU with its half of the layers, 61% of a
+# Llama-3.2-1B). Each run below reads, on every
 # GPU, the bytes allocated right after the last backward (that state, measured) and the peak of the
 # steps after warm-up; `distributed.memory_breakdown` splits the peak into weights, gradients,
 # optimizer state and activations (with temporaries, FSDP2's gathered layers among them).
@@ -230,12 +232,17 @@ def scale_run(strategy, nproc, **overrides):
     return r
 
 
-scale = {strategy: scale_run(strategy, nproc) for strategy, nproc in STRATEGIES}
+# CPU offload steps AdamW on the host, about 4 s per step at 1B parameters: fewer steps for it.
+FEWER = {"fsdp2-offload": {"steps": P["warmup"] + 1}}
+scale = {strategy: scale_run(strategy, nproc, **FEWER.get(strategy, {})) for strategy, nproc in STRATEGIES}
 
 # %%
 def predicted(r):
     """Predicted weights, gradients and AdamW state on one GPU for a run's strategy."""
     world = max(r["world_size"], r["gpus"])
+    if r["strategy"] == "naive-mp":  # the first GPU: embeddings, LM head and its half of the layers
+        share = distributed.naive_mp_share(model_config, world)
+        return {k: v * share for k, v in distributed.predicted_state_bytes(r["n_params"], "naive-mp", 1).items()}
     if r["strategy"] != "fsdp2-qlora":
         return distributed.predicted_state_bytes(r["n_params"], r["strategy"], world)
     weight_bytes = 2 if hw.cuda else 4  # embeddings and norms stay in the model's dtype; FSDP2 shards all

@@ -440,12 +440,25 @@ STATE_LAYOUT = {
     "fsdp2": ((4, 4, 8), (True, True, True)),
     "fsdp2-no-reshard": ((4, 4, 8), (True, True, True)),
     "fsdp2-offload": ((4, 4, 8), (True, True, True)),
-    "deepspeed-zero2": ((2, 4, 12), (False, True, True)),
+    # Measured on 2 H200s (DeepSpeed 0.19.8, bf16): ZeRO-2 keeps its gradient partitions in bf16, ZeRO-3 in fp32.
+    "deepspeed-zero2": ((2, 2, 12), (False, True, True)),
     "deepspeed-zero3": ((2, 4, 12), (True, True, True)),
     "fsdp2-qlora": ((4, 4, 8), (True, True, True)),  # with trainable= and frozen_bytes_per_param=
-    "naive-mp": ((4, 4, 8), (True, True, True)),  # each GPU holds its layers: about 1/N
+    "naive-mp": ((4, 4, 8), (False, False, False)),  # per GPU: times naive_mp_share
 }
 STRATEGY_SHARDS = {k: all(sharded) for k, (_, sharded) in STATE_LAYOUT.items()}
+
+
+def naive_mp_share(config, n_devices: int) -> float:
+    """Share of a model's parameters on the fullest GPU of ``split_across_devices``: the first, which
+    holds the embeddings, the final norm and the LM head beside its ``ceil(layers / n_devices)`` layers."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    per_layer = d * (config.num_attention_heads * head_dim) * 2 + 2 * d * kv + 3 * d * config.intermediate_size + 2 * d
+    embed = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d
+    first = embed + per_layer * -(-layers // n_devices)
+    return first / (embed + per_layer * layers)
 
 
 def predicted_state_bytes(n_params: int, strategy: str, world_size: int, trainable: int | None = None,

@@ -209,3 +209,14 @@ def test_fsdp_qlora_two_processes_match_one(tiny_model_dir, tmp_path):
     torch.testing.assert_close(two[0]["losses"], one["losses"], rtol=LOSS_RTOL, atol=0)
     assert two[0]["trainable_params"] < one["n_params"] / 5
     assert two[0]["optimizer_bytes"] == pytest.approx(one["optimizer_bytes"] / 2, rel=0.01)
+
+
+def test_naive_mp_share_counts_the_first_devices_parameters(tiny_model_dir):
+    from recipes_lib import models
+    model = models.load_model(tiny_model_dir, dtype=torch.float32)
+    assert distributed.naive_mp_share(model.config, 1) == pytest.approx(1.0)
+    layers = distributed.decoder_layers(model)
+    first = sum(p.numel() for layer in layers[:-(-len(layers) // 2)] for p in layer.parameters())
+    rest = sum(p.numel() for p in model.parameters()) - sum(p.numel() for layer in layers for p in layer.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert distributed.naive_mp_share(model.config, 2) == pytest.approx((first + rest) / total, rel=1e-6)
