@@ -89,7 +89,8 @@ import torch
 from IPython.display import display
 from transformers import AutoConfig
 
-from recipes_lib import dataload, distributed, hardware, launcher, measure, models, plots, qlora, results
+from recipes_lib import dataload, distributed, hardware, launcher, measure, model_parallel, models, plots, qlora
+from recipes_lib import results, zero
 from recipes_lib.measure import GiB, report
 
 hw = hardware.detect()
@@ -241,7 +242,7 @@ def predicted(r):
     """Predicted weights, gradients and AdamW state on one GPU for a run's strategy."""
     world = max(r["world_size"], r["gpus"])
     if r["strategy"] == "naive-mp":  # the first GPU: embeddings, LM head and its half of the layers
-        share = distributed.naive_mp_share(model_config, world)
+        share = model_parallel.naive_mp_share(model_config, world)
         return {k: v * share for k, v in distributed.predicted_state_bytes(r["n_params"], "naive-mp", 1).items()}
     if r["strategy"] != "fsdp2-qlora":
         return distributed.predicted_state_bytes(r["n_params"], r["strategy"], world)
@@ -320,7 +321,8 @@ elif os.path.exists(COMMITTED):  # show the committed GPU run's figures instead 
     source = "the committed 2 x H200 run (results/02_multi_gpu_training.H200.json); no GPU here"
 else:
     bars, source = [], None
-    print("no GPU here and no committed GPU run to show")
+    print("no GPU here and no committed results/02_multi_gpu_training.H200.json yet: the 2 x H200 figures so far "
+          "are in the README ('GPU evidence for notebook 02') and results/history/")
 if bars:
     fig, axes = plt.subplots(1, 2, figsize=(15, 4.8))
     plots.memory_bars(bars, f"Per-GPU peak: FSDP2 needs about half of DDP's\\n({source})", ax=axes[0])
@@ -489,10 +491,10 @@ cases = {
     "NCCL on a machine without CUDA": None if hw.cuda else attempt(
         "NCCL on a machine without CUDA", lambda: launcher.launch(SCRIPT, 2, backend="nccl")),
     "a port in use": attempt("a port in use", lambda: launcher.launch(SCRIPT, 2, port=busy.getsockname()[1])),
-    "a wrong DeepSpeed config": attempt("a wrong DeepSpeed config", lambda: distributed.check_deepspeed_config(
-        distributed.load_deepspeed_config(wrong_ds), micro_batch=2, accum_steps=2, world_size=2)),
+    "a wrong DeepSpeed config": attempt("a wrong DeepSpeed config", lambda: zero.check_deepspeed_config(
+        zero.load_deepspeed_config(wrong_ds), micro_batch=2, accum_steps=2, world_size=2)),
     "a missing DeepSpeed config": attempt("a missing DeepSpeed config",
-                                          lambda: distributed.load_deepspeed_config("no/such/zero3.json")),
+                                          lambda: zero.load_deepspeed_config("no/such/zero3.json")),
     "a failing worker": attempt("a failing worker", lambda: launcher.launch(failing, 2, timeout_s=120, echo=False)),
     "a hung worker (timeout 5 s)": attempt("a hung worker (timeout 5 s)",
                                            lambda: launcher.launch(hung, 2, timeout_s=5, echo=False)),

@@ -1,9 +1,10 @@
-"""Data parallelism with PyTorch's own engines (DDP, FSDP2), inside a torchrun-launched worker.
+"""Data parallelism with PyTorch's own engines (DDP, FSDP2) inside a torchrun-launched worker, and its memory.
 
 Inside a ``torchrun`` worker: ``setup()``, ``LossModel(model)``, then ``shard_fsdp2``, ``wrap_ddp``
-or ``wrap_deepspeed``, ``train_step`` per optimizer step, ``report_result(...)``, ``cleanup()``. A
-notebook starts the workers with ``launcher.launch``. ``split_across_devices`` is the naive model
-parallelism baseline (one process, layers spread over GPUs).
+or ``zero.wrap_deepspeed``, ``train_step`` per optimizer step, ``report_result(...)``, ``cleanup()``.
+A notebook starts the workers with ``launcher.launch``. The rank's memory is read with
+``param_bytes`` / ``optimizer_bytes``, split by ``memory_breakdown`` and predicted by
+``predicted_state_bytes``.
 
 Loss normalisation matches ``train.accumulate_gradients`` over the *global* batch: every rank
 divides its summed loss by the target tokens of all ranks (one all-reduce of a count), and the
@@ -161,115 +162,6 @@ def compile_layers(model: torch.nn.Module) -> None:
     """
     for layer in decoder_layers(model):
         layer.compile()
-
-
-DEEPSPEED_STAGES = (2, 3)
-
-
-def deepspeed_config(stage: int, micro_batch: int, accum_steps: int, world_size: int,
-                     max_grad_norm: float | None, bf16: bool) -> dict:
-    """A DeepSpeed ZeRO config for ``stage`` 2 or 3 with the batch sizes this run uses."""
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": accum_steps,
-        "train_batch_size": micro_batch * accum_steps * world_size,
-        "gradient_clipping": max_grad_norm or 0.0,
-        "bf16": {"enabled": bf16},
-        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
-        # torch.optim.AdamW, the same optimizer every other strategy steps with (no JIT-built DeepSpeed ops)
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-
-
-def load_deepspeed_config(path: str) -> dict:
-    """A DeepSpeed JSON config from ``path``, with a clear message if it cannot be read."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise RecipeError(f"DeepSpeed config {path!r} not found") from None
-    except json.JSONDecodeError as error:
-        raise RecipeError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
-
-
-def check_deepspeed_config(config: dict, micro_batch: int, accum_steps: int, world_size: int) -> None:
-    """RecipeError unless ``config`` is a ZeRO-2/3 config consistent with this run's batch sizes.
-
-    DeepSpeed itself finds most of these only after loading the model on every rank, with a message
-    that does not name the file's field; here they are caught before anything starts.
-    """
-    stage = config.get("zero_optimization", {}).get("stage")
-    if stage not in DEEPSPEED_STAGES:
-        raise RecipeError(f"DeepSpeed config: zero_optimization.stage={stage!r}; this recipe compares ZeRO "
-                          f"stages {DEEPSPEED_STAGES} (2: shard gradients and optimizer state; 3: parameters too)")
-    expected = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accum_steps,
-                "train_batch_size": micro_batch * accum_steps * world_size}
-    for key, value in expected.items():
-        given = config.get(key, "auto")
-        if given != "auto" and given != value:
-            raise RecipeError(f"DeepSpeed config: {key}={given} but this run uses {value} (--micro-batch "
-                              f"{micro_batch}, {accum_steps} accumulation steps, {world_size} processes); "
-                              f"set it to {value} or \"auto\"")
-    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
-        raise RecipeError("DeepSpeed config: fp16 and bf16 are both enabled; enable one")
-
-
-def wrap_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
-    """Hand ``model`` and ``optimizer`` to DeepSpeed through Accelerate; returns (model, optimizer)."""
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise RecipeError("DeepSpeed is not installed: `pip install deepspeed` (it needs a CUDA GPU; "
-                          "FSDP2 is PyTorch's own equivalent and needs nothing extra)") from None
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
-
-    config = {k: v for k, v in config.items()}
-    plugin = DeepSpeedPlugin(hf_ds_config=config)
-    accelerator = Accelerator(deepspeed_plugin=plugin,
-                              mixed_precision="bf16" if config.get("bf16", {}).get("enabled") else "no")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model._recipes_accelerator = accelerator
-    return model, optimizer
-
-
-def _move(obj, device: torch.device):
-    """``obj`` with every tensor in it (tuples, lists, dicts) on ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
-
-
-def split_across_devices(model: torch.nn.Module, devices: Sequence[torch.device | str]) -> list[str]:
-    """Naive model parallelism: consecutive decoder layers on each device, everything else on the first.
-
-    A pre-forward hook on each layer (and on the final norm) moves its inputs to its own device, so
-    one micro-batch runs through the GPUs in turn: only one of them works at any moment, and the
-    hidden states cross between them twice per boundary (forward and backward). Returns the layers'
-    devices.
-    """
-    devices = [torch.device(d) for d in devices]
-    layers = decoder_layers(model)
-    per_device = -(-len(layers) // len(devices))
-    model.to(devices[0])
-    placed = []
-    for index, layer in enumerate(layers):
-        device = devices[index // per_device]
-        layer.to(device)
-        placed.append(str(device))
-    decoder = unwrap(model)
-    decoder = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder
-    for module in [*layers, *(m for m in decoder.children() if not isinstance(m, torch.nn.ModuleList))]:
-        device = next(module.parameters(), torch.empty(0, device=devices[0])).device
-        module.register_forward_pre_hook(
-            lambda _, args, kwargs, device=device: (_move(args, device), _move(kwargs, device)), with_kwargs=True)
-    return placed
 
 
 def _sum_allreduce_hook(process_group, bucket):
@@ -447,18 +339,6 @@ STATE_LAYOUT = {
     "naive-mp": ((4, 4, 8), (False, False, False)),  # per GPU: times naive_mp_share
 }
 STRATEGY_SHARDS = {k: all(sharded) for k, (_, sharded) in STATE_LAYOUT.items()}
-
-
-def naive_mp_share(config, n_devices: int) -> float:
-    """Share of a model's parameters on the fullest GPU of ``split_across_devices``: the first, which
-    holds the embeddings, the final norm and the LM head beside its ``ceil(layers / n_devices)`` layers."""
-    d, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    per_layer = d * (config.num_attention_heads * head_dim) * 2 + 2 * d * kv + 3 * d * config.intermediate_size + 2 * d
-    embed = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d
-    first = embed + per_layer * -(-layers // n_devices)
-    return first / (embed + per_layer * layers)
 
 
 def predicted_state_bytes(n_params: int, strategy: str, world_size: int, trainable: int | None = None,

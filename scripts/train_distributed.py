@@ -1,7 +1,7 @@
 """Train a causal LM on several processes (DDP, FSDP2, FSDP-QLoRA, DeepSpeed ZeRO) on a fixed, seeded global batch.
 
     torchrun --standalone --nproc-per-node 2 scripts/train_distributed.py --strategy fsdp2 --steps 4
-    accelerate launch --num-processes 2 scripts/train_distributed.py --strategy deepspeed-zero3 --bf16
+    torchrun --standalone --nproc-per-node 2 scripts/train_distributed.py --strategy deepspeed-zero3 --bf16
     python scripts/train_distributed.py --strategy single        # the one-process reference
     python scripts/train_distributed.py --strategy naive-mp      # one process, layers spread over the GPUs
 
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import recipes_lib
-from recipes_lib import data, distributed, models, qlora
+from recipes_lib import data, distributed, model_parallel, models, qlora, zero
 from recipes_lib.hardware import RecipeError, detect
 
 recipes_lib.quiet()  # no weight-loading bars or known-harmless warnings in every rank's output
@@ -94,9 +94,9 @@ def check_args(args, world_size: int) -> dict | None:
         return None
     accum = args.global_batch // (world_size * args.micro_batch)
     stage = int(args.strategy[-1])
-    config = (distributed.load_deepspeed_config(args.deepspeed_config) if args.deepspeed_config else
-              distributed.deepspeed_config(stage, args.micro_batch, accum, world_size, args.max_grad_norm, args.bf16))
-    distributed.check_deepspeed_config(config, args.micro_batch, accum, world_size)
+    config = (zero.load_deepspeed_config(args.deepspeed_config) if args.deepspeed_config else
+              zero.deepspeed_config(stage, args.micro_batch, accum, world_size, args.max_grad_norm, args.bf16))
+    zero.check_deepspeed_config(config, args.micro_batch, accum, world_size)
     if config["zero_optimization"]["stage"] != stage:
         raise RecipeError(f"--strategy {args.strategy} but the DeepSpeed config sets zero_optimization.stage="
                           f"{config['zero_optimization']['stage']}")
@@ -139,11 +139,11 @@ def build(args, ctx: distributed.Context, ds_config: dict | None):
     elif args.strategy == "naive-mp":
         if torch.cuda.device_count() < 2:
             raise RecipeError("--strategy naive-mp spreads the layers over the GPUs: it needs at least 2")
-        distributed.split_across_devices(model.lm, [f"cuda:{i}" for i in range(torch.cuda.device_count())])
+        model_parallel.split_across_devices(model.lm, [f"cuda:{i}" for i in range(torch.cuda.device_count())])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     if ds_config is not None:
-        model, optimizer = distributed.wrap_deepspeed(model, optimizer, ds_config)
+        model, optimizer = zero.wrap_deepspeed(model, optimizer, ds_config)
     return model, optimizer, counts
 
 

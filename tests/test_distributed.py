@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import train_distributed
-from recipes_lib import distributed, launcher, losses
+from recipes_lib import distributed, launcher, losses, model_parallel, zero
 from recipes_lib.hardware import RecipeError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -172,32 +172,32 @@ def test_naive_model_parallel_split_keeps_the_loss(tiny_model_dir):
     whole = distributed.LossModel(models.load_model(tiny_model_dir, dtype=torch.float32))
     expected = whole(**batch)
     split = distributed.LossModel(models.load_model(tiny_model_dir, dtype=torch.float32))
-    placed = distributed.split_across_devices(split.lm, ["cpu", "cpu"])
+    placed = model_parallel.split_across_devices(split.lm, ["cpu", "cpu"])
     n = len(distributed.decoder_layers(split))
     assert len(placed) == n
     torch.testing.assert_close(split(**batch), expected)
 
 
 def test_deepspeed_config_checks():
-    config = distributed.deepspeed_config(3, micro_batch=2, accum_steps=2, world_size=2, max_grad_norm=1.0, bf16=True)
-    distributed.check_deepspeed_config(config, 2, 2, 2)
+    config = zero.deepspeed_config(3, micro_batch=2, accum_steps=2, world_size=2, max_grad_norm=1.0, bf16=True)
+    zero.check_deepspeed_config(config, 2, 2, 2)
     assert config["train_batch_size"] == 8 and config["zero_optimization"]["stage"] == 3
     with pytest.raises(RecipeError, match="zero_optimization.stage=1"):
-        distributed.check_deepspeed_config({"zero_optimization": {"stage": 1}}, 2, 2, 2)
+        zero.check_deepspeed_config({"zero_optimization": {"stage": 1}}, 2, 2, 2)
     with pytest.raises(RecipeError, match="train_batch_size=64 but this run uses 8"):
-        distributed.check_deepspeed_config(config | {"train_batch_size": 64}, 2, 2, 2)
-    distributed.check_deepspeed_config(config | {"train_batch_size": "auto"}, 2, 2, 2)
+        zero.check_deepspeed_config(config | {"train_batch_size": 64}, 2, 2, 2)
+    zero.check_deepspeed_config(config | {"train_batch_size": "auto"}, 2, 2, 2)
     with pytest.raises(RecipeError, match="both enabled"):
-        distributed.check_deepspeed_config(config | {"fp16": {"enabled": True}}, 2, 2, 2)
+        zero.check_deepspeed_config(config | {"fp16": {"enabled": True}}, 2, 2, 2)
 
 
 def test_deepspeed_config_file_errors(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
-        distributed.load_deepspeed_config(str(tmp_path / "missing.json"))
+        zero.load_deepspeed_config(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{ stage: 3 ")
     with pytest.raises(RecipeError, match="not valid JSON"):
-        distributed.load_deepspeed_config(str(bad))
+        zero.load_deepspeed_config(str(bad))
 
 
 def test_fsdp_qlora_two_processes_match_one(tiny_model_dir, tmp_path):
@@ -214,9 +214,9 @@ def test_fsdp_qlora_two_processes_match_one(tiny_model_dir, tmp_path):
 def test_naive_mp_share_counts_the_first_devices_parameters(tiny_model_dir):
     from recipes_lib import models
     model = models.load_model(tiny_model_dir, dtype=torch.float32)
-    assert distributed.naive_mp_share(model.config, 1) == pytest.approx(1.0)
+    assert model_parallel.naive_mp_share(model.config, 1) == pytest.approx(1.0)
     layers = distributed.decoder_layers(model)
     first = sum(p.numel() for layer in layers[:-(-len(layers) // 2)] for p in layer.parameters())
     rest = sum(p.numel() for p in model.parameters()) - sum(p.numel() for layer in layers for p in layer.parameters())
     total = sum(p.numel() for p in model.parameters())
-    assert distributed.naive_mp_share(model.config, 2) == pytest.approx((first + rest) / total, rel=1e-6)
+    assert model_parallel.naive_mp_share(model.config, 2) == pytest.approx((first + rest) / total, rel=1e-6)

@@ -1,0 +1,62 @@
+"""Naive model parallelism: one process, consecutive decoder layers on each GPU.
+
+The baseline that splits a model too large for one GPU the simplest way (what ``device_map="auto"``
+does at inference): only one GPU works at any moment, the others wait for its hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .distributed import decoder_layers, unwrap
+
+
+def _move(obj, device: torch.device):
+    """``obj`` with every tensor in it (tuples, lists, dicts) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def split_across_devices(model: torch.nn.Module, devices: Sequence[torch.device | str]) -> list[str]:
+    """Naive model parallelism: consecutive decoder layers on each device, everything else on the first.
+
+    A pre-forward hook on each layer (and on the final norm) moves its inputs to its own device, so
+    one micro-batch runs through the GPUs in turn: only one of them works at any moment, and the
+    hidden states cross between them twice per boundary (forward and backward). Returns the layers'
+    devices.
+    """
+    devices = [torch.device(d) for d in devices]
+    layers = decoder_layers(model)
+    per_device = -(-len(layers) // len(devices))
+    model.to(devices[0])
+    placed = []
+    for index, layer in enumerate(layers):
+        device = devices[index // per_device]
+        layer.to(device)
+        placed.append(str(device))
+    decoder = unwrap(model)
+    decoder = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder
+    for module in [*layers, *(m for m in decoder.children() if not isinstance(m, torch.nn.ModuleList))]:
+        device = next(module.parameters(), torch.empty(0, device=devices[0])).device
+        module.register_forward_pre_hook(
+            lambda _, args, kwargs, device=device: (_move(args, device), _move(kwargs, device)), with_kwargs=True)
+    return placed
+
+
+def naive_mp_share(config, n_devices: int) -> float:
+    """Share of a model's parameters on the fullest GPU of ``split_across_devices``: the first, which
+    holds the embeddings, the final norm and the LM head beside its ``ceil(layers / n_devices)`` layers."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    per_layer = d * (config.num_attention_heads * head_dim) * 2 + 2 * d * kv + 3 * d * config.intermediate_size + 2 * d
+    embed = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d
+    first = embed + per_layer * -(-layers // n_devices)
+    return first / (embed + per_layer * layers)
