@@ -10,7 +10,12 @@ reduced gradients again) moved the second step's loss by 1.4e-3 relative when tr
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -220,3 +225,28 @@ def test_naive_mp_share_counts_the_first_devices_parameters(tiny_model_dir):
     rest = sum(p.numel() for p in model.parameters()) - sum(p.numel() for layer in layers for p in layer.parameters())
     total = sum(p.numel() for p in model.parameters())
     assert model_parallel.naive_mp_share(model.config, 2) == pytest.approx((first + rest) / total, rel=1e-6)
+
+
+def test_slurm_script_in_single_node_form(tiny_model_dir, tmp_path):
+    """scripts/train_distributed.sbatch on one node: SLURM's scontrol and srun stubbed, the script's own
+    multi-node torchrun command (c10d rendezvous at the first node's address) with 2 gloo processes."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")  # show hostnames: this node only
+    (stubs / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = os.environ | {"PATH": os.pathsep.join([str(stubs), str(Path(sys.executable).parent), os.environ["PATH"]]),
+                        "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
+                        "SLURM_JOB_ID": "1", "PORT": str(launcher.free_port()), "PYTHONPATH": str(REPO_ROOT)}
+    args = ["--strategy", "fsdp2", "--steps", "2", "--model", tiny_model_dir, "--seq-len", "32"]
+    proc = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / "train_distributed.sbatch"), *args], cwd=REPO_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in output.splitlines() if "RESULT {" in line]
+    assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world_size"] == 2 for r in results)
