@@ -64,16 +64,17 @@ MODEL = None      # override the scale runs' model: a hub id, a local path, or r
 PROFILES = {
     "cpu": dict(check_model="data/tiny-llama", check_seq_len=64, check_global_batch=8, check_micro_batch=2,
                 check_steps=3, model="data/tiny-llama", seq_len=64, micro_batch=2, accum=2, steps=3, warmup=1,
-                speed_micro_batch=2, timeout_s=300,
+                speed_micro_batch=2, lora_r=16, timeout_s=300,
                 data=dict(seq_len=128, batch=8, docs=1500, steps=8, warmup=2, workers=2)),
     "gpu": dict(check_model="data/tiny-llama", check_seq_len=256, check_global_batch=16, check_micro_batch=4,
                 check_steps=3, model="random:llama-3.2-1b", seq_len=2048, micro_batch=2, accum=2, steps=5, warmup=2,
-                speed_micro_batch=4, timeout_s=300,
+                speed_micro_batch=4, lora_r=16, timeout_s=300,
                 data=dict(seq_len=1024, batch=8, docs=20000, steps=30, warmup=5, workers=4)),
 }
 NPROC = 2  # processes (one per GPU on a GPU machine)
 
 # %%
+import gc
 import json
 import socket
 import time
@@ -204,7 +205,7 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 # %%
 model_config = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
 SCALE = {"model": MODEL_NAME, "seq-len": P["seq_len"], "bf16": hw.cuda, "full-rows": True, "steps": P["steps"],
-         "warmup": P["warmup"], "micro-batch": P["micro_batch"]}
+         "warmup": P["warmup"], "micro-batch": P["micro_batch"], "lora-r": P["lora_r"]}
 STRATEGIES = [("ddp", NPROC), ("fsdp2", NPROC), ("fsdp2-no-reshard", NPROC), ("fsdp2-offload", NPROC),
               ("fsdp2-qlora", NPROC), ("deepspeed-zero2", NPROC), ("deepspeed-zero3", NPROC), ("naive-mp", 1)]
 
@@ -247,7 +248,7 @@ def predicted(r):
     if r["strategy"] != "fsdp2-qlora":
         return distributed.predicted_state_bytes(r["n_params"], r["strategy"], world)
     weight_bytes = 2 if hw.cuda else 4  # embeddings and norms stay in the model's dtype; FSDP2 shards all
-    state = {k: v / world for k, v in qlora.predicted_state_bytes(model_config, 16, weight_bytes).items()}
+    state = {k: v / world for k, v in qlora.predicted_state_bytes(model_config, P["lora_r"], weight_bytes).items()}
     return state | {"total": sum(state.values()), "on device": sum(state.values())}
 
 
@@ -292,9 +293,13 @@ for strategy in ("ddp", "fsdp2", "fsdp2-no-reshard", "fsdp2-qlora"):
 assert ok["fsdp2-qlora"]["trainable_params"] < 0.1 * ok["fsdp2-qlora"]["n_params"]
 state_bytes = {s: r["param_bytes"] + r["optimizer_bytes"] for s, r in ok.items()}
 assert state_bytes["fsdp2-qlora"] < 0.5 * state_bytes["fsdp2"], "a 4-bit frozen base: far less state than FSDP2's"
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 if hw.cuda:
+    needed = {"fsdp2-offload"} | ({"naive-mp"} if GPUS >= 2 else set()) | \
+        ({"deepspeed-zero2", "deepspeed-zero3"} if DEEPSPEED else set())
+    assert needed <= set(ok), f"failed on this GPU machine: {sorted(needed - set(ok))}"
     mem = {s: distributed.memory_breakdown(r) for s, r in ok.items()}
-    for strategy in ("ddp", "fsdp2", "fsdp2-no-reshard", "fsdp2-offload"):
+    for strategy in mem.keys() - {"fsdp2-qlora"}:  # QLoRA's state is checked above, from its shards
         state = mem[strategy].parameters + mem[strategy].gradients + mem[strategy].optimizer
         assert abs(state - predicted(ok[strategy])["on device"]) < 0.05 * predicted(ok["ddp"])["on device"], strategy
     assert mem["fsdp2"].peak < mem["fsdp2-no-reshard"].peak < mem["ddp"].peak
@@ -305,8 +310,9 @@ if hw.cuda:
     if "naive-mp" in ok:
         per_gpu = ok["naive-mp"]["device_param_bytes"]
         assert max(per_gpu) < 0.75 * ok["ddp"]["param_bytes"], "each GPU holds part of the layers"
-else:
-    assert "error" in scale["deepspeed-zero3"] and "error" in scale["naive-mp"], "they need GPUs: refused here"
+else:  # refused with the reason
+    assert "needs at least 2" in scale["naive-mp"]["error"]
+    assert "DeepSpeed is not installed" in scale["deepspeed-zero3"]["error"] or DEEPSPEED
 
 # %%
 COMMITTED = os.path.join(ROOT, "results", "02_multi_gpu_training.H200.json")
@@ -365,7 +371,6 @@ report("scaling 1 -> 2", **{"speed-up": scaling, "datasheet peak TFLOP/s": (hw.p
                             "measured matmul TFLOP/s": (measured_peak or 0) / 1e12})
 
 # %%
-assert speed[1]["tokens_per_step"] * NPROC == speed[NPROC]["tokens_per_step"], "the same work per GPU"
 if hw.cuda:
     assert measured_peak < 1.1 * hw.peak_flops, "a matmul faster than the datasheet: the timing is wrong"
     assert scaling > 1.5, "2 GPUs should nearly double the throughput (NVLink, communication overlapped)"
@@ -384,6 +389,11 @@ if hw.cuda:
         vs_zero3 = ok["fsdp2"]["tokens_per_s"] / ok["deepspeed-zero3"]["tokens_per_s"]
         check_target("FSDP2 tokens/s within 5% of DeepSpeed ZeRO-3 or better (same eager set-up)",
                      f"{vs_zero3:.2f}x ZeRO-3's", vs_zero3 >= 0.95)
+    else:
+        check_target("FSDP2 tokens/s within 5% of DeepSpeed ZeRO-3 or better (same eager set-up)",
+                     "ZeRO-3 not run: pip install deepspeed", False)
+else:
+    print("no GPU here: scaling, MFU and the targets are measured on GPUs (README: GPU evidence for notebook 02)")
 
 # %% [markdown]
 # ## 4 · Efficient data loading
@@ -445,11 +455,12 @@ assert fast_t.wait_fraction < naive_t.wait_fraction, "the efficient pipeline wai
 if hw.cuda:
     assert naive_t.wait_fraction > 0.3, "on a GPU, tokenising in the training loop starves a small model"
     assert fast_t.wait_fraction < 0.1 and fast_t.step_s < naive_t.step_s
-    tokenise_s = naive_t.wait_s / naive_t.steps
+    idle_s = naive_t.wait_s / naive_t.steps
     step_1b = ok["fsdp2"]["step_seconds"] / P["accum"]  # one micro-batch of the 1B model on one GPU
-    report("the same naive pipeline at 1B", **{"host ms per batch": 1e3 * tokenise_s,
-                                               "1B micro-step ms": 1e3 * step_1b})
-del data_model, data_optimizer
+    report("naive pipeline vs a 1B step", **{"GPU idle per batch (ms)": 1e3 * idle_s,
+                                             "1B micro-step (ms)": 1e3 * step_1b})
+del data_model, data_optimizer, pipelines  # the workers (persistent) exit with their loader
+gc.collect()
 
 # %% [markdown]
 # ## Bad input: a clear message, nothing left running

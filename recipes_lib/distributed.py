@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -226,13 +227,11 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
         if accelerator is not None:
             with train._autocast(device, autocast_dtype):
                 loss = model(**mb) / total_targets
-            if last:  # Accelerate's backward would also step; apart, the gradients can be measured first
-                engine = accelerator.deepspeed_engine_wrapped.engine
-                engine.set_gradient_accumulation_boundary(is_boundary=True)
-                engine.backward(loss * scale)
-            else:
-                accelerator.gradient_state._set_sync_gradients(False)
-                accelerator.backward(loss * scale)
+            # The engine itself, not accelerator.backward (which also steps): the boundary is set
+            # explicitly on every micro-batch, and the gradients can be measured before the step.
+            engine = accelerator.deepspeed_engine_wrapped.engine
+            engine.set_gradient_accumulation_boundary(is_boundary=last)
+            engine.backward(loss * scale)
         else:
             with _ddp_sync(model, last):
                 with train._autocast(device, autocast_dtype):
@@ -244,7 +243,6 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
     grad_norm = None
     if accelerator is not None:  # DeepSpeed clips, steps and zeroes the gradients itself
         accelerator.deepspeed_engine_wrapped.engine.step()
-        accelerator.gradient_state._set_sync_gradients(True)
         norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
     else:
@@ -259,6 +257,9 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as a whole tensor on the CPU (all ranks must call it: it gathers)."""
+    if getattr(model, "_recipes_accelerator", None) is not None:
+        raise RecipeError("full weights of a DeepSpeed run: its ZeRO partitions (and fp32 masters) are not "
+                          "gathered here; save with accelerator.get_state_dict(model) instead")
     state = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
 
@@ -307,7 +308,7 @@ def memory_breakdown(result: dict, device_index: int | None = None):
     """
     from .measure import MemoryBreakdown
 
-    i = device_index
+    i = device_index if result.get("device_peaks") else None
     if i is None and result.get("device_peaks"):  # naive model parallelism: the fullest GPU
         i = max(range(len(result["device_peaks"])), key=result["device_peaks"].__getitem__)
     peak = result["peak_bytes"] if i is None else result["device_peaks"][i]
@@ -335,34 +336,32 @@ STATE_LAYOUT = {
     # Measured on 2 H200s (DeepSpeed 0.19.8, bf16): ZeRO-2 keeps its gradient partitions in bf16, ZeRO-3 in fp32.
     "deepspeed-zero2": ((2, 2, 12), (False, True, True)),
     "deepspeed-zero3": ((2, 4, 12), (True, True, True)),
-    "fsdp2-qlora": ((4, 4, 8), (True, True, True)),  # with trainable= and frozen_bytes_per_param=
     "naive-mp": ((4, 4, 8), (False, False, False)),  # per GPU: times naive_mp_share
 }
-STRATEGY_SHARDS = {k: all(sharded) for k, (_, sharded) in STATE_LAYOUT.items()}
 
 
-def predicted_state_bytes(n_params: int, strategy: str, world_size: int, trainable: int | None = None,
-                          frozen_bytes_per_param: float = 0.0) -> dict[str, int]:
+def predicted_state_bytes(n_params: int, strategy: str, world_size: int) -> dict[str, int]:
     """Bytes of model state one rank holds: weights, gradients and AdamW state (``STATE_LAYOUT``).
 
     Activations and FSDP2's gathered layers come on top. ``fsdp2-offload`` holds its shards in host
-    memory, none on the GPU. With a frozen base (``trainable`` < ``n_params``, as in QLoRA) only the
-    trainable parameters have gradients and optimizer state, and the frozen ones take
-    ``frozen_bytes_per_param`` each (0.5 + scales for NF4), sharded like the rest.
+    memory, none on the GPU. QLoRA's state: ``qlora.predicted_state_bytes``, divided by the ranks.
     """
     if strategy not in STATE_LAYOUT:
         raise RecipeError(f"strategy={strategy!r}; one of {', '.join(STATE_LAYOUT)}")
     (weight, grad, opt), sharded = STATE_LAYOUT[strategy]
     shares = [1 / world_size if s else 1.0 for s in sharded]
-    trainable = n_params if trainable is None else trainable
-    frozen = n_params - trainable
-    state = {"parameters": round((trainable * weight + frozen * frozen_bytes_per_param) * shares[0]),
-             "gradients": round(trainable * grad * shares[1]), "optimizer": round(trainable * opt * shares[2])}
+    state = {"parameters": round(n_params * weight * shares[0]), "gradients": round(n_params * grad * shares[1]),
+             "optimizer": round(n_params * opt * shares[2])}
     state["total"] = sum(state.values())
     state["on device"] = 0 if strategy == "fsdp2-offload" else state["total"]
     return state
 
 
 def report_result(ctx: Context | None, **values) -> None:
-    """Print one line the launcher parses: ``RESULT {"rank": r, ...}``."""
-    print(launcher.RESULT_PREFIX + json.dumps({"rank": ctx.rank if ctx else 0, **values}), flush=True)
+    """Print one line the launcher parses: ``RESULT {"rank": r, ...}``.
+
+    One write of the whole line: ranks sharing a stdout (torchrun without ``--tee``) then cannot
+    interleave inside it (``print`` writes the text and the newline separately).
+    """
+    sys.stdout.write(launcher.RESULT_PREFIX + json.dumps({"rank": ctx.rank if ctx else 0, **values}) + "\n")
+    sys.stdout.flush()

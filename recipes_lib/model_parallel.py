@@ -24,6 +24,19 @@ def _move(obj, device: torch.device):
     return obj
 
 
+def _rest_to(module: torch.nn.Module, placed: set[int], device: torch.device) -> None:
+    """Move every submodule of ``module`` except the ``placed`` ones (and their contents) to ``device``."""
+    for child in module.children():
+        if id(child) in placed:
+            continue
+        if any(id(m) in placed for m in child.modules()):
+            _rest_to(child, placed, device)
+        else:
+            child.to(device)
+    for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        tensor.data = tensor.data.to(device)
+
+
 def split_across_devices(model: torch.nn.Module, devices: Sequence[torch.device | str]) -> list[str]:
     """Naive model parallelism: consecutive decoder layers on each device, everything else on the first.
 
@@ -35,12 +48,12 @@ def split_across_devices(model: torch.nn.Module, devices: Sequence[torch.device 
     devices = [torch.device(d) for d in devices]
     layers = decoder_layers(model)
     per_device = -(-len(layers) // len(devices))
-    model.to(devices[0])
     placed = []
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(layers):  # layers first: the whole model never sits on one GPU
         device = devices[index // per_device]
         layer.to(device)
         placed.append(str(device))
+    _rest_to(model, {id(layer) for layer in layers}, devices[0])
     decoder = unwrap(model)
     decoder = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder
     for module in [*layers, *(m for m in decoder.children() if not isinstance(m, torch.nn.ModuleList))]:

@@ -49,7 +49,10 @@ def check_deepspeed_config(config: dict, micro_batch: int, accum_steps: int, wor
     DeepSpeed itself finds most of these only after loading the model on every rank, with a message
     that does not name the file's field; here they are caught before anything starts.
     """
-    stage = config.get("zero_optimization", {}).get("stage")
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization"), dict):
+        raise RecipeError("DeepSpeed config: a JSON object with a \"zero_optimization\": {\"stage\": 2 or 3} "
+                          "section is needed")
+    stage = config["zero_optimization"].get("stage")
     if stage not in DEEPSPEED_STAGES:
         raise RecipeError(f"DeepSpeed config: zero_optimization.stage={stage!r}; this recipe compares ZeRO "
                           f"stages {DEEPSPEED_STAGES} (2: shard gradients and optimizer state; 3: parameters too)")

@@ -162,9 +162,6 @@ def test_predicted_state_bytes():
     assert distributed.predicted_state_bytes(n, "fsdp2-offload", 4)["on device"] == 0
     zero2, zero3 = (distributed.predicted_state_bytes(n, f"deepspeed-zero{k}", 2) for k in (2, 3))
     assert zero2["parameters"] == 2 * n and zero3["parameters"] == n and zero2["optimizer"] == 6 * n
-    qlora = distributed.predicted_state_bytes(n, "fsdp2-qlora", 2, trainable=n // 100, frozen_bytes_per_param=0.5)
-    assert qlora["parameters"] == round((n // 100 * 4 + (n - n // 100) * 0.5) / 2)
-    assert qlora["optimizer"] == n // 100 * 4
     with pytest.raises(RecipeError, match="strategy"):
         distributed.predicted_state_bytes(n, "zero9", 2)
 
@@ -192,6 +189,9 @@ def test_deepspeed_config_checks():
     with pytest.raises(RecipeError, match="train_batch_size=64 but this run uses 8"):
         zero.check_deepspeed_config(config | {"train_batch_size": 64}, 2, 2, 2)
     zero.check_deepspeed_config(config | {"train_batch_size": "auto"}, 2, 2, 2)
+    for broken in ([], {"zero_optimization": None}):
+        with pytest.raises(RecipeError, match="zero_optimization"):
+            zero.check_deepspeed_config(broken, 2, 2, 2)
     with pytest.raises(RecipeError, match="both enabled"):
         zero.check_deepspeed_config(config | {"fp16": {"enabled": True}}, 2, 2, 2)
 
