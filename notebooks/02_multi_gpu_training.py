@@ -223,7 +223,7 @@ def scale_run(strategy, nproc, **overrides):
     except hardware.RecipeError as error:
         lines = str(error).splitlines()
         line = next((l for l in reversed(lines) if "RecipeError:" in l), lines[-1]).rpartition("]:")[2]
-        line = line.removeprefix("recipes_lib.hardware.").strip()
+        line = line.strip().removeprefix("recipes_lib.hardware.")
         print(f"{strategy}: not run here: {line[:160]}")
         return {"strategy": strategy, "error": line}
     r = result[0] | {"gpus": gpus, "seconds": time.perf_counter() - start}
@@ -253,20 +253,22 @@ def predicted(r):
     return state | {"total": sum(state.values()), "on device": sum(state.values())}
 
 
+UNIT, U = (GiB, "GiB") if hw.cuda else (2**20, "MiB")  # the CPU profile's tiny model: MiB
 rows = []
 for strategy, r in scale.items():
     if "error" in r:
         rows.append({"strategy": strategy, "note": r["error"][:90]})
         continue
-    row = {"strategy": strategy, "GPUs": r["gpus"],
-           "state predicted (GiB)": predicted(r)["on device"] / GiB}
+    row = {"strategy": strategy, "GPUs": r["gpus"], f"state predicted ({U})": predicted(r)["on device"] / UNIT}
     memory = distributed.memory_breakdown(r)
     if memory is not None:  # CUDA readings
         state = memory.parameters + memory.gradients + memory.optimizer
-        row |= {"state measured (GiB)": state / GiB} | {f"{k} (GiB)": v for k, v in memory.gib().items()}
+        row |= {f"state measured ({U})": state / UNIT} | {f"{k} ({U})": v / UNIT for k, v in vars(memory).items()}
     else:
-        row |= {"weights measured (GiB)": r["param_bytes"] / GiB, "optimizer measured (GiB)": r["optimizer_bytes"] / GiB}
-    row |= {"tokens/s per GPU": r["tokens_per_s_per_gpu"], "MFU (% of datasheet)": 100 * (r["mfu"] or 0)}
+        row |= {f"weights measured ({U})": r["param_bytes"] / UNIT, f"AdamW measured ({U})": r["optimizer_bytes"] / UNIT}
+    row["tokens/s per GPU"] = r["tokens_per_s_per_gpu"]
+    if r["mfu"] is not None:  # a GPU with a known peak
+        row["MFU (% of datasheet)"] = 100 * r["mfu"]
     rows.append(row)
 memory_table = pd.DataFrame(rows).set_index("strategy")
 display(memory_table.round(2))
