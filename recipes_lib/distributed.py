@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from . import launcher, losses, train
+from . import launcher, losses, measure, train
 from .hardware import RecipeError
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -288,13 +288,7 @@ def optimizer_bytes(optimizer, device: torch.device | None = None) -> int:
         if isinstance(getattr(level, "state", None), dict) and getattr(level, "optimizer", None) is None:
             tensors += [v for s in level.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         level = getattr(level, "optimizer", None)
-    seen, total = set(), 0
-    for t in tensors:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        if local.numel() and local.data_ptr() not in seen and _on(local, device):
-            seen.add(local.data_ptr())
-            total += local.nbytes
-    return total
+    return measure.tensor_bytes((t.to_local() if isinstance(t, DTensor) else t for t in tensors), device)
 
 
 def memory_breakdown(result: dict, device_index: int | None = None):
@@ -306,8 +300,6 @@ def memory_breakdown(result: dict, device_index: int | None = None):
     rank (naive model parallelism) ``device_index`` picks one, by default the fullest. None without
     CUDA readings.
     """
-    from .measure import MemoryBreakdown
-
     i = device_index if result.get("device_peaks") else None
     if i is None and result.get("device_peaks"):  # naive model parallelism: the fullest GPU
         i = max(range(len(result["device_peaks"])), key=result["device_peaks"].__getitem__)
@@ -318,7 +310,7 @@ def memory_breakdown(result: dict, device_index: int | None = None):
     params = result["param_bytes"] if i is None else result["device_param_bytes"][i]
     opt = result["optimizer_bytes"] if i is None else result["device_optimizer_bytes"][i]
     grads = max(after - params - opt, 0)
-    return MemoryBreakdown(params, grads, opt, max(peak - params - grads - opt, 0), peak)
+    return measure.MemoryBreakdown(params, grads, opt, max(peak - params - grads - opt, 0), peak)
 
 
 # Bytes per parameter of (weights, gradients, optimizer state) one rank holds, and whether each is

@@ -26,10 +26,13 @@ OOM = "OOM"
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> int:
-    """Bytes held by ``tensors`` (each storage once), optionally only those on ``device``'s type."""
+    """Bytes held by ``tensors`` (each storage once), optionally only those on ``device``'s type
+    (and on that very device if it has an index, e.g. ``cuda:1``)."""
     seen, total = set(), 0
     for t in tensors:
         if t is None or (device is not None and t.device.type != device.type):
+            continue
+        if device is not None and device.index is not None and t.device.index != device.index:
             continue
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen:

@@ -7,6 +7,7 @@ about 0.5 byte (NF4, 64-value blocks, double-quantized scales: +0.127 bit/param)
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from .models import DEFAULT_MODEL, load_model
@@ -25,16 +26,15 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
 
 def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa", hw=None,
-                quant_storage=None):
+                quant_storage: torch.dtype = torch.uint8):
     """Our QLoRA: NF4 base (double quantization), bf16 compute, LoRA on all linear layers.
 
     Unlike ``prepare_model_for_kbit_training`` it keeps the unquantized weights (embeddings, norms,
     LM head) in bf16: upcasting them to fp32 costs memory and makes the LM head an fp32 matmul.
     ``quant_storage=torch.bfloat16`` packs the NF4 values into bf16 words, which FSDP can shard.
     """
-    extra = {} if quant_storage is None else {"quant_storage": quant_storage}
     model = load_model(name, quantization="nf4", gradient_checkpointing=gradient_checkpointing,
-                       attn_implementation=attn_implementation, hw=hw, **extra)
+                       attn_implementation=attn_implementation, hw=hw, quant_storage=quant_storage)
     return add_lora(model, r, alpha, dropout)
 
 

@@ -33,9 +33,14 @@ def execute(path: Path, timeout: int, kernel: str, checkpoint: Path | None = Non
     nb = nbformat.read(path, as_version=4)
     n_code = sum(c.cell_type == "code" for c in nb.cells)
     bar = tqdm(total=n_code, desc=path.stem, unit="cell")
+
+    def cell_done(**_):
+        bar.update(1)
+        if checkpoint is not None:
+            nbformat.write(nb, checkpoint)
+
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel,
-                            resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_executed=lambda **_: (bar.update(1), checkpoint and nbformat.write(nb, checkpoint)))
+                            resources={"metadata": {"path": str(path.parent)}}, on_cell_executed=cell_done)
     try:
         client.execute()
     finally:
