@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import measure
+from . import measure, rmsnorm_triton
 from .hardware import RecipeError
 
 
@@ -88,7 +88,8 @@ def set_fused(model: nn.Module, fused: bool) -> None:
 # --- kernel benchmark -------------------------------------------------------------------------
 
 def norm_functions(hidden: int, device: torch.device, dtype: torch.dtype, compile: bool) -> dict[str, Callable]:
-    """The norms to compare, each ``(x, weight, bias) -> y``: LayerNorm, RMSNorm eager / native / compiled."""
+    """The norms to compare, each ``(x, weight, bias) -> y``: LayerNorm, RMSNorm eager / native / compiled,
+    and on a GPU with Triton our two-kernel RMSNorm (``rmsnorm_triton``)."""
     eps = 1e-5
     functions = {
         "LayerNorm (native)": lambda x, w, b: F.layer_norm(x, (hidden,), w, b, eps),
@@ -97,6 +98,8 @@ def norm_functions(hidden: int, device: torch.device, dtype: torch.dtype, compil
     }
     if compile:
         functions["RMSNorm (compiled)"] = torch.compile(lambda x, w, b: rms_norm_reference(x, w, eps), dynamic=False)
+    if device.type == "cuda" and rmsnorm_triton.available():
+        functions["RMSNorm (Triton)"] = lambda x, w, b: rmsnorm_triton.rms_norm(x, w, eps)
     return functions
 
 
