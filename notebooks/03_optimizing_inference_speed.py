@@ -268,6 +268,14 @@ for key in speed:
 # they compile to different kernels. At batch 16 the product is a real matrix multiply, where an
 # int8 weight must be converted before the tensor cores use it. The table above is what this GPU
 # measured; the best of the two paths is what the target below is checked on.
+#
+# Why int8 falls short of 2x at batch 1 on a model this size: a decoder layer's seven products
+# read 1 to 32 MB each, and on an H100 each takes a few microseconds whatever its bytes (a kernel's
+# launch, ramp-up and tail). Scouting runs timed them one by one inside CUDA graphs: int8 takes 0.7
+# to 0.8x bf16's time on these, and only the 0.5 GB LM head halves. A hand-written Triton int8 GEMV
+# was no better inside the whole model, and replaying one hand-captured CUDA graph per token did not
+# speed up either model (`results/history/03_decode_harness_scouting.H100.log`). In larger models,
+# whose matrices are 10-50x bigger, those fixed costs are a smaller share (not measured here).
 
 # %%
 assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for rows in speed.values() for r in rows)
