@@ -270,9 +270,10 @@ for key in speed:
 # measured; the best of the two paths is what the target below is checked on.
 #
 # Why int8 falls short of 2x at batch 1 on a model this size: a decoder layer's seven products
-# read 1 to 32 MB each, and on an H100 each takes a few microseconds whatever its bytes (a kernel's
-# launch, ramp-up and tail). Scouting runs timed them one by one inside CUDA graphs: int8 takes 0.7
-# to 0.8x bf16's time on these, and only the 0.5 GB LM head halves. A hand-written Triton int8 GEMV
+# read 2 to 32 MB each (bf16), and on an H100 each takes a few microseconds, a floor (a kernel's
+# launch, ramp-up and tail) that halving the bytes does not halve. Scouting runs timed them one by one
+# inside CUDA graphs: int8 takes 0.74 to 0.78x bf16's time on the 8-32 MB ones (q, o and the MLP's
+# three), while the 2 MB k and v products and the 0.5 GB LM head about halve. A hand-written Triton int8 GEMV
 # was no better inside the whole model, and replaying one hand-captured CUDA graph per token did not
 # speed up either model (`results/history/03_decode_harness_scouting.H100.log`). In larger models,
 # whose matrices are 10-50x bigger, those fixed costs are a smaller share (not measured here).

@@ -25,7 +25,8 @@ kernel per operation, each reading and writing a full-size tensor; ``F.rms_norm`
 ``torch.compile`` fuse as well, and how close each comes to the floor is what the benchmark measures.
 
 Everything is computed in fp32 inside the kernels: ``y`` and ``dx`` come out in ``x``'s dtype, ``dw``
-in the weight's dtype, as ``norms.rms_norm_reference`` does.
+in the weight's dtype. For bf16, fp16 and fp32 inputs that is what ``norms.rms_norm_reference`` does;
+fp64 inputs are accepted but computed in fp32 too (errors near 1e-7, not 1e-16).
 
 The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter: ``TRITON_INTERPRET=1``
 in the environment *before Python starts*. ``triton.jit`` picks the interpreter when it decorates a
@@ -110,8 +111,8 @@ if triton is not None:
     @triton.jit
     def _rms_norm_backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx,
                                   n_rows, n_cols, BLOCK: tl.constexpr):
-        program = tl.program_id(0)
-        programs = tl.num_programs(0)
+        program = tl.program_id(0).to(tl.int64)  # in int64: program * stride can pass 2**31 elements
+        programs = tl.num_programs(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -159,6 +160,7 @@ class _RMSNormFunction(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: create_graph=True raises, not drops
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         rows, hidden = x2.shape
@@ -186,6 +188,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if not available():
         raise RecipeError("the Triton RMSNorm needs triton and a CUDA GPU (or TRITON_INTERPRET=1 set before "
                           "Python starts, to run on CPU); use norms.RMSNorm otherwise")
+    if x.dim() >= 1 and x.shape[-1] == 0:
+        raise RecipeError(f"x of shape {tuple(x.shape)} has an empty last dimension: nothing to normalise")
     if x.dim() < 1 or weight.shape != (x.shape[-1],):
         raise RecipeError(f"weight shape {tuple(weight.shape)} does not match x's last dimension: expected "
                           f"({x.shape[-1] if x.dim() else '?'},) for x of shape {tuple(x.shape)}")

@@ -55,3 +55,14 @@ def test_norm_benchmark_runs_and_floor_is_positive():
     for fn in fns.values():
         assert norms.forward_backward_seconds(fn, 32, 64, device, torch.float32, repeats=2, warmup=1) > 0
     assert norms.bytes_moved(32, 64, torch.bfloat16) == 5 * 32 * 64 * 2
+
+
+def test_triton_rmsnorm_launch_sizes():
+    """Warps grow with the row, and the backward grid never has more programs than rows (no triton needed)."""
+    from recipes_lib import rmsnorm_triton
+
+    warps = [rmsnorm_triton.num_warps_for(block) for block in (64, 1024, 2048, 4096, 8192, 16384)]
+    assert warps == [4, 4, 8, 8, 16, 32]
+    cpu = torch.device("cpu")
+    assert rmsnorm_triton.backward_programs(2, cpu, 4) == 2
+    assert rmsnorm_triton.backward_programs(1000, cpu, 4) == rmsnorm_triton.INTERPRETER_PROGRAMS
