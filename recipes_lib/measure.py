@@ -180,18 +180,26 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
     return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
+def linear_shapes(config) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every decoder linear layer of a Llama-style config: q, k, v, o, gate, up, down."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or d // n_heads
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    per_layer = [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
+    return per_layer * config.num_hidden_layers
+
+
 def training_flops_per_token(config, seq_len: int, trainable_fraction: float = 1.0) -> float:
     """Model FLOPs per trained token: ``6N + 12 L d T`` (PaLM's count; recomputation not included).
 
     With a frozen base (LoRA), weight gradients of frozen matrices are skipped, so the base costs
     ``4N`` (forward 2N + input gradients 2N) and only the trainable fraction costs ``6N``.
     """
-    d, layers = config.hidden_size, config.num_hidden_layers
-    n_heads, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    d, layers, n_heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d // n_heads
-    ffn = config.intermediate_size
-    per_layer = d * head_dim * (2 * n_heads + 2 * n_kv) + 3 * d * ffn
-    n_matmul = layers * per_layer + config.vocab_size * d  # + the LM head
+    n_matmul = sum(i * o for i, o in linear_shapes(config)) + config.vocab_size * d  # + the LM head
     weights = n_matmul * (4 + 2 * trainable_fraction)
     attention = 12 * layers * n_heads * head_dim * seq_len
     return weights + attention

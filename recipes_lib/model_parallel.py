@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .distributed import decoder_layers, unwrap
-from .qlora import _linear_shapes
+from .measure import linear_shapes
 
 
 def _move(obj, device: torch.device):
@@ -68,7 +68,7 @@ def naive_mp_share(config, n_devices: int) -> float:
     """Share of a model's parameters on the fullest GPU of ``split_across_devices``: the first, which
     holds the embeddings, the final norm and the LM head beside its ``ceil(layers / n_devices)`` layers."""
     d, layers = config.hidden_size, config.num_hidden_layers
-    per_layer = sum(i * o for i, o in _linear_shapes(config)) / layers + 2 * d  # + its two norms
+    per_layer = sum(i * o for i, o in linear_shapes(config)) / layers + 2 * d  # + its two norms
     embed = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d
     first = embed + per_layer * -(-layers // n_devices)
     return first / (embed + per_layer * layers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+from . import measure
 from .models import DEFAULT_MODEL, load_model
 
 
@@ -53,13 +54,8 @@ def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dr
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks
 
 
-def _linear_shapes(config) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every decoder linear layer of a Llama-style config."""
-    d, ffn = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    per_layer = [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
-    return per_layer * config.num_hidden_layers
+# Notebook 01's committed cells call it by this name; the function is measure.linear_shapes.
+_linear_shapes = measure.linear_shapes
 
 
 def predicted_state_bytes(config, r: int | None, weight_bytes: int) -> dict[str, float]:
@@ -69,7 +65,7 @@ def predicted_state_bytes(config, r: int | None, weight_bytes: int) -> dict[str,
     and two AdamW moments of the same dtype. QLoRA: NF4 decoder linears, the rest in ``weight_bytes``,
     fp32 adapters with fp32 gradients and two fp32 moments.
     """
-    shapes = _linear_shapes(config)
+    shapes = measure.linear_shapes(config)
     n_linear = sum(i * o for i, o in shapes)
     n_embed = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     n_norm = config.hidden_size * (2 * config.num_hidden_layers + 1)
