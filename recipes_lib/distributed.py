@@ -269,14 +269,10 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if t is not None)
 
 
-def _on(t: torch.Tensor, device: torch.device | None) -> bool:
-    return device is None or t.device == device
-
-
 def param_bytes(model: torch.nn.Module, device: torch.device | None = None) -> int:
     """Bytes of the weights this rank holds (its shard under FSDP2 and ZeRO-3), optionally on one device."""
     tensors = [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p for p in model.parameters()]
-    return local_bytes(t for t in tensors if t is not None and _on(t, device))
+    return local_bytes(t for t in tensors if t is not None and (device is None or t.device == device))
 
 
 def optimizer_bytes(optimizer, device: torch.device | None = None) -> int:

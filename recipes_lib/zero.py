@@ -78,8 +78,7 @@ def wrap_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, con
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
-    config = {k: v for k, v in config.items()}
-    plugin = DeepSpeedPlugin(hf_ds_config=config)
+    plugin = DeepSpeedPlugin(hf_ds_config=dict(config))  # a copy: the caller's dict stays as it was
     accelerator = Accelerator(deepspeed_plugin=plugin,
                               mixed_precision="bf16" if config.get("bf16", {}).get("enabled") else "no")
     model, optimizer = accelerator.prepare(model, optimizer)
