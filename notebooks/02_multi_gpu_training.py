@@ -64,12 +64,12 @@ MODEL = None      # override the scale runs' model: a hub id, a local path, or r
 PROFILES = {
     "cpu": dict(check_model="data/tiny-llama", check_seq_len=64, check_global_batch=8, check_micro_batch=2,
                 check_steps=3, model="data/tiny-llama", seq_len=64, micro_batch=2, accum=2, steps=3, warmup=1,
-                speed_micro_batch=2, lora_r=16, timeout_s=300,
+                speed_micro_batch=2, speed_loss="full", lora_r=16, timeout_s=300,
                 # workers=0 on a CPU: worker processes would compete with the compute for the same cores
                 data=dict(seq_len=128, batch=8, docs=1500, steps=8, warmup=2, workers=0)),
     "gpu": dict(check_model="data/tiny-llama", check_seq_len=256, check_global_batch=16, check_micro_batch=4,
                 check_steps=3, model="random:llama-3.2-1b", seq_len=2048, micro_batch=2, accum=2, steps=5, warmup=2,
-                speed_micro_batch=4, lora_r=16, timeout_s=300,
+                speed_micro_batch=8, speed_loss="full", lora_r=16, timeout_s=300,
                 data=dict(seq_len=1024, batch=8, docs=20000, steps=30, warmup=5, workers=4)),
 }
 NPROC = 2  # processes (one per GPU on a GPU machine)
@@ -190,8 +190,8 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 # ## 2 · Memory per GPU, strategy by strategy: predicted and measured
 #
 # Between the last backward and the optimizer step a rank holds its weights, gradients and
-# optimizer state; `distributed.predicted_state_bytes` gives them per strategy from the parameter
-# count (bytes per parameter: fp32 master weights 4, gradients 4, AdamW's two moments 8; DDP keeps a
+# optimizer state; `distributed.predicted_run_state` gives them per strategy from the parameter
+# count and the config (bytes per parameter: fp32 master weights 4, gradients 4, AdamW's two moments 8; DDP keeps a
 # second copy of the gradients in its all-reduce buckets; DeepSpeed's bf16 mode keeps bf16 weights
 # in the model and the fp32 master copy in its optimizer: 2 + 2 (ZeRO-3: 4) + 12; naive model
 # parallelism puts the embeddings and LM head on the first GPU with its half of the layers, 61% of a
@@ -221,11 +221,9 @@ def scale_run(strategy, nproc, **overrides):
         result = launcher.launch(SCRIPT, nproc, script_args(values), timeout_s=P["timeout_s"],
                                  backend=BACKEND if nproc > 1 else None, env=WORKER_ENV, echo=False)
     except hardware.RecipeError as error:
-        lines = str(error).splitlines()
-        line = next((l for l in reversed(lines) if "RecipeError:" in l), lines[-1]).rpartition("]:")[2]
-        line = line.strip().removeprefix("recipes_lib.hardware.")
-        print(f"{strategy}: not run here: {line[:160]}")
-        return {"strategy": strategy, "error": line}
+        reason = launcher.failure_reason(error)  # the worker's own RecipeError line
+        print(f"{strategy}: not run here: {reason[:160]}")
+        return {"strategy": strategy, "error": reason}
     r = result[0] | {"gpus": gpus, "seconds": time.perf_counter() - start}
     fpt = measure.training_flops_per_token(model_config, P["seq_len"], r["trainable_params"] / r["n_params"])
     r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / max(gpus, 1)
@@ -240,26 +238,15 @@ FEWER = {"fsdp2-offload": {"steps": P["warmup"] + 1}}
 scale = {strategy: scale_run(strategy, nproc, **FEWER.get(strategy, {})) for strategy, nproc in STRATEGIES}
 
 # %%
-def predicted(r):
-    """Predicted weights, gradients and AdamW state on one GPU for a run's strategy."""
-    world = max(r["world_size"], r["gpus"])
-    if r["strategy"] == "naive-mp":  # the first GPU: embeddings, LM head and its half of the layers
-        share = model_parallel.naive_mp_share(model_config, world)
-        return {k: v * share for k, v in distributed.predicted_state_bytes(r["n_params"], "naive-mp", 1).items()}
-    if r["strategy"] != "fsdp2-qlora":
-        return distributed.predicted_state_bytes(r["n_params"], r["strategy"], world)
-    weight_bytes = 2 if hw.cuda else 4  # embeddings and norms stay in the model's dtype; FSDP2 shards all
-    state = {k: v / world for k, v in qlora.predicted_state_bytes(model_config, P["lora_r"], weight_bytes).items()}
-    return state | {"total": sum(state.values()), "on device": sum(state.values())}
-
-
+predicted = {strategy: distributed.predicted_run_state(r, model_config, P["lora_r"])
+             for strategy, r in scale.items() if "error" not in r}
 UNIT, U = (GiB, "GiB") if hw.cuda else (2**20, "MiB")  # the CPU profile's tiny model: MiB
 rows = []
 for strategy, r in scale.items():
     if "error" in r:
         rows.append({"strategy": strategy, "note": r["error"][:90]})
         continue
-    row = {"strategy": strategy, "GPUs": r["gpus"], f"state predicted ({U})": predicted(r)["on device"] / UNIT}
+    row = {"strategy": strategy, "GPUs": r["gpus"], f"state predicted ({U})": predicted[strategy]["on device"] / UNIT}
     memory = distributed.memory_breakdown(r)
     if memory is not None:  # CUDA readings
         state = memory.parameters + memory.gradients + memory.optimizer
@@ -292,7 +279,7 @@ display(memory_table.round(2))
 ok = {s: r for s, r in scale.items() if "error" not in r}
 assert {"ddp", "fsdp2", "fsdp2-no-reshard", "fsdp2-qlora"} <= set(ok), "the torch strategies run everywhere"
 for strategy in ("ddp", "fsdp2", "fsdp2-no-reshard", "fsdp2-qlora"):
-    r, p = ok[strategy], predicted(ok[strategy])
+    r, p = ok[strategy], predicted[strategy]
     assert abs(r["optimizer_bytes"] / p["optimizer"] - 1) < 0.02, f"{strategy}: AdamW state vs prediction"
     assert abs(r["param_bytes"] / p["parameters"] - 1) < 0.05, f"{strategy}: weights vs prediction"
 assert ok["fsdp2-qlora"]["trainable_params"] < 0.1 * ok["fsdp2-qlora"]["n_params"]
@@ -306,7 +293,7 @@ if hw.cuda:
     mem = {s: distributed.memory_breakdown(r) for s, r in ok.items()}
     for strategy in mem.keys() - {"fsdp2-qlora"}:  # QLoRA's state is checked above, from its shards
         state = mem[strategy].parameters + mem[strategy].gradients + mem[strategy].optimizer
-        assert abs(state - predicted(ok[strategy])["on device"]) < 0.05 * predicted(ok["ddp"])["on device"], strategy
+        assert abs(state - predicted[strategy]["on device"]) < 0.05 * predicted["ddp"]["on device"], strategy
     assert mem["fsdp2"].peak < mem["fsdp2-no-reshard"].peak < mem["ddp"].peak
     assert mem["fsdp2-offload"].peak < mem["fsdp2"].peak and mem["fsdp2-qlora"].peak < mem["fsdp2"].peak
     assert ok["fsdp2-offload"]["tokens_per_s"] < ok["fsdp2"]["tokens_per_s"], "offload costs time"
@@ -346,26 +333,28 @@ if bars:
 # %% [markdown]
 # ## 3 · Speed: scaling from 1 to 2 GPUs, and model FLOPs utilisation
 #
-# FSDP2 on 1 and on 2 GPUs with the same work per GPU (weak scaling), here with every decoder layer
-# compiled (`--compile`: `torch.compile` fuses the norms, RoPE, SwiGLU and residual adds that eager
-# PyTorch runs one kernel at a time) and `speed_micro_batch` rows per forward. MFU counts the model's
-# FLOPs per token (`6N + 12·L·d·T`, `measure.training_flops_per_token`) times tokens/s per GPU, over
-# a peak: the datasheet's dense bf16 figure, and the bf16 matmul rate measured on this GPU (an
-# 8192³ product), which is what the GPU can actually give a large matmul.
+# FSDP2 (full resharding) on 1 and on 2 GPUs with the same work per GPU (weak scaling), set up for
+# speed rather than for the smallest footprint of section 2:
+# - every decoder layer compiled (`--compile`: `torch.compile` fuses the norms, RoPE, SwiGLU and
+#   residual adds that eager PyTorch runs one kernel at a time);
+# - `speed_micro_batch` rows per forward (8 x 2048 tokens on a GPU): larger matmuls, and FSDP2's
+#   per-layer collectives and the optimizer step spread over more tokens;
+# - the plain loss over full logits (`--loss full`), not section 2's fused chunked LM head. The fused
+#   head never holds the `[tokens, 128k]` logits, which saves gigabytes at this vocabulary, but its
+#   chunk loop costs time: on one H100 it was about 15% of the step (`results/history/02_mfu_probe.H100.log`).
+#   With 141 GB per GPU, memory is not what limits this run, so it spends memory on speed.
+#
+# MFU counts the model's FLOPs per token (`6N + 12·L·d·T`, `measure.training_flops_per_token`) times
+# tokens/s per GPU, over a peak: the datasheet's dense bf16 figure, and the bf16 matmul rate measured
+# on this GPU (`measure.matmul_peak`, an 8192³ product), which is what the GPU can actually give a
+# large matmul.
 
 # %%
-def matmul_peak(n=8192, repeats=50):
-    """Measured bf16 matmul rate (FLOP/s) on this GPU: the ceiling MFU can reach in practice."""
-    a, b = (torch.randn(n, n, device=hw.device, dtype=torch.bfloat16) for _ in range(2))
-    seconds = measure.median_seconds(lambda: torch.mm(a, b), hw.device, repeats=repeats, warmup=5)
-    return 2 * n**3 / seconds
-
-
-measured_peak = matmul_peak() if hw.cuda else None
+measured_peak = measure.matmul_peak(hw.device, repeats=50) if hw.cuda else None
 speed = {}
 for nproc in (1, NPROC):
-    speed[nproc] = scale_run("fsdp2", nproc, compile=hw.cuda, **{"micro-batch": P["speed_micro_batch"]},
-                             rows=P["speed_micro_batch"] * P["accum"] * nproc)
+    speed[nproc] = scale_run("fsdp2", nproc, compile=hw.cuda, loss=P["speed_loss"],
+                             **{"micro-batch": P["speed_micro_batch"]}, rows=P["speed_micro_batch"] * P["accum"] * nproc)
 fpt = measure.training_flops_per_token(model_config, P["seq_len"])
 scaling = speed[NPROC]["tokens_per_s"] / speed[1]["tokens_per_s"]
 speed_rows = [{"GPUs": n, "tokens/s (all GPUs)": r["tokens_per_s"], "tokens/s per GPU": r["tokens_per_s_per_gpu"],
@@ -555,8 +544,11 @@ for path in results.save("02_multi_gpu_training", hw, env, figures, board, publi
 #
 # ```bash
 # torchrun --standalone --nproc-per-node 8 scripts/train_distributed.py --strategy fsdp2 --bf16 --compile \
-#     --model meta-llama/Llama-3.2-1B --seq-len 2048 --micro-batch 4 --global-batch 64 --steps 100
+#     --model meta-llama/Llama-3.2-1B --seq-len 2048 --micro-batch 8 --global-batch 128 --loss full --steps 100
 # ```
+#
+# (section 3's speed set-up: about 52 GiB per GPU on 2 GPUs; on smaller GPUs drop `--loss full`, which
+# chunks the LM head's loss, and halve `--micro-batch`.)
 #
 # Inside your own training script, started by `torchrun`:
 #

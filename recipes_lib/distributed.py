@@ -220,7 +220,9 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
     # DeepSpeed's backward divides the loss by its accumulation steps and averages gradients over
     # ranks; scaling by both gives the same summed, globally token-normalised gradient as the others.
     scale = len(micro_batches) * (dist.get_world_size() if dist.is_initialized() else 1) if accelerator else 1
-    local_loss = 0.0
+    # Summed on the device: a .item() per micro-batch would stall the host until the GPU catches up,
+    # leaving the GPU idle while the next forward's kernels (and FSDP2's prefetching all-gathers) are queued.
+    local_loss = torch.zeros((), device=device, dtype=torch.float32)
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
         last = i == len(micro_batches) - 1
@@ -237,7 +239,7 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
                 with train._autocast(device, autocast_dtype):
                     loss = model(**mb) / total_targets
                 loss.backward()
-        local_loss += loss.item()
+        local_loss += loss.detach().float()
     if after_backward is not None:
         after_backward()
     grad_norm = None
@@ -252,7 +254,7 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
             grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return StepResult(all_ranks_sum(local_loss, device), grad_norm)
+    return StepResult(all_ranks_sum(local_loss.item(), device), grad_norm)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -343,6 +345,27 @@ def predicted_state_bytes(n_params: int, strategy: str, world_size: int) -> dict
     state["total"] = sum(state.values())
     state["on device"] = 0 if strategy == "fsdp2-offload" else state["total"]
     return state
+
+
+def predicted_run_state(result: dict, config, lora_r: int = 16) -> dict[str, float]:
+    """Predicted weights, gradients and AdamW state on one GPU for a ``run`` result of the training script.
+
+    Picks the model for the result's strategy: ``predicted_state_bytes`` for the full-weight
+    strategies, the first (fullest) GPU's share for naive model parallelism, and QLoRA's count
+    (``qlora.predicted_state_bytes``, 4-bit linears, the rest in the compute dtype) over the ranks for
+    FSDP-QLoRA. ``config`` is the model's config (QLoRA and naive model parallelism count by layer).
+    """
+    from . import model_parallel, qlora  # model_parallel imports this module; qlora imports peft
+
+    strategy, world = result["strategy"], max(result["world_size"], result.get("gpus", 1))
+    if strategy == "naive-mp":
+        share = model_parallel.naive_mp_share(config, world)
+        return {k: v * share for k, v in predicted_state_bytes(result["n_params"], "naive-mp", 1).items()}
+    if strategy != "fsdp2-qlora":
+        return predicted_state_bytes(result["n_params"], strategy, world)
+    weight_bytes = 2 if result.get("bf16") else 4  # embeddings and norms stay in the model's dtype
+    state = {k: v / world for k, v in qlora.predicted_state_bytes(config, lora_r, weight_bytes).items()}
+    return state | {"total": sum(state.values()), "on device": sum(state.values())}
 
 
 def report_result(ctx: Context | None, **values) -> None:

@@ -112,6 +112,14 @@ class _Output:
         return "\n".join(lines)
 
 
+def failure_reason(error: RecipeError) -> str:
+    """One line saying why a ``launch`` failed: the last ``RecipeError`` a worker raised (its message,
+    without the rank prefix and module path), else the last line of the error."""
+    lines = str(error).splitlines() or [""]
+    line = next((l for l in reversed(lines) if "RecipeError:" in l), lines[-1]).rpartition("]:")[2]
+    return line.strip().removeprefix("recipes_lib.hardware.")
+
+
 def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float = 600, env: dict | None = None,
            port: int | None = None, backend: str | None = None, echo: bool = True,
            tail_lines: int = 40) -> list[dict]:

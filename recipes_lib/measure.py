@@ -162,11 +162,14 @@ def free_memory() -> None:
 def seconds(fn: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call of ``fn``: CUDA events on a GPU, perf_counter on CPU."""
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
+        # Events record on the current stream of the current device: make ``device`` current, or a
+        # function running on another GPU would be timed by an idle stream (near-zero seconds).
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     fn()
@@ -178,6 +181,15 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
     for _ in range(warmup):
         fn()
     return statistics.median(seconds(fn, device) for _ in range(repeats))
+
+
+def matmul_peak(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> float:
+    """Measured dense matmul FLOP/s on ``n x n`` matrices: the rate a large matmul really gets on this
+    device, the practical ceiling for MFU and for attention kernels (datasheet peaks are not reached)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, device, repeats=repeats, warmup=3)
+    return 2 * n**3 / seconds
 
 
 def linear_shapes(config) -> list[tuple[int, int]]:

@@ -19,6 +19,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import measure
 from .hardware import Hardware, RecipeError
 
+# Notebook 03's committed cells call it from here; it lives in measure (notebook 02 uses it too).
+matmul_peak = measure.matmul_peak
+
 BACKENDS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -111,11 +114,3 @@ def time_and_memory(fn, q, k, v, device: torch.device, repeats: int = 10) -> dic
         measure.free_memory()
         return {"oom": True}
     return {"oom": False, "seconds": seconds, "peak_bytes": peak["peak"]}
-
-
-def matmul_peak(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> float:
-    """Measured dense matmul FLOP/s on ``n x n`` matrices (the ceiling attention is compared against)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = measure.median_seconds(lambda: a @ b, device, repeats=repeats, warmup=3)
-    return 2 * n**3 / seconds

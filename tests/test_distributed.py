@@ -116,6 +116,18 @@ def test_launcher_reports_a_failing_script(tmp_path):
     assert "ValueError: bad value on rank" in str(error.value)
 
 
+def test_failure_reason_is_the_workers_recipe_error_line(tmp_path):
+    script = _write(tmp_path, """
+        from recipes_lib.hardware import RecipeError
+        print("loading", flush=True)
+        raise RecipeError("DeepSpeed needs a GPU")
+    """)
+    with pytest.raises(RecipeError) as error:
+        launcher.launch(script, 1, timeout_s=60, echo=False, env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    assert launcher.failure_reason(error.value) == "RecipeError: DeepSpeed needs a GPU"
+    assert launcher.failure_reason(RecipeError("plain\nlast line")) == "last line"
+
+
 def test_launcher_reads_results_and_rank_prefixes(tmp_path, capsys):
     script = _write(tmp_path, """
         from recipes_lib import distributed
@@ -164,6 +176,22 @@ def test_predicted_state_bytes():
     assert zero2["parameters"] == 2 * n and zero3["parameters"] == n and zero2["optimizer"] == 6 * n
     with pytest.raises(RecipeError, match="strategy"):
         distributed.predicted_state_bytes(n, "zero9", 2)
+
+
+def test_predicted_run_state_by_strategy(tiny_model_dir):
+    from recipes_lib import models, qlora
+    config = models.load_model(tiny_model_dir, dtype=torch.float32).config
+    n = 1_000_000
+    run = {"n_params": n, "world_size": 2, "gpus": 2, "bf16": True}
+    assert distributed.predicted_run_state(run | {"strategy": "fsdp2"}, config) == \
+        distributed.predicted_state_bytes(n, "fsdp2", 2)
+    naive = distributed.predicted_run_state(run | {"strategy": "naive-mp", "world_size": 1}, config)
+    share = model_parallel.naive_mp_share(config, 2)
+    assert naive["on device"] == pytest.approx((4 + 4 + 8) * n * share) and 0.5 < share < 1
+    fsdp_qlora = distributed.predicted_run_state(run | {"strategy": "fsdp2-qlora"}, config, lora_r=8)
+    whole = qlora.predicted_state_bytes(config, 8, 2)
+    assert fsdp_qlora["parameters"] == pytest.approx(whole["parameters"] / 2)
+    assert fsdp_qlora["on device"] == pytest.approx(sum(whole.values()) / 2)
 
 
 def test_naive_model_parallel_split_keeps_the_loss(tiny_model_dir):

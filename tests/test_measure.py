@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_model
 
-from recipes_lib import measure
+from recipes_lib import measure, sdpa_bench
 
 MiB = 2**20
 
@@ -128,6 +128,20 @@ def test_median_seconds_and_steady_median():
     assert len(calls) == 7 and 0 <= t < 0.1
     assert measure.steady_median([100.0, 1.0, 3.0, 2.0]) == 2.0
     assert measure.steady_median([5.0], skip=1) == 5.0
+
+
+def test_matmul_peak_is_a_plausible_rate_on_cpu():
+    rate = measure.matmul_peak(torch.device("cpu"), n=256, dtype=torch.float32, repeats=3)
+    # 2 * 256^3 FLOPs: a CPU core does between 1e8 and 1e13 FLOP/s at this size
+    assert 1e8 < rate < 1e13
+    assert sdpa_bench.matmul_peak is measure.matmul_peak  # notebook 03's committed cells call it there
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_seconds_times_the_given_gpu_not_the_current_one():
+    a = torch.randn(4096, 4096, device="cuda:1")
+    slow = measure.median_seconds(lambda: [a @ a for _ in range(10)], torch.device("cuda:1"), repeats=3)
+    assert slow > 1e-4, "an idle stream on the current GPU was timed instead of cuda:1's work"
 
 
 def test_report_format(capsys):
