@@ -547,8 +547,8 @@ for path in results.save("02_multi_gpu_training", hw, env, figures, board, publi
 #     --model meta-llama/Llama-3.2-1B --seq-len 2048 --micro-batch 8 --global-batch 128 --loss full --steps 100
 # ```
 #
-# (section 3's speed set-up: about 52 GiB per GPU on 2 GPUs; on smaller GPUs drop `--loss full`, which
-# chunks the LM head's loss, and halve `--micro-batch`.)
+# (section 3's speed set-up: about 52 GiB per GPU on 2 GPUs; on smaller GPUs drop `--loss full`, so
+# the default fused loss chunks the LM head, and halve `--micro-batch`.)
 #
 # Inside your own training script, started by `torchrun`:
 #

@@ -406,14 +406,16 @@ plt.show()
 # %% [markdown]
 # **Half the layers is less than half the time.** The `decode step` line splits a step into a fixed
 # part and a part per layer from the two depths measured above. At batch 1 the fixed part is large
-# on a Llama-3.2-1B shape: the tied embedding / LM head is a 128,256 x 2,048 matrix (525 MB in bf16),
-# read once per token whatever the depth, and every decoder layer's seven small products take a few
-# microseconds each however few bytes they read. A student with half the layers therefore decodes
-# less than 2x faster; `layers for 2x` says how few layers would be needed. Below half depth the
-# embedded student would have a single layer for the two-step `kv` lookup, and a student of half the
-# width as well as half the depth, tried in the same scouting run, still scored 0 on `kv` after the
-# same 3,000 x 256 examples (mean score 0.735 against the teacher's 0.97). A smaller vocabulary, or a
-# student that is also narrower and trained for longer, are the levers left.
+# on a Llama-3.2-1B shape. Part of it is the tied embedding / LM head, a 128,256 x 2,048 matrix
+# (525 MB in bf16, roughly 0.18 ms at 3 TB/s) read once per token whatever the depth; the rest is
+# per-step work that does not shrink with depth either (the final norm, the argmax, launching the
+# step's graph). And every decoder layer's seven small products take a few microseconds each however
+# few bytes they read. A student with half the layers therefore decodes less than 2x faster;
+# `layers for 2x` says how few layers would be needed. Below half depth the embedded student would
+# have a single layer for the two-step `kv` lookup (not measured here); a student of half the width
+# as well as half the depth, tried in the same scouting run (at lr 3e-3), still scored 0 on `kv` after
+# the same 3,000 x 256 examples (mean score 0.735 against the teacher's 0.97). A student that is also
+# narrower and trained for longer, or a smaller per-step overhead, are the levers left.
 
 # %% [markdown]
 # ## 3 · Flash attention

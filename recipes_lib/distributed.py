@@ -354,10 +354,13 @@ def predicted_run_state(result: dict, config, lora_r: int = 16) -> dict[str, flo
     strategies, the first (fullest) GPU's share for naive model parallelism, and QLoRA's count
     (``qlora.predicted_state_bytes``, 4-bit linears, the rest in the compute dtype) over the ranks for
     FSDP-QLoRA. ``config`` is the model's config (QLoRA and naive model parallelism count by layer).
+    The GPUs a naive model-parallel run spread over: ``result["gpus"]`` if set, else one per entry
+    of its ``device_peaks``.
     """
     from . import model_parallel, qlora  # model_parallel imports this module; qlora imports peft
 
-    strategy, world = result["strategy"], max(result["world_size"], result.get("gpus", 1))
+    gpus = result.get("gpus") or len(result.get("device_peaks") or ()) or 1
+    strategy, world = result["strategy"], max(result["world_size"], gpus)
     if strategy == "naive-mp":
         share = model_parallel.naive_mp_share(config, world)
         return {k: v * share for k, v in predicted_state_bytes(result["n_params"], "naive-mp", 1).items()}

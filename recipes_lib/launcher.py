@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -116,7 +117,8 @@ def failure_reason(error: RecipeError) -> str:
     """One line saying why a ``launch`` failed: the last ``RecipeError`` a worker raised (its message,
     without the rank prefix and module path), else the last line of the error."""
     lines = str(error).splitlines() or [""]
-    line = next((l for l in reversed(lines) if "RecipeError:" in l), lines[-1]).rpartition("]:")[2]
+    line = next((l for l in reversed(lines) if "RecipeError:" in l), lines[-1])
+    line = re.sub(r"^\[rank\d+\]:", "", line.strip())  # torchrun's per-rank prefix, nothing else
     return line.strip().removeprefix("recipes_lib.hardware.")
 
 

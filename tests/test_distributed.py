@@ -126,6 +126,7 @@ def test_failure_reason_is_the_workers_recipe_error_line(tmp_path):
         launcher.launch(script, 1, timeout_s=60, echo=False, env={"PYTHONPATH": str(Path(__file__).parents[1])})
     assert launcher.failure_reason(error.value) == "RecipeError: DeepSpeed needs a GPU"
     assert launcher.failure_reason(RecipeError("plain\nlast line")) == "last line"
+    assert launcher.failure_reason(RecipeError("[rank1]:RecipeError: a[0]: b")) == "RecipeError: a[0]: b"
 
 
 def test_launcher_reads_results_and_rank_prefixes(tmp_path, capsys):
@@ -187,6 +188,9 @@ def test_predicted_run_state_by_strategy(tiny_model_dir):
         distributed.predicted_state_bytes(n, "fsdp2", 2)
     naive = distributed.predicted_run_state(run | {"strategy": "naive-mp", "world_size": 1}, config)
     share = model_parallel.naive_mp_share(config, 2)
+    # the training script's own result has no "gpus": one device peak per GPU tells the count
+    raw = {"n_params": n, "world_size": 1, "strategy": "naive-mp", "device_peaks": [1, 1]}
+    assert distributed.predicted_run_state(raw, config) == naive
     assert naive["on device"] == pytest.approx((4 + 4 + 8) * n * share) and 0.5 < share < 1
     fsdp_qlora = distributed.predicted_run_state(run | {"strategy": "fsdp2-qlora"}, config, lora_r=8)
     whole = qlora.predicted_state_bytes(config, 8, 2)
