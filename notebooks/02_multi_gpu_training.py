@@ -189,10 +189,10 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 # %% [markdown]
 # ## 2 · Memory per GPU, strategy by strategy: predicted and measured
 #
-# Between the last backward and the optimizer step a rank holds its weights, gradients and
-# optimizer state; `distributed.predicted_run_state` gives them per strategy from the parameter
-# count and the config (bytes per parameter: fp32 master weights 4, gradients 4, AdamW's two
-# moments 8; DDP keeps a second copy of the gradients in its all-reduce buckets; DeepSpeed's bf16 mode keeps bf16 weights
+# Between the last backward and the optimizer step a rank holds its weights, gradients and optimizer
+# state; `distributed.predicted_run_state` gives them per strategy from the parameter count and the
+# config (bytes per parameter: fp32 master weights 4, gradients 4, AdamW's two moments 8; DDP keeps
+# a second copy of the gradients in its all-reduce buckets; DeepSpeed's bf16 mode keeps bf16 weights
 # in the model and the fp32 master copy in its optimizer: 2 + 2 (ZeRO-3: 4) + 12; naive model
 # parallelism puts the embeddings and LM head on the first GPU with its half of the layers, 61% of a
 # Llama-3.2-1B). Each run below reads, on every

@@ -318,12 +318,13 @@ plt.show()
 # the teacher's tasks, then decode speed through the same harness. Training runs in fp32 weights
 # (bf16 autocast on a GPU); the speed runs use the model dtype.
 #
-# How long to distil matters most for the hardest task, `kv` (find the value of a key seen earlier in
-# the prompt): a lookup like this takes two attention layers working together (one to tie each
+# How long to distil matters most for the hardest task, `kv` (find the value of a key seen earlier
+# in the prompt): a lookup like this takes two attention layers working together (one to tie each
 # value to its key, one to find it), the kind of circuit known to form late in training. In a
-# scouting run on an H100 (`results/history/03_distill_scouting.H100.log`) the distilled student scored 0 on `kv` after 700 steps of 64 examples, 0.28 after 4,000 x 64, and 0.93
-# after 3,000 x 256 at twice the learning rate, the setting used here (256,000 examples, three passes);
-# trained on cross-entropy alone for as long, it stayed at 0.08.
+# scouting run on an H100 (`results/history/03_distill_scouting.H100.log`) the distilled student
+# scored 0 on `kv` after 700 steps of 64 examples, 0.28 after 4,000 x 64, and 0.93 after 3,000 x 256
+# at twice the learning rate, the setting used here (256,000 examples, three passes); trained on
+# cross-entropy alone for as long, it stayed at 0.08.
 
 # %%
 teacher = models.load_model(QUALITY_MODEL, dtype=torch.float32)
