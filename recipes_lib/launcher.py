@@ -3,7 +3,9 @@
 ``launch(script, nproc, args)`` runs ``python -m torch.distributed.run`` as a subprocess, prints
 each worker's lines as they come (prefixed ``[rank<r>]:``), and returns the values each rank
 printed with ``distributed.report_result``. A run past its timeout, or interrupted, is stopped
-with all its processes; a failing run raises RecipeError with the workers' last lines.
+with all its processes; a failing run raises RecipeError with the workers' last lines and torchrun's
+account of which worker failed how. A run whose every rank reported its results before a process
+failed on the way out returns those results and prints the failure.
 """
 
 from __future__ import annotations
@@ -112,12 +114,28 @@ class _Output:
         lines = [*self.worker_tail, *self.other_tail] if everything else (self.worker_tail or self.other_tail)
         return "\n".join(lines)
 
+    def exit_summary(self) -> str:
+        """torchrun's one-line account of each failed worker ("rank 1 ... exitcode -11 (SIGSEGV)"): a
+        worker killed by a signal prints no traceback of its own, so this is the only trace it leaves."""
+        self._thread.join(timeout=5)
+        summary, rank = [], None
+        for line in self.other_tail:
+            line = line.strip()
+            if line.startswith("rank") and ":" in line:
+                rank = line.partition(":")[2].strip()
+            elif line.startswith("exitcode") and rank is not None:
+                summary.append(f"torchrun: rank {rank} exited with code {line.partition(':')[2].strip()}")
+        return "\n".join(summary)
+
 
 def failure_reason(error: RecipeError) -> str:
     """One line saying why a ``launch`` failed: the last ``RecipeError`` a worker raised (its message,
-    without the rank prefix and module path), else the last line of the error."""
+    without the rank prefix and module path), else torchrun's account of a worker's exit (a signal, say),
+    else the last line of the error."""
     lines = str(error).splitlines() or [""]
-    line = next((l for l in reversed(lines) if "RecipeError:" in l), lines[-1])
+    line = next((l for l in reversed(lines) if "RecipeError:" in l),
+                next((l for l in lines if l.startswith("torchrun: rank")),
+                     next((l for l in reversed(lines) if l.strip(" =-")), lines[-1])))
     line = re.sub(r"^\[rank\d+\]:", "", line.strip())  # torchrun's per-rank prefix, nothing else
     return line.strip().removeprefix("recipes_lib.hardware.")
 
@@ -156,7 +174,19 @@ def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float =
     except BaseException:  # KeyboardInterrupt (a notebook's stop button) too: leave nothing running
         _stop(proc)
         raise
+    tail = output.tail()  # also waits until the reader has seen every line
+    results = sorted(output.results, key=lambda r: r.get("rank", -1))
     if proc.returncode != 0:
-        raise RecipeError(f"{script} failed (exit code {proc.returncode}). Last output:\n{output.tail()}")
-    output.tail()  # the reader has seen every line
-    return sorted(output.results, key=lambda r: r["rank"])
+        # torchrun's own last lines where it names no failed worker: the launcher itself failed.
+        summary = output.exit_summary() or "\n".join(list(output.other_tail)[-8:])
+        if sorted(r.get("rank", -1) for r in results) == list(range(nproc)):
+            # Every rank finished its work and reported it; a process then failed on its way out (CI once
+            # saw a gloo run exit with code 1 after its RESULT lines, no traceback). The results stand
+            # and the failure is printed, not hidden.
+            how = summary.replace("\n", "; ") or f"exit code {proc.returncode}"
+            print(f"launcher: every rank reported its results, then the run failed on its way out ({how}); "
+                  f"the results are kept", flush=True)
+            return results
+        raise RecipeError(f"{script} failed (exit code {proc.returncode}). Last output:\n{tail}"
+                          + (f"\n{summary}" if summary and output.worker_tail else ""))
+    return results

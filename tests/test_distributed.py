@@ -129,6 +129,27 @@ def test_failure_reason_is_the_workers_recipe_error_line(tmp_path):
     assert launcher.failure_reason(RecipeError("[rank1]:RecipeError: a[0]: b")) == "RecipeError: a[0]: b"
 
 
+def test_failure_reason_names_a_worker_killed_by_a_signal(tmp_path, capsys):
+    # A worker that dies from a signal prints no traceback: only torchrun's summary says what happened.
+    script = _write(tmp_path, """
+        import json, os, signal, sys
+        rank = int(os.environ["RANK"])
+        if rank == 0 or sys.argv[1] == "after-results":
+            print("RESULT " + json.dumps({"rank": rank}), flush=True)
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGSEGV)
+    """)
+    with pytest.raises(RecipeError) as error:
+        launcher.launch(script, 2, ["before-results"], timeout_s=60, echo=False)
+    reason = launcher.failure_reason(error.value)
+    assert reason.startswith("torchrun: rank 1") and "-11" in reason and "SIGSEGV" in reason, reason
+    # Every rank reported before one of them failed on its way out: the results stand, the failure is shown.
+    capsys.readouterr()
+    assert launcher.launch(script, 2, ["after-results"], timeout_s=60, echo=False) == [{"rank": 0}, {"rank": 1}]
+    printed = capsys.readouterr().out
+    assert "every rank reported its results" in printed and "SIGSEGV" in printed, printed
+
+
 def test_launcher_reads_results_and_rank_prefixes(tmp_path, capsys):
     script = _write(tmp_path, """
         from recipes_lib import distributed
