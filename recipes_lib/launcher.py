@@ -181,9 +181,9 @@ def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float =
         summary = output.exit_summary() or "\n".join(list(output.other_tail)[-8:])
         if sorted(r.get("rank", -1) for r in results) == list(range(nproc)):
             # Every rank finished its work and reported it; a process then failed on its way out (CI once
-            # saw a gloo run exit with code 1 after its RESULT lines, no traceback). The results stand
-            # and the failure is printed, not hidden.
-            how = summary.replace("\n", "; ") or f"exit code {proc.returncode}"
+            # saw a gloo run fail after rank 0's RESULT line, with no traceback). The results stand and
+            # the failure is printed, not hidden.
+            how = summary.replace("\n", "; ")[-600:] or f"exit code {proc.returncode}"
             print(f"launcher: every rank reported its results, then the run failed on its way out ({how}); "
                   f"the results are kept", flush=True)
             return results
