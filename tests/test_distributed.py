@@ -132,11 +132,12 @@ def test_failure_reason_is_the_workers_recipe_error_line(tmp_path):
 def test_failure_reason_names_a_worker_killed_by_a_signal(tmp_path, capsys):
     # A worker that dies from a signal prints no traceback: only torchrun's summary says what happened.
     script = _write(tmp_path, """
-        import json, os, signal, sys
+        import json, os, signal, sys, time
         rank = int(os.environ["RANK"])
         if rank == 0 or sys.argv[1] == "after-results":
             print("RESULT " + json.dumps({"rank": rank}), flush=True)
         if rank == 1:
+            time.sleep(2)  # rank 0 reports first: torchrun stops the other workers once one fails
             os.kill(os.getpid(), signal.SIGSEGV)
     """)
     with pytest.raises(RecipeError) as error:
