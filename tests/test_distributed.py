@@ -146,7 +146,8 @@ def test_failure_reason_names_a_worker_killed_by_a_signal(tmp_path, capsys):
     assert reason.startswith("torchrun: rank 1") and "-11" in reason and "SIGSEGV" in reason, reason
     # Every rank reported before one of them failed on its way out: the results stand, the failure is shown.
     capsys.readouterr()
-    assert launcher.launch(script, 2, ["after-results"], timeout_s=60, echo=False) == [{"rank": 0}, {"rank": 1}]
+    results = launcher.launch(script, 2, ["after-results"], timeout_s=60, echo=False)
+    assert results == [{"rank": 0}, {"rank": 1}]
     printed = capsys.readouterr().out
     assert "every rank reported its results" in printed and "SIGSEGV" in printed, printed
 
