@@ -181,7 +181,7 @@ def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float =
         summary = output.exit_summary() or "\n".join(list(output.other_tail)[-8:])
         if sorted(r.get("rank", -1) for r in results) == list(range(nproc)):
             # Every rank finished its work and reported it; a process then failed on its way out. Seen on
-            # CPU with gloo (fsdp2-qlora, once in nine notebook runs here; the same symptom once in CI):
+            # CPU with gloo (fsdp2-qlora, once in 11 notebook runs here; the same symptom once in CI):
             # after both RESULT lines, rank 0's stderr read "terminate called without an active exception",
             # a C++ thread still running at interpreter exit (results/history/02_cpu_qlora_exit_abort.log).
             # The results stand and the failure is printed, not hidden.
