@@ -116,8 +116,8 @@ class _Output:
 
     def exit_summary(self) -> str:
         """torchrun's one-line account of each failed worker ("rank 1 ... exitcode -11 (SIGSEGV)"): a
-        worker killed by a signal prints no traceback of its own, so this is the only trace it leaves."""
-        self._thread.join(timeout=5)
+        worker killed by a signal prints no traceback of its own, so this is the only trace it leaves.
+        Read after ``tail()``, which waits for the reader."""
         summary, rank = [], None
         for line in self.other_tail:
             line = line.strip()
@@ -133,9 +133,9 @@ def failure_reason(error: RecipeError) -> str:
     without the rank prefix and module path), else torchrun's account of a worker's exit (a signal, say),
     else the last line of the error."""
     lines = str(error).splitlines() or [""]
-    line = next((l for l in reversed(lines) if "RecipeError:" in l),
-                next((l for l in lines if l.startswith("torchrun: rank")),
-                     next((l for l in reversed(lines) if l.strip(" =-")), lines[-1])))
+    line = [*(l for l in reversed(lines) if "RecipeError:" in l),
+            *(l for l in lines if l.startswith("torchrun: rank")),
+            *(l for l in reversed(lines) if l.strip(" =-")), lines[-1]][0]
     line = re.sub(r"^\[rank\d+\]:", "", line.strip())  # torchrun's per-rank prefix, nothing else
     return line.strip().removeprefix("recipes_lib.hardware.")
 
@@ -179,7 +179,7 @@ def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float =
     if proc.returncode != 0:
         # torchrun's own last lines where it names no failed worker: the launcher itself failed.
         summary = output.exit_summary() or "\n".join(list(output.other_tail)[-8:])
-        if sorted(r.get("rank", -1) for r in results) == list(range(nproc)):
+        if [r.get("rank", -1) for r in results] == list(range(nproc)):
             # Every rank finished its work and reported it; a process then failed on its way out. Seen on
             # CPU with gloo (fsdp2-qlora, once in 11 notebook runs here; the same symptom once in CI):
             # after both RESULT lines, rank 0's stderr read "terminate called without an active exception",
