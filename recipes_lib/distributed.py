@@ -372,10 +372,17 @@ def predicted_run_state(result: dict, config, lora_r: int = 16) -> dict[str, flo
 
 
 def report_result(ctx: Context | None, **values) -> None:
-    """Print one line the launcher parses: ``RESULT {"rank": r, ...}``.
+    """Print one line the launcher parses: ``RESULT {"rank": r, ...}``; under ``launcher.launch``
+    also write it to the run's result folder (``launcher.RESULT_DIR_ENV``).
 
     One write of the whole line: ranks sharing a stdout (torchrun without ``--tee``) then cannot
-    interleave inside it (``print`` writes the text and the newline separately).
+    interleave inside it (``print`` writes the text and the newline separately). The file is what the
+    launcher trusts: torchrun's ``--tee`` reader can drop a worker's last line when the worker exits
+    right after writing it (it checks "finished" after reading end-of-file, without reading again).
     """
-    sys.stdout.write(launcher.RESULT_PREFIX + json.dumps({"rank": ctx.rank if ctx else 0, **values}) + "\n")
+    line = json.dumps({"rank": ctx.rank if ctx else 0, **values})
+    sys.stdout.write(launcher.RESULT_PREFIX + line + "\n")
     sys.stdout.flush()
+    folder = os.environ.get(launcher.RESULT_DIR_ENV)
+    if folder and os.path.isdir(folder):  # another node of a multi-node run has no such folder
+        launcher.write_result(folder, line)

@@ -19,8 +19,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import psutil  # a dependency of accelerate
 import torch
@@ -29,6 +31,21 @@ import torch.distributed as dist
 from .hardware import RecipeError
 
 RESULT_PREFIX = "RESULT "
+# The folder where ``distributed.report_result`` also writes each rank's result as a file.
+RESULT_DIR_ENV = "RECIPES_RESULT_DIR"
+
+
+def write_result(folder: str, line: str) -> None:
+    """Write one rank's JSON result line into ``folder`` whole (a temporary name, then a rename)."""
+    rank = json.loads(line).get("rank", 0)
+    path = os.path.join(folder, f"rank{rank}.json")
+    with open(path + ".part", "w") as f:
+        f.write(line)
+    os.replace(path + ".part", path)
+
+
+def _read_results(folder: str) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(Path(folder).glob("rank*.json"))]
 
 
 def check_backend(backend: str) -> None:
@@ -162,6 +179,8 @@ def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float =
     prefix = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]:", "PYTHONUNBUFFERED": "1",
               # torchrun's own default, set here so it does not print a banner about it on every launch
               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result_dir = tempfile.TemporaryDirectory(prefix="recipes-results-")
+    prefix[RESULT_DIR_ENV] = result_dir.name
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | prefix | (env or {}), start_new_session=True)
     output = _Output(proc.stdout, echo, tail_lines)
@@ -175,7 +194,10 @@ def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float =
         _stop(proc)
         raise
     tail = output.tail()  # also waits until the reader has seen every line
-    results = sorted(output.results, key=lambda r: r.get("rank", -1))
+    # The result files win: a RESULT line that torchrun's --tee reader dropped is still in its file.
+    with result_dir:
+        by_rank = {r.get("rank", -1): r for r in [*output.results, *_read_results(result_dir.name)]}
+    results = [by_rank[rank] for rank in sorted(by_rank)]
     if proc.returncode != 0:
         # torchrun's own last lines where it names no failed worker: the launcher itself failed.
         summary = output.exit_summary() or "\n".join(list(output.other_tail)[-8:])

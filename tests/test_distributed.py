@@ -167,6 +167,21 @@ def test_launcher_reads_results_and_rank_prefixes(tmp_path, capsys):
     assert "RESULT" not in printed
 
 
+def test_launcher_reads_a_result_whose_line_never_arrived(tmp_path):
+    # torchrun's --tee reader can drop a worker's last line; the rank's result file still holds it.
+    script = _write(tmp_path, """
+        import json, os
+        from recipes_lib import launcher
+        rank = int(os.environ["RANK"])
+        line = json.dumps({"rank": rank, "from": "file"})
+        if rank == 0:
+            print(launcher.RESULT_PREFIX + line, flush=True)
+        launcher.write_result(os.environ[launcher.RESULT_DIR_ENV], line)
+    """)
+    results = launcher.launch(script, 2, timeout_s=60, echo=False, env={"PYTHONPATH": str(REPO_ROOT)})
+    assert results == [{"rank": 0, "from": "file"}, {"rank": 1, "from": "file"}]
+
+
 def test_bad_launch_requests_fail_before_starting(monkeypatch):
     with pytest.raises(RecipeError, match="in use"):
         with socket.socket() as busy:
