@@ -70,8 +70,12 @@ import torch
 from IPython.display import display
 from transformers import AutoConfig
 
-from recipes_lib import bench, data, evaluate, hardware, losses, measure, models, offload, plots, qlora, results, tasks, train
-from recipes_lib.measure import GiB, report
+from recipes_lib import plots, results
+from recipes_lib.core import batches, errors, hardware, losses, models, tasks, train
+from recipes_lib.measure import bench, flops, predict, quality
+from recipes_lib.memory import offload, qlora
+from recipes_lib.measure.memory import GiB
+from recipes_lib.measure.report import report
 
 torch.manual_seed(0)
 hw = hardware.detect()
@@ -106,16 +110,16 @@ def fits(*rows):
 config = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
 SEQ_LEN = P["seq_len"]
 models.check_seq_len(config, SEQ_LEN)
-docs = data.random_documents(400, config.vocab_size, SEQ_LEN // 8, SEQ_LEN, seed=0)
+docs = batches.random_documents(400, config.vocab_size, SEQ_LEN // 8, SEQ_LEN, seed=0)
 
 
 def packed(micro_batch):
-    return data.packed_batches(docs, SEQ_LEN, micro_batch, seed=0)
+    return batches.packed_batches(docs, SEQ_LEN, micro_batch, seed=0)
 
 
 def flops_per_token(model):
     trainable, total = models.count_parameters(model)
-    return measure.training_flops_per_token(config, SEQ_LEN, trainable / total)
+    return flops.training_flops_per_token(config, SEQ_LEN, trainable / total)
 
 
 def adamw(model):
@@ -134,7 +138,7 @@ def measured(cfg, batches_fn=packed):
     return row
 
 
-n_params = sum(i * o for i, o in qlora._linear_shapes(config)) + config.vocab_size * config.hidden_size
+n_params = sum(i * o for i, o in flops.linear_shapes(config)) + config.vocab_size * config.hidden_size
 print(f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}: "
       f"{n_params / 1e6:,.1f}M parameters | {len(docs)} documents, {SEQ_LEN} tokens per row")
 
@@ -157,7 +161,7 @@ full_row, qlora_row = measured(full_cfg), measured(qlora_cfg)
 for row, r in [(full_row, None), (qlora_row, P["lora_r"])]:
     if row["oom"]:
         continue
-    predicted = qlora.predicted_state_bytes(config, r, weight_bytes)
+    predicted = predict.qlora_state_bytes(config, r, weight_bytes)
     m = row["memory"]
     for part in ("parameters", "gradients", "optimizer"):
         print(f"{row['name']:<15} {part:<11} predicted {predicted[part] / GiB:8.3f} GiB | "
@@ -192,18 +196,18 @@ plt.show()
 
 # %%
 tokenizer = models.load_tokenizer(QUALITY_NAME)
-ft_docs = data.encode(tokenizer, tasks.make_examples(4000, seed=7, tasks=(FINETUNE_TASK,)))
+ft_docs = batches.encode(tokenizer, tasks.make_examples(4000, seed=7, tasks=(FINETUNE_TASK,)))
 held_out = tasks.make_examples(200, seed=8, tasks=(FINETUNE_TASK,))
-quality = {"before": evaluate.task_scores(models.load_model(QUALITY_NAME), tokenizer, held_out)[FINETUNE_TASK]}
+quality = {"before": quality.task_scores(models.load_model(QUALITY_NAME), tokenizer, held_out)[FINETUNE_TASK]}
 
 
 def finetune(model, lr):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    batches = data.padded_batches(ft_docs, P["finetune_batch"], tokenizer.pad_token_id, seed=1)
+    batches = batches.padded_batches(ft_docs, P["finetune_batch"], tokenizer.pad_token_id, seed=1)
     steps = P["finetune_steps"]
     stats = train.train(model, optimizer, batches, steps=steps, autocast_dtype=hw.amp_dtype,
                         scheduler=train.cosine_schedule(optimizer, steps, warmup=steps // 10), desc="fine-tune")
-    return evaluate.task_scores(model, tokenizer, held_out)[FINETUNE_TASK], stats.losses[-1]
+    return quality.task_scores(model, tokenizer, held_out)[FINETUNE_TASK], stats.losses[-1]
 
 
 quality["full fine-tune"], _ = finetune(models.load_model(QUALITY_NAME), lr=1e-3)
@@ -244,7 +248,7 @@ def trainable(model):
 
 
 def lora_grads(model):
-    train.accumulate_gradients(model, [data.pad_batch(ft_docs[:4], tokenizer.pad_token_id)])
+    train.accumulate_gradients(model, [batches.pad_batch(ft_docs[:4], tokenizer.pad_token_id)])
     return torch.cat([p.grad.flatten() for p in trainable(model)])
 
 
@@ -299,10 +303,10 @@ def full_grads(micro_batches, naive=False):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-uneven = sorted(ft_docs[:12] + data.encode(tokenizer, tasks.make_examples(4, seed=9, tasks=("kv",))),
+uneven = sorted(ft_docs[:12] + batches.encode(tokenizer, tasks.make_examples(4, seed=9, tasks=("kv",))),
                 key=lambda d: len(d.input_ids))
-big_batch = [data.pad_batch(uneven, tokenizer.pad_token_id)]
-micro = [data.pad_batch(uneven[i:i + 4], tokenizer.pad_token_id) for i in range(0, len(uneven), 4)]
+big_batch = [batches.pad_batch(uneven, tokenizer.pad_token_id)]
+micro = [batches.pad_batch(uneven[i:i + 4], tokenizer.pad_token_id) for i in range(0, len(uneven), 4)]
 print("target tokens per micro-batch:", [losses.count_targets(mb["labels"]) for mb in micro])
 g_big, g_acc, g_naive = full_grads(big_batch), full_grads(micro), full_grads(micro, naive=True)
 accum_error = ((g_acc - g_big).norm() / g_big.norm()).item()
@@ -355,7 +359,7 @@ if fits(full_row, offload_full_row):
 # %%
 probe = models.load_model(QUALITY_NAME)
 opt = offload.offloaded_adamw(probe.parameters(), hw.device, lr=1e-4)
-train.train(probe, opt, data.padded_batches(ft_docs, 4, tokenizer.pad_token_id), steps=1, max_grad_norm=None, progress=False)
+train.train(probe, opt, batches.padded_batches(ft_docs, 4, tokenizer.pad_token_id), steps=1, max_grad_norm=None, progress=False)
 state_bytes = offload.optimizer_state_bytes(opt)
 report("optimizer state", **{f"{device} MiB": n / 2**20 for device, n in state_bytes.items()})
 assert state_bytes.get("cpu", 0) > 0.99 * sum(state_bytes.values()), "the optimizer state should be in host memory"
@@ -421,7 +425,7 @@ plt.show()
 
 # %%
 def padded(micro_batch, pad_to=None):
-    return data.padded_batches(docs, micro_batch, 0, seed=0, pad_to=pad_to)
+    return batches.padded_batches(docs, micro_batch, 0, seed=0, pad_to=pad_to)
 
 
 def docs_model():
@@ -481,7 +485,7 @@ for attempt in (lambda: models.load_model("./models/does-not-exist"),
                 lambda: models.check_seq_len(config, config.max_position_embeddings + 1)):
     try:
         attempt()
-    except hardware.RecipeError as error:
+    except errors.RecipeError as error:
         print("RecipeError:", error)
 import warnings
 
@@ -524,7 +528,7 @@ for path in results.save("01_large_models_limited_hardware", hw, env, figures, b
 # hw = hardware.detect()
 # model = qlora.qlora_model("meta-llama/Llama-3.2-1B", r=16, gradient_checkpointing=True)   # QLoRA + checkpointing
 # optimizer = offload.offloaded_adamw(model.parameters(), hw.device, lr=2e-4)               # CPU-offloaded AdamW
-# batches = data.packed_batches(my_documents, seq_len=2048, batch_size=2)                   # packed micro-batches
+# batches = batches.packed_batches(my_documents, seq_len=2048, batch_size=2)                   # packed micro-batches
 # train.train(model, optimizer, batches, steps=1000, accum_steps=8,                          # token-normalised accumulation
 #             autocast_dtype=hw.amp_dtype, max_grad_norm=None)
 # ```

@@ -91,9 +91,14 @@ import torch
 from IPython.display import display
 from transformers import AutoConfig
 
-from recipes_lib import dataload, distributed, hardware, launcher, measure, model_parallel, models, plots, qlora
-from recipes_lib import results, zero
-from recipes_lib.measure import GiB, report
+from recipes_lib import plots
+from recipes_lib.core import dataload, errors, hardware, models, train
+from recipes_lib.measure import flops, memory, predict, timing
+from recipes_lib.parallel import context, fsdp2, launcher, step
+from recipes_lib import results
+from recipes_lib.parallel import zero
+from recipes_lib.measure.memory import GiB
+from recipes_lib.measure.report import report
 
 hw = hardware.detect()
 profile = os.environ.get("RECIPES_PROFILE", PROFILE)
@@ -141,7 +146,7 @@ def check_args(strategy, save_params=None):
 # of **all** ranks, and the gradients are **summed** over ranks (FSDP2's and DDP's default is a mean,
 # which is only right when every rank holds the same number of tokens). So the step is the one
 # process's step, up to the order of floating-point additions. The loss is computed inside the
-# wrapped module (`distributed.LossModel`: the fused chunked LM head + cross-entropy), so FSDP2's
+# wrapped module (`train.LossModel`: the fused chunked LM head + cross-entropy), so FSDP2's
 # root unit gathers the embeddings and LM head for it like for any layer.
 #
 # The first run, FSDP2 on 2 processes, prints each worker's lines live, prefixed with its rank; the
@@ -190,14 +195,14 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 # ## 2 · Memory per GPU, strategy by strategy: predicted and measured
 #
 # Between the last backward and the optimizer step a rank holds its weights, gradients and optimizer
-# state; `distributed.predicted_run_state` gives them per strategy from the parameter count and the
+# state; `predict.predicted_run_state` gives them per strategy from the parameter count and the
 # config (bytes per parameter: fp32 master weights 4, gradients 4, AdamW's two moments 8; DDP keeps
 # a second copy of the gradients in its all-reduce buckets; DeepSpeed's bf16 mode keeps bf16 weights
 # in the model and the fp32 master copy in its optimizer: 2 + 2 (ZeRO-3: 4) + 12; naive model
 # parallelism puts the embeddings and LM head on the first GPU with its half of the layers, 61% of a
 # Llama-3.2-1B). Each run below reads, on every
 # GPU, the bytes allocated right after the last backward (that state, measured) and the peak of the
-# steps after warm-up; `distributed.memory_breakdown` splits the peak into weights, gradients,
+# steps after warm-up; `memory.memory_breakdown` splits the peak into weights, gradients,
 # optimizer state and activations (with temporaries, FSDP2's gathered layers among them).
 #
 # All strategies train the same model on the same batches: bf16 compute (fp32 on CPU), `micro_batch`
@@ -220,14 +225,14 @@ def scale_run(strategy, nproc, **overrides):
     try:
         result = launcher.launch(SCRIPT, nproc, script_args(values), timeout_s=P["timeout_s"],
                                  backend=BACKEND if nproc > 1 else None, env=WORKER_ENV, echo=False)
-    except hardware.RecipeError as error:
+    except errors.RecipeError as error:
         reason = launcher.failure_reason(error)  # the worker's own RecipeError line
         print(f"{strategy}: not run here: {reason[:160]}")
         return {"strategy": strategy, "error": reason}
     r = result[0] | {"gpus": gpus, "seconds": time.perf_counter() - start}
-    fpt = measure.training_flops_per_token(model_config, P["seq_len"], r["trainable_params"] / r["n_params"])
+    fpt = flops.training_flops_per_token(model_config, P["seq_len"], r["trainable_params"] / r["n_params"])
     r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / max(gpus, 1)
-    r["mfu"] = measure.mfu(r["tokens_per_s_per_gpu"], fpt, hw.peak_flops)
+    r["mfu"] = flops.mfu(r["tokens_per_s_per_gpu"], fpt, hw.peak_flops)
     report(strategy, **{"tokens/s per GPU": r["tokens_per_s_per_gpu"], "peak GiB": (r["peak_bytes"] or 0) / GiB,
                         "run s": r["seconds"]})
     return r
@@ -238,7 +243,7 @@ FEWER = {"fsdp2-offload": {"steps": P["warmup"] + 1}}
 scale = {strategy: scale_run(strategy, nproc, **FEWER.get(strategy, {})) for strategy, nproc in STRATEGIES}
 
 # %%
-predicted = {strategy: distributed.predicted_run_state(r, model_config, P["lora_r"])
+predicted = {strategy: predict.predicted_run_state(r, model_config, P["lora_r"])
              for strategy, r in scale.items() if "error" not in r}
 UNIT, U = (GiB, "GiB") if hw.cuda else (2**20, "MiB")  # the CPU profile's tiny model: MiB
 rows = []
@@ -247,7 +252,7 @@ for strategy, r in scale.items():
         rows.append({"strategy": strategy, "note": r["error"][:90]})
         continue
     row = {"strategy": strategy, "GPUs": r["gpus"], f"state predicted ({U})": predicted[strategy]["on device"] / UNIT}
-    memory = distributed.memory_breakdown(r)
+    memory = memory.memory_breakdown(r)
     if memory is not None:  # CUDA readings
         state = memory.parameters + memory.gradients + memory.optimizer
         row |= {f"state measured ({U})": state / UNIT} | {f"{k} ({U})": v / UNIT for k, v in vars(memory).items()}
@@ -290,7 +295,7 @@ if hw.cuda:
     needed = {"fsdp2-offload"} | ({"naive-mp"} if GPUS >= 2 else set()) | \
         ({"deepspeed-zero2", "deepspeed-zero3"} if DEEPSPEED else set())
     assert needed <= set(ok), f"failed on this GPU machine: {sorted(needed - set(ok))}"
-    mem = {s: distributed.memory_breakdown(r) for s, r in ok.items()}
+    mem = {s: memory.memory_breakdown(r) for s, r in ok.items()}
     for strategy in mem.keys() - {"fsdp2-qlora"}:  # QLoRA's state is checked above, from its shards
         state = mem[strategy].parameters + mem[strategy].gradients + mem[strategy].optimizer
         assert abs(state - predicted[strategy]["on device"]) < 0.05 * predicted["ddp"]["on device"], strategy
@@ -310,12 +315,12 @@ else:  # refused with the reason
 # %%
 COMMITTED = os.path.join(ROOT, "results", "02_multi_gpu_training.H200.json")
 if hw.cuda:
-    bars = [{"name": s, "memory": distributed.memory_breakdown(r)} for s, r in ok.items()]
+    bars = [{"name": s, "memory": memory.memory_breakdown(r)} for s, r in ok.items()]
     speeds = [(s, r["tokens_per_s_per_gpu"]) for s, r in ok.items()]
     source = f"measured here, {GPUS} x {hw.name}"
 elif os.path.exists(COMMITTED):  # show the committed GPU run's figures instead of CPU memory nobody needs
     committed = json.load(open(COMMITTED))["figures"]["scale"]
-    bars = [{"name": s, "memory": distributed.memory_breakdown(r)} for s, r in committed.items() if "error" not in r]
+    bars = [{"name": s, "memory": memory.memory_breakdown(r)} for s, r in committed.items() if "error" not in r]
     speeds = [(s, r["tokens_per_s_per_gpu"]) for s, r in committed.items() if "error" not in r]
     source = "the committed 2 x H200 run (results/02_multi_gpu_training.H200.json); no GPU here"
 else:
@@ -344,22 +349,22 @@ if bars:
 #   chunk loop costs time: on one H100 it was about 15% of the step (`results/history/02_mfu_probe.H100.log`).
 #   With 141 GB per GPU, memory is not what limits this run, so it spends memory on speed.
 #
-# MFU counts the model's FLOPs per token (`6N + 12·L·d·T`, `measure.training_flops_per_token`) times
+# MFU counts the model's FLOPs per token (`6N + 12·L·d·T`, `flops.training_flops_per_token`) times
 # tokens/s per GPU, over a peak: the datasheet's dense bf16 figure, and the bf16 matmul rate measured
-# on this GPU (`measure.matmul_peak`, an 8192³ product), which is what the GPU can actually give a
+# on this GPU (`timing.matmul_peak`, an 8192³ product), which is what the GPU can actually give a
 # large matmul.
 
 # %%
-measured_peak = measure.matmul_peak(hw.device, repeats=50) if hw.cuda else None
+measured_peak = timing.matmul_peak(hw.device, repeats=50) if hw.cuda else None
 speed = {}
 for nproc in (1, NPROC):
     speed[nproc] = scale_run("fsdp2", nproc, compile=hw.cuda, loss=P["speed_loss"],
                              **{"micro-batch": P["speed_micro_batch"]}, rows=P["speed_micro_batch"] * P["accum"] * nproc)
-fpt = measure.training_flops_per_token(model_config, P["seq_len"])
+fpt = flops.training_flops_per_token(model_config, P["seq_len"])
 scaling = speed[NPROC]["tokens_per_s"] / speed[1]["tokens_per_s"]
 speed_rows = [{"GPUs": n, "tokens/s (all GPUs)": r["tokens_per_s"], "tokens/s per GPU": r["tokens_per_s_per_gpu"],
-               "MFU, datasheet peak (%)": 100 * (measure.mfu(r["tokens_per_s_per_gpu"], fpt, hw.peak_flops) or 0),
-               "MFU, measured matmul peak (%)": 100 * (measure.mfu(r["tokens_per_s_per_gpu"], fpt, measured_peak) or 0),
+               "MFU, datasheet peak (%)": 100 * (flops.mfu(r["tokens_per_s_per_gpu"], fpt, hw.peak_flops) or 0),
+               "MFU, measured matmul peak (%)": 100 * (flops.mfu(r["tokens_per_s_per_gpu"], fpt, measured_peak) or 0),
                "peak (GiB)": (r["peak_bytes"] or 0) / GiB} for n, r in speed.items()]
 display(pd.DataFrame(speed_rows).set_index("GPUs").round(1))
 report("scaling 1 -> 2", **{"speed-up": scaling, "datasheet peak TFLOP/s": (hw.peak_flops or 0) / 1e12,
@@ -369,8 +374,8 @@ report("scaling 1 -> 2", **{"speed-up": scaling, "datasheet peak TFLOP/s": (hw.p
 if hw.cuda:
     assert measured_peak < 1.1 * hw.peak_flops, "a matmul faster than the datasheet: the timing is wrong"
     assert scaling > 1.5, "2 GPUs should nearly double the throughput (NVLink, communication overlapped)"
-    mfu_datasheet = measure.mfu(speed[NPROC]["tokens_per_s_per_gpu"], fpt, hw.peak_flops)
-    mfu_measured = measure.mfu(speed[NPROC]["tokens_per_s_per_gpu"], fpt, measured_peak)
+    mfu_datasheet = flops.mfu(speed[NPROC]["tokens_per_s_per_gpu"], fpt, hw.peak_flops)
+    mfu_measured = flops.mfu(speed[NPROC]["tokens_per_s_per_gpu"], fpt, measured_peak)
     check_target("FSDP2 scaling 1 -> 2 GPUs >= 1.85x tokens/s", f"{scaling:.2f}x", scaling >= 1.85)
     check_target("MFU >= 45% in bf16, of the measured bf16 matmul peak",
                  f"{mfu_measured:.1%} of {measured_peak / 1e12:.0f} TFLOP/s", mfu_measured >= 0.45)
@@ -470,7 +475,7 @@ def attempt(label, fn):
     try:
         fn()
         outcome = "no error"
-    except hardware.RecipeError as error:
+    except errors.RecipeError as error:
         outcome = error
     print(f"{label}: {type(outcome).__name__}: {str(outcome).splitlines()[0][:200]}")
     return outcome
@@ -514,7 +519,7 @@ left = [p for p in children() if p.pid not in before]
 # %%
 for label, outcome in cases.items():
     if outcome is not None:
-        assert isinstance(outcome, hardware.RecipeError), f"{label}: expected a RecipeError"
+        assert isinstance(outcome, errors.RecipeError), f"{label}: expected a RecipeError"
 assert "ValueError: bad value on rank" in str(cases["a failing worker"]), "the workers' traceback is shown"
 assert "timeout_s=5" in str(cases["a hung worker (timeout 5 s)"])
 assert "train_micro_batch_size_per_gpu=16 but this run uses 2" in str(cases["a wrong DeepSpeed config"])
@@ -556,14 +561,14 @@ for path in results.save("02_multi_gpu_training", hw, env, figures, board, publi
 # import torch
 # from recipes_lib import distributed, models
 #
-# ctx = distributed.setup()                                   # NCCL on GPUs, gloo on CPU
-# model = distributed.LossModel(models.load_model("meta-llama/Llama-3.2-1B", dtype=torch.float32, hw=...))
-# distributed.compile_layers(model)                           # optional: torch.compile each decoder layer
-# model = distributed.shard_fsdp2(model, mixed_precision=True)  # bf16 compute, fp32 shards and reductions
+# ctx = context.setup()                                   # NCCL on GPUs, gloo on CPU
+# model = train.LossModel(models.load_model("meta-llama/Llama-3.2-1B", dtype=torch.float32, hw=...))
+# fsdp2.compile_layers(model)                           # optional: torch.compile each decoder layer
+# model = fsdp2.shard_fsdp2(model, mixed_precision=True)  # bf16 compute, fp32 shards and reductions
 # optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
 # for micro_batches in my_batches:                            # this rank's slice of each global batch
-#     step = distributed.train_step(model, optimizer, micro_batches, ctx.device)
-# distributed.cleanup()
+#     step = step.train_step(model, optimizer, micro_batches, ctx.device)
+# context.cleanup()
 # ```
 #
 # Memory short? `--strategy fsdp2-qlora` (a 4-bit base, LoRA adapters) or `fsdp2-offload`. Input

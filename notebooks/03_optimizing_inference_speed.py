@@ -90,9 +90,13 @@ import torch
 from IPython.display import display
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
-from recipes_lib import (data, distill, evaluate, generate, hardware, measure, models, norms, quantize, results,
-                         rmsnorm_triton, sdpa_bench, tasks, train)
-from recipes_lib.measure import GiB, report
+from recipes_lib import results
+from recipes_lib.attention import kernels
+from recipes_lib.core import batches, errors, hardware, models, tasks, train
+from recipes_lib.inference import distill, norms, quantize, rmsnorm_triton
+from recipes_lib.measure import decode, flops, memory, microbench, quality, timing
+from recipes_lib.measure.memory import GiB
+from recipes_lib.measure.report import report
 
 torch._logging.set_logs(inductor=logging.ERROR)  # autotuning chatter would fill the outputs
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a per-call "inputs will be cast to fp16" notice
@@ -130,13 +134,13 @@ def speed_row(row):
 # %%
 tokenizer = models.load_tokenizer(QUALITY_MODEL)
 held_out = tasks.make_examples(P["eval_examples"], seed=12345)
-ppl_docs = data.encode(tokenizer, tasks.make_examples(P["eval_examples"], seed=4242), train_on_prompt=True)
+ppl_docs = batches.encode(tokenizer, tasks.make_examples(P["eval_examples"], seed=4242), train_on_prompt=True)
 
 
 def quality(model):
     """Perplexity on held-out text and mean task score, in one dict."""
-    scores = evaluate.task_scores(model, tokenizer, held_out)
-    return {"perplexity": evaluate.perplexity(model, ppl_docs, tokenizer.pad_token_id), "accuracy": scores["mean"],
+    scores = quality.task_scores(model, tokenizer, held_out)
+    return {"perplexity": quality.perplexity(model, ppl_docs, tokenizer.pad_token_id), "accuracy": scores["mean"],
             "per_task": scores}
 
 
@@ -218,12 +222,12 @@ def run_speed(name, quantization=None, compile=None, new_tokens=None, repeats=No
     weights = quantize.weight_bytes(model)
     rows = []
     for batch in batches or P["batches"]:
-        row = generate.benchmark(model, hw, batch, P["prompt_len"], new_tokens or P["new_tokens"], compile=compile,
+        row = decode.benchmark(model, hw, batch, P["prompt_len"], new_tokens or P["new_tokens"], compile=compile,
                                  repeats=repeats or P["repeats"], warmup=1 if compile is False else 2, name=name,
                                  tune=batch == 1)
         rows.append(speed_row({**row, "weight_bytes": weights}))
     del model
-    measure.free_memory()
+    memory.free_memory()
     return rows
 
 
@@ -238,7 +242,7 @@ speed["bf16 eager"] = run_speed("bf16 eager" if hw.cuda else "fp32 eager", compi
                                 new_tokens=P["slow_new_tokens"], repeats=2)
 speed["LLM.int8() eager"] = run_speed("LLM.int8() eager", "int8", compile=False, new_tokens=P["slow_new_tokens"],
                                       repeats=2)
-print("protocol:", generate.describe(speed["bf16"][0]), "|", generate.describe(speed["bf16"][1]))
+print("protocol:", decode.describe(speed["bf16"][0]), "|", decode.describe(speed["bf16"][1]))
 
 # %%
 table = pd.DataFrame([{"method": r["name"], "batch": r["batch"], "weights (GiB)": round(r["weight_bytes"] / GiB, 3),
@@ -328,11 +332,11 @@ plt.show()
 
 # %%
 teacher = models.load_model(QUALITY_MODEL, dtype=torch.float32)
-distill_docs = data.encode(tokenizer, tasks.make_examples(P["distill_examples"], seed=77), train_on_prompt=True)
+distill_docs = batches.encode(tokenizer, tasks.make_examples(P["distill_examples"], seed=77), train_on_prompt=True)
 students = {}
 for name, kl_weight in [("distilled (KL + CE)", 0.5), ("CE only", 0.0)]:
     student = distill.make_student(teacher, P["student_layers"])
-    batches = data.padded_batches(distill_docs, P["distill_batch"], tokenizer.pad_token_id, seed=1)
+    batches = batches.padded_batches(distill_docs, P["distill_batch"], tokenizer.pad_token_id, seed=1)
     losses_ = distill.distill(student, teacher, batches, P["distill_steps"], lr=P["distill_lr"], kl_weight=kl_weight,
                               autocast_dtype=hw.amp_dtype, desc=name)
     students[name] = student
@@ -341,11 +345,11 @@ print(f"teacher {distill.parameter_count(teacher):,} parameters, {teacher.config
       f"(from teacher layers {distill.layer_map(teacher.config.num_hidden_layers, P['student_layers'])})")
 
 # %%
-answer_docs = data.encode(tokenizer, held_out)  # answers only: how well each model predicts the task answers
+answer_docs = batches.encode(tokenizer, held_out)  # answers only: how well each model predicts the task answers
 kd_quality = {"teacher": quality(teacher)}
 kd_quality.update({name: quality(s) for name, s in students.items()})
 for name, model in [("teacher", teacher), *students.items()]:
-    kd_quality[name]["answer_perplexity"] = evaluate.perplexity(model, answer_docs, tokenizer.pad_token_id)
+    kd_quality[name]["answer_perplexity"] = quality.perplexity(model, answer_docs, tokenizer.pad_token_id)
     report(name, **{k: v for k, v in kd_quality[name].items() if k != "per_task"})
 
 # %% [markdown]
@@ -365,10 +369,10 @@ speed_depths = (speed_teacher.config.num_hidden_layers, kept_layers)
 kd_speed = {}
 for name, model in [(f"teacher ({speed_teacher.config.num_hidden_layers} layers)", speed_teacher),
                     (f"student ({kept_layers} layers)", speed_student)]:
-    kd_speed[name] = speed_row(generate.benchmark(model, hw, 1, P["prompt_len"], P["new_tokens"],
+    kd_speed[name] = speed_row(decode.benchmark(model, hw, 1, P["prompt_len"], P["new_tokens"],
                                                   repeats=P["repeats"], name=name))
 del speed_teacher, speed_student
-measure.free_memory()
+memory.free_memory()
 teacher_speed, student_speed = kd_speed.values()
 student_speedup = student_speed["decode_tokens_per_s"] / teacher_speed["decode_tokens_per_s"]
 kept = kd_quality["distilled (KL + CE)"]["accuracy"] / kd_quality["teacher"]["accuracy"]
@@ -429,10 +433,10 @@ plt.show()
 
 # %%
 dtype = hw.model_dtype
-kernels = sdpa_bench.kernels(hw)
-q, k, v = sdpa_bench.random_qkv(1, P["attention_heads"], 256, P["attention_head_dim"], hw.device, dtype)
+kernels = kernels.kernels(hw)
+q, k, v = kernels.random_qkv(1, P["attention_heads"], 256, P["attention_head_dim"], hw.device, dtype)
 tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
-errors = {name: sdpa_bench.max_error_vs_eager(fn, q, k, v) for name, fn in kernels.items()}
+errors = {name: kernels.max_error_vs_eager(fn, q, k, v) for name, fn in kernels.items()}
 for name, error in errors.items():
     report(name, **{"max |error| vs fp32 eager": error, "tolerance": tolerance})
 
@@ -448,10 +452,10 @@ for name, error in errors.items():
 # %%
 sweep = []
 for seq in P["attention_seq_lens"]:
-    q, k, v = sdpa_bench.random_qkv(1, P["attention_heads"], seq, P["attention_head_dim"], hw.device, dtype)
-    flops = sdpa_bench.causal_flops(1, P["attention_heads"], seq, P["attention_head_dim"])
+    q, k, v = kernels.random_qkv(1, P["attention_heads"], seq, P["attention_head_dim"], hw.device, dtype)
+    flops = flops.causal_flops(1, P["attention_heads"], seq, P["attention_head_dim"])
     for name, fn in kernels.items():
-        row = {"kernel": name, "seq": seq, **sdpa_bench.time_and_memory(fn, q, k, v, hw.device)}
+        row = {"kernel": name, "seq": seq, **microbench.time_and_memory(fn, q, k, v, hw.device)}
         if not row["oom"]:
             row["tflops"] = flops / row["seconds"] / 1e12
         sweep.append(row)
@@ -466,7 +470,7 @@ longest = max(P["attention_seq_lens"])
 at_longest = {r["kernel"]: r for r in sweep if r["seq"] == longest and not r["oom"]}
 fused_names = [n for n in at_longest if n in ("sdpa flash", "sdpa cudnn")]
 best_fused = max(fused_names, key=lambda n: at_longest[n]["tflops"]) if fused_names else None
-matmul_tflops = sdpa_bench.matmul_peak(hw.device, n=8192 if hw.cuda else 1024, dtype=dtype) / 1e12
+matmul_tflops = timing.matmul_peak(hw.device, n=8192 if hw.cuda else 1024, dtype=dtype) / 1e12
 report("measured matmul peak", **{"TFLOP/s": matmul_tflops, "dtype": str(dtype)})
 for name, row in at_longest.items():
     report(f"{name} @ {longest}", **{"TFLOP/s": row["tflops"], "% of matmul peak": 100 * row["tflops"] / matmul_tflops,
@@ -506,14 +510,14 @@ plt.show()
 
 # %%
 e2e_attention = {}
-implementations = ["eager", "sdpa"] + (["flash_attention_2"] if hw.cuda and sdpa_bench.flash_attn_installed() else [])
+implementations = ["eager", "sdpa"] + (["flash_attention_2"] if hw.cuda and kernels.flash_attn_installed() else [])
 for implementation in implementations:
     model = models.load_model(MODEL_NAME, attn_implementation=implementation)
-    e2e_attention[implementation] = speed_row(generate.benchmark(
+    e2e_attention[implementation] = speed_row(decode.benchmark(
         model, hw, 1, P["e2e_prompt_len"], P["slow_new_tokens"], compile=False, repeats=2, warmup=1,
         name=f"attention: {implementation}"))
     del model
-    measure.free_memory()
+    memory.free_memory()
 e2e_prefill_speedup = e2e_attention["sdpa"]["prefill_tokens_per_s"] / e2e_attention["eager"]["prefill_tokens_per_s"]
 report("SDPA vs eager end to end", **{"prefill speed-up": e2e_prefill_speedup,
                                       "decode speed-up": e2e_attention["sdpa"]["decode_tokens_per_s"]
@@ -554,9 +558,9 @@ ln_quality = {"LayerNorm (original)": quality(gpt2)}
 n_layernorms = norms.count_layernorms(gpt2)
 n_swapped = norms.swap_layernorm(gpt2)
 ln_quality["RMSNorm (swapped)"] = quality(gpt2)
-heal_docs = data.encode(tokenizer, tasks.make_examples(P["heal_steps"] * P["heal_batch"], seed=99), train_on_prompt=True)
+heal_docs = batches.encode(tokenizer, tasks.make_examples(P["heal_steps"] * P["heal_batch"], seed=99), train_on_prompt=True)
 optimizer = torch.optim.AdamW(gpt2.parameters(), lr=HEAL_LR, weight_decay=0.0)
-train.train(gpt2, optimizer, data.padded_batches(heal_docs, P["heal_batch"], tokenizer.pad_token_id, seed=3),
+train.train(gpt2, optimizer, batches.padded_batches(heal_docs, P["heal_batch"], tokenizer.pad_token_id, seed=3),
             steps=P["heal_steps"], autocast_dtype=hw.amp_dtype,
             scheduler=train.cosine_schedule(optimizer, P["heal_steps"], warmup=P["heal_steps"] // 10), desc="heal")
 ln_quality["RMSNorm (healed)"] = quality(gpt2)
@@ -589,9 +593,9 @@ if hw.cuda:
 # is the one set against the target.
 
 # %%
-bandwidth = norms.copy_bandwidth(hw.device, n_bytes=2**30 if hw.cuda else 2**26)
-floor_s = norms.bytes_moved(P["norm_rows"], NORM_HIDDEN, dtype) / bandwidth
-norm_times = {name: norms.forward_backward_seconds(fn, P["norm_rows"], NORM_HIDDEN, hw.device, dtype)
+bandwidth = timing.copy_bandwidth(hw.device, n_bytes=2**30 if hw.cuda else 2**26)
+floor_s = microbench.bytes_moved(P["norm_rows"], NORM_HIDDEN, dtype) / bandwidth
+norm_times = {name: microbench.forward_backward_seconds(fn, P["norm_rows"], NORM_HIDDEN, hw.device, dtype)
               for name, fn in norms.norm_functions(NORM_HIDDEN, hw.device, dtype, compile=hw.cuda).items()}
 report("memory-bandwidth floor", **{"copy GB/s": bandwidth / 1e9, "floor ms": floor_s * 1e3, "rows": P["norm_rows"]})
 for name, seconds in norm_times.items():
@@ -635,17 +639,17 @@ if P["e2e_norm_shape"]:
     e2e_model = GPT2LMHeadModel(GPT2Config(**P["e2e_norm_shape"])).to(hw.device, hw.model_dtype)
 else:
     e2e_model = models.load_model(LAYERNORM_MODEL)
-e2e_norm = {"LayerNorm": norms.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])}
+e2e_norm = {"LayerNorm": microbench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])}
 norms.swap_layernorm(e2e_model)
-e2e_norm["RMSNorm (written out)"] = norms.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])
+e2e_norm["RMSNorm (written out)"] = microbench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])
 norms.set_fused(e2e_model, True)
-e2e_norm["RMSNorm (F.rms_norm)"] = norms.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])
+e2e_norm["RMSNorm (F.rms_norm)"] = microbench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])
 tokens = P["e2e_norm_batch"] * P["e2e_norm_seq"]
 for name, seconds in e2e_norm.items():
     report(name, **{"step ms": seconds * 1e3, "tokens/s": tokens / seconds,
                     "vs LayerNorm": e2e_norm["LayerNorm"] / seconds})
 del e2e_model
-measure.free_memory()
+memory.free_memory()
 
 # %%
 fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
@@ -672,7 +676,7 @@ def attempt(label, fn):
         try:
             out = fn()
             print(f"{label}: -> {out!r}")
-        except hardware.RecipeError as error:
+        except errors.RecipeError as error:
             out = error
             print(f"{label}: RecipeError: {error}")
     for w in caught:
@@ -685,7 +689,7 @@ quantize.int8_weight_only(small)
 twice, _ = attempt("quantize an already-quantized model", lambda: quantize.int8_weight_only(small))
 no_flash = dataclasses.replace(hw, name=f"{hw.name} (simulated: no flash kernel, as on a pre-Ampere GPU)",
                                sdpa_backends=tuple(b for b in hw.sdpa_backends if b != "flash"))
-chosen, flash_warnings = attempt("SDPA flash on a GPU without it", lambda: sdpa_bench.choose_backend("flash", no_flash))
+chosen, flash_warnings = attempt("SDPA flash on a GPU without it", lambda: kernels.choose_backend("flash", no_flash))
 no_bnb = dataclasses.replace(hw, name=f"{hw.name} (simulated: bitsandbytes without kernels)", bitsandbytes=False)
 fallback, bnb_warnings = attempt("LLM.int8() without bitsandbytes kernels",
                                  lambda: quantize.quantization_of(models.load_model(QUALITY_MODEL, quantization="int8", hw=no_bnb)))
@@ -693,7 +697,7 @@ too_big, _ = attempt("a student larger than its teacher",
                      lambda: distill.make_student(teacher, teacher.config.num_hidden_layers + 2))
 
 # %%
-assert isinstance(twice, hardware.RecipeError) and isinstance(too_big, hardware.RecipeError)
+assert isinstance(twice, errors.RecipeError) and isinstance(too_big, errors.RecipeError)
 assert chosen in no_flash.sdpa_backends and flash_warnings, "a missing flash kernel should warn and fall back"
 assert fallback is None and bnb_warnings, "missing bitsandbytes should warn and load unquantized weights"
 
@@ -765,7 +769,7 @@ if BENCHMARK_GPU in hw.name:
 #
 # hw = hardware.detect()
 # model, backend = quantize.int8_weight_only(models.load_model("meta-llama/Llama-3.2-1B"))  # torchao int8 weight-only
-# print(generate.benchmark(model, hw, batch=1, prompt_len=512, new_tokens=128))            # compiled CUDA-graph decode
+# print(decode.benchmark(model, hw, batch=1, prompt_len=512, new_tokens=128))            # compiled CUDA-graph decode
 #
 # student = distill.make_student(teacher, num_layers=8)                                      # half the layers, from the teacher
 # distill.distill(student, teacher, batches, steps=2000, kl_weight=0.5, autocast_dtype=hw.amp_dtype)

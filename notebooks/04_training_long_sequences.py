@@ -84,9 +84,15 @@ import torch
 from IPython.display import display
 from transformers import AutoConfig
 
-from recipes_lib import attention, curriculum, data, evaluate, hardware, longctx, losses, measure, models, plots
-from recipes_lib import results, tasks
-from recipes_lib.measure import GiB, report
+from recipes_lib import plots
+from recipes_lib.attention import kernels, masks, sliding
+from recipes_lib.core import batches, checkpointing, errors, hardware, losses, models
+from recipes_lib.long_context import curriculum, ladder
+from recipes_lib.measure import flops, memory, microbench, quality
+from recipes_lib import results
+from recipes_lib.core import tasks
+from recipes_lib.measure.memory import GiB
+from recipes_lib.measure.report import report
 
 torch.manual_seed(0)
 hw = hardware.detect()
@@ -140,12 +146,12 @@ tolerance = 2e-2 if hw.model_dtype == torch.bfloat16 else 1e-5
 agreement = {}
 for window in (None, CHECK_WINDOW):
     reference = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=attention.dense_mask(CHECK_LEN, window, hw.device))
+        q.float(), k.float(), v.float(), attn_mask=masks.dense_mask(CHECK_LEN, window, hw.device))
     flex_name = "flex-causal" if window is None else "flex-sliding"
     for impl in ["eager", *(f"sdpa-{b}" for b in hw.sdpa_backends), flex_name]:
         label = f"{impl} ({'causal' if window is None else f'window {window}'})"
         try:
-            agreement[(impl, window)] = rel_error(attention.attend(impl, q, k, v, window), reference)
+            agreement[(impl, window)] = rel_error(kernels.attend(impl, q, k, v, window), reference)
         except RuntimeError as error:  # flash-style kernels take causal masks only, not arbitrary ones
             report(label, **{"result": f"no kernel for a custom mask ({str(error).splitlines()[0][:40]})"})
             continue
@@ -153,13 +159,13 @@ for window in (None, CHECK_WINDOW):
 q_gqa, k_gqa, v_gqa = attention_inputs(CHECK_LEN, 8, 2, 64, hw.model_dtype)  # grouped-query attention, as in Llama
 gqa_reference = torch.nn.functional.scaled_dot_product_attention(
     q_gqa.float(), k_gqa.float().repeat_interleave(4, 1), v_gqa.float().repeat_interleave(4, 1),
-    attn_mask=attention.dense_mask(CHECK_LEN, CHECK_WINDOW, hw.device))
-agreement[("flex-sliding GQA", CHECK_WINDOW)] = rel_error(attention.flex(q_gqa, k_gqa, v_gqa, CHECK_WINDOW), gqa_reference)
+    attn_mask=masks.dense_mask(CHECK_LEN, CHECK_WINDOW, hw.device))
+agreement[("flex-sliding GQA", CHECK_WINDOW)] = rel_error(kernels.flex(q_gqa, k_gqa, v_gqa, CHECK_WINDOW), gqa_reference)
 report("flex-sliding, GQA 8q/2kv", **{"rel. error": agreement[("flex-sliding GQA", CHECK_WINDOW)]})
 
 # %%
 assert all(err < tolerance for err in agreement.values()), f"an implementation disagrees beyond {tolerance}"
-assert rel_error(attention.flex(q, k, v, CHECK_WINDOW), attention.flex(q, k, v, None)) > 0.01, \
+assert rel_error(kernels.flex(q, k, v, CHECK_WINDOW), kernels.flex(q, k, v, None)) > 0.01, \
     "the sliding window should change the output (it hides keys further than the window)"
 
 # %% [markdown]
@@ -184,7 +190,7 @@ for seq_len in P["attn_lengths"]:
         window = P["window"] if impl == "flex-sliding" else None
         if impl.startswith("flex") and (seq_len not in P["flex_lengths"] or (window or 0) >= seq_len):
             continue  # not timed here (compile time), or a window that covers the sequence: plain causal
-        row = attention.time_attention(impl, seq_len, P["attn_heads"], P["head_dim"], hw, window=window,
+        row = microbench.time_attention(impl, seq_len, P["attn_heads"], P["head_dim"], hw, window=window,
                                        backward=BACKWARD)
         attn_rows.append(row)
         report(f"{impl} @ {seq_len}", **({"result": "OOM"} if row["oom"] else
@@ -231,7 +237,7 @@ fastest_causal = min((timing(f"sdpa-{b}", longest), b) for b in hw.sdpa_backends
 sliding_speedup = flex_causal_s / sliding_s
 report(f"window {P['window']} @ {longest}", **{"x vs flex causal": sliding_speedup,
        f"x vs sdpa-{fastest_causal[1]} causal": fastest_causal[0] / sliding_s,
-       "ideal (pairs ratio)": attention.attention_flops(longest, 1, 1) / attention.attention_flops(longest, 1, 1, P["window"])})
+       "ideal (pairs ratio)": flops.attention_flops(longest, 1, 1) / flops.attention_flops(longest, 1, 1, P["window"])})
 eager_rows = [r for r in attn_rows if r["implementation"] == "eager"]
 if hw.cuda:
     assert eager_rows[-1]["oom"], "eager attention should run out of memory at the longest length"
@@ -285,13 +291,13 @@ def loss_step_peak(chunked, tokens, vocab, hidden_size):
     h = torch.randn(1, tokens, hidden_size, device=hw.device, dtype=hw.model_dtype, generator=gen).requires_grad_()
     w = (torch.randn(vocab, hidden_size, device=hw.device, dtype=hw.model_dtype, generator=gen) * 0.02).requires_grad_()
     y = torch.randint(vocab, (1, tokens), device=hw.device, generator=gen)
-    measure.free_memory()
-    with measure.peak_memory(hw.device, [h, w, y]) as peak:
+    memory.free_memory()
+    with memory.peak_memory(hw.device, [h, w, y]) as peak:
         loss = losses.linear_cross_entropy(h, w, y) if chunked else losses.cross_entropy_sum(h @ w.T, y)
         loss.backward()
-    inputs = measure.tensor_bytes([h, w, y])
+    inputs = memory.tensor_bytes([h, w, y])
     del h, w, y, loss
-    measure.free_memory()
+    memory.free_memory()
     return peak["peak"] - inputs
 
 
@@ -321,11 +327,11 @@ plt.show()
 # %%
 config = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
 model = models.load_model(MODEL_NAME)
-small = longctx.random_batch(config.vocab_size, 256, hw.device, seed=1)
+small = ladder.random_batch(config.vocab_size, 256, hw.device, seed=1)
 
 
 def gradients(every):
-    models.disable_checkpointing(model) if every is None else models.enable_checkpointing(model, every=every)
+    checkpointing.disable_checkpointing(model) if every is None else checkpointing.enable_checkpointing(model, every=every)
     model.train()
     model.zero_grad(set_to_none=True)
     losses.cross_entropy_sum(model(input_ids=small["input_ids"], use_cache=False).logits, small["labels"]).backward()
@@ -358,15 +364,15 @@ del plain_grads  # a float32 copy of every gradient: it must not sit in the meas
 
 # %%
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-longctx.train_step(model, optimizer, longctx.Rung("warm-up"), 128, hw)  # the AdamW state exists from here on
+ladder.train_step(model, optimizer, ladder.Rung("warm-up"), 128, hw)  # the AdamW state exists from here on
 ckpt_settings = {"none": None, "every 2nd layer": 2, "every layer": 1}
 ckpt_rows = []
 for seq_len in P["ckpt_lengths"]:
     for name, every in ckpt_settings.items():
-        rung = longctx.Rung(name, "sdpa", every, chunked_loss=True)
-        longctx.apply(model, rung)
-        longctx.train_step(model, optimizer, rung, seq_len, hw)  # warm-up at this shape
-        row = longctx.train_step(model, optimizer, rung, seq_len, hw)
+        rung = ladder.Rung(name, "sdpa", every, chunked_loss=True)
+        ladder.apply(model, rung)
+        ladder.train_step(model, optimizer, rung, seq_len, hw)  # warm-up at this shape
+        row = ladder.train_step(model, optimizer, rung, seq_len, hw)
         ckpt_rows.append(row)
         report(f"{name} @ {seq_len}", **({"result": "OOM"} if row["oom"] else
                {"peak GiB": row["peak_bytes"] / GiB, "tokens/s": row["tokens_per_s"]}))
@@ -399,19 +405,19 @@ if not any(r["oom"] for r in at_longest.values()):
 # extended, which is a modelling change, not a memory one.
 
 # %%
-rungs = [longctx.Rung("baseline: eager, full logits", "eager"),
-         longctx.Rung("+ SDPA flash", "sdpa"),
-         longctx.Rung("+ checkpointing", "sdpa", 1),
-         longctx.Rung("+ chunked cross-entropy", "sdpa", 1, chunked_loss=True),
-         longctx.Rung("+ activation offloading", "sdpa", 1, chunked_loss=True, offload_activations=True)]
+rungs = [ladder.Rung("baseline: eager, full logits", "eager"),
+         ladder.Rung("+ SDPA flash", "sdpa"),
+         ladder.Rung("+ checkpointing", "sdpa", 1),
+         ladder.Rung("+ chunked cross-entropy", "sdpa", 1, chunked_loss=True),
+         ladder.Rung("+ activation offloading", "sdpa", 1, chunked_loss=True, offload_activations=True)]
 limit = min(P["ladder_limit"], config.max_position_embeddings)
 ladder_rows, probes = [], []
 for rung in rungs:
-    longctx.apply(model, rung)
-    best, rows = longctx.longest_trainable(lambda n: longctx.train_step(model, optimizer, rung, n, hw, BUDGET),
+    ladder.apply(model, rung)
+    best, rows = ladder.longest_trainable(lambda n: ladder.train_step(model, optimizer, rung, n, hw, BUDGET),
                                            P["ladder_start"], limit, refine=2, multiple=P["ladder_start"])
     probes += rows
-    timed = longctx.train_step(model, optimizer, rung, best, hw, BUDGET) if best else {"oom": True}
+    timed = ladder.train_step(model, optimizer, rung, best, hw, BUDGET) if best else {"oom": True}
     ladder_rows.append({"name": rung.name, "longest": best, "at limit": best == limit,
                         "peak GiB": None if timed["oom"] else timed["peak_bytes"] / GiB,
                         "step s": None if timed["oom"] else timed["seconds"],
@@ -457,8 +463,8 @@ if hw.cuda:
 # %%
 C = P["curriculum"]
 tokenizer = models.load_tokenizer(QUALITY_MODEL)
-stream = data.token_stream(tokenizer, tasks.make_examples(C["tokens_per_step"] * C["steps"] // 40, seed=11)).to(hw.device)
-held_rows = data.token_stream(tokenizer, tasks.make_examples(C["target"], seed=12))[: 8 * C["target"]]
+stream = batches.token_stream(tokenizer, tasks.make_examples(C["tokens_per_step"] * C["steps"] // 40, seed=11)).to(hw.device)
+held_rows = batches.token_stream(tokenizer, tasks.make_examples(C["target"], seed=12))[: 8 * C["target"]]
 held_rows = held_rows.view(8, C["target"]).to(hw.device)  # ~40 tokens per example: 8 full rows
 print(f"stream: {stream.numel():,} tokens for a budget of {C['steps'] * C['tokens_per_step']:,}; "
       f"held-out: {tuple(held_rows.shape)}")
@@ -531,17 +537,17 @@ if hw.cuda:
 # asked fact and the question. Swap its attention for a FlexAttention sliding window and score
 # exact-match accuracy against distance.
 #
-# Two ways to get a window: `attention.use_sliding_window(model, w)` registers a FlexAttention window
+# Two ways to get a window: `sliding.use_sliding_window(model, w)` registers a FlexAttention window
 # for any transformers model; Mistral is Llama plus the architecture's own `sliding_window`, so
-# `attention.as_mistral` loads the same weights with transformers' own windowed mask. First, they agree.
+# `sliding.as_mistral` loads the same weights with transformers' own windowed mask. First, they agree.
 
 # %%
 quality = models.load_model(QUALITY_MODEL).eval()
-probe_ids = torch.tensor([data.encode(tokenizer, [tasks.kv_example(random.Random(0), 24, 20)])[0].input_ids],
+probe_ids = torch.tensor([batches.encode(tokenizer, [tasks.kv_example(random.Random(0), 24, 20)])[0].input_ids],
                          device=hw.device)
 with torch.no_grad():
-    flex_logits = attention.use_sliding_window(models.load_model(QUALITY_MODEL).eval(), 32, compiled=False)(probe_ids).logits
-    mistral_logits = attention.as_mistral(QUALITY_MODEL, 32, dtype=hw.model_dtype).to(hw.device).eval()(probe_ids).logits
+    flex_logits = sliding.use_sliding_window(models.load_model(QUALITY_MODEL).eval(), 32, compiled=False)(probe_ids).logits
+    mistral_logits = sliding.as_mistral(QUALITY_MODEL, 32, dtype=hw.model_dtype).to(hw.device).eval()(probe_ids).logits
     full_logits = quality(probe_ids).logits
 window_agreement = rel_error(flex_logits, mistral_logits)
 report("window 32: FlexAttention vs Mistral's own", **{"rel. error": window_agreement,
@@ -566,9 +572,9 @@ accuracy = {}
 for window, sinks in [(None, 0), *((w, 0) for w in WINDOWS), *((w, SINKS) for w in WINDOWS)]:
     net = models.load_model(QUALITY_MODEL).eval()
     if window is not None:
-        attention.use_sliding_window(net, window, compiled=False, sinks=sinks)  # rows of varying length: eager Flex
+        sliding.use_sliding_window(net, window, compiled=False, sinks=sinks)  # rows of varying length: eager Flex
     name = "full attention" if window is None else f"window {window}" + (f" + {sinks} sinks" if sinks else "")
-    accuracy[name] = [sum(evaluate.forced_exact_match(net, tokenizer, kv_sets[d])) / len(kv_sets[d]) for d in DISTANCES]
+    accuracy[name] = [sum(quality.forced_exact_match(net, tokenizer, kv_sets[d])) / len(kv_sets[d]) for d in DISTANCES]
     report(name, **{f"d={d}": a for d, a in zip(DISTANCES, accuracy[name])})
 
 # %%
@@ -611,17 +617,17 @@ for window in WINDOWS:
 
 # %%
 for attempt in (lambda: models.check_seq_len(config, config.max_position_embeddings + 1),
-                lambda: attention.check_window(0),
+                lambda: masks.check_window(0),
                 lambda: curriculum.length_schedule(4096, 100, start=3000)):
     try:
         attempt()
-    except hardware.RecipeError as error:
+    except errors.RecipeError as error:
         print("RecipeError:", error)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    wide = attention.flex(q, k, v, window=CHECK_LEN * 2)
+    wide = kernels.flex(q, k, v, window=CHECK_LEN * 2)
 print("warning:", *(str(w.message) for w in caught))
-assert torch.equal(wide, attention.flex(q, k, v, None))
+assert torch.equal(wide, kernels.flex(q, k, v, None))
 odd = losses.linear_cross_entropy(hidden, weight, labels, chunk_size=333)  # 1000 tokens = 3 x 333 + 1
 report("chunk 333 of 1000 tokens", **{"rel. error vs standard": rel_error(odd, reference_loss)})
 assert rel_error(odd, reference_loss) < 1e-5
@@ -661,8 +667,8 @@ if BENCHMARK_GPU in hw.name:
 # from recipes_lib import attention, losses, models, train
 #
 # model = models.load_model("meta-llama/Llama-3.2-1B", attn_implementation="sdpa")  # flash/cuDNN kernels
-# models.enable_checkpointing(model, every=1)                # every=2: half the recompute, half the saving
-# # attention.use_sliding_window(model, 4096)               # FlexAttention window, O(L x w)
+# checkpointing.enable_checkpointing(model, every=1)                # every=2: half the recompute, half the saving
+# # sliding.use_sliding_window(model, 4096)               # FlexAttention window, O(L x w)
 # loss = train.loss_sum(model, batch, fused_head=True)      # chunked cross-entropy: no [tokens, vocab] logits
 # (loss / losses.count_targets(batch["labels"])).backward()
 # ```

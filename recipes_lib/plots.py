@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 
-from .measure import GiB
+from .measure.memory import GiB
 
 _PARTS = [("parameters", "#4C72B0"), ("gradients", "#DD8452"), ("optimizer", "#55A868"),
           ("activations", "#C44E52")]

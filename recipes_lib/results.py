@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .hardware import Hardware
+from .core.hardware import Hardware
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = Path(os.environ.get("RECIPES_OUTPUTS", REPO_ROOT / "outputs"))

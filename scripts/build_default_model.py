@@ -20,7 +20,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from recipes_lib import data, evaluate, hardware, tasks, train
+from recipes_lib.core import batches, hardware, tasks, train
+from recipes_lib.measure import quality
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -70,27 +71,27 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
-    docs = data.encode(tokenizer, corpus, train_on_prompt=True)
+    docs = batches.encode(tokenizer, corpus, train_on_prompt=True)
     pretrain_and_save(model, tokenizer, docs, args, hw)
 
 
 def pretrain_and_save(model, tokenizer, docs, args, hw) -> None:
     """Pre-train on packed ``docs`` for the ``--minutes`` budget, score held-out tasks, save model + eval.json."""
     n_params = sum(p.numel() for p in model.parameters())
-    batches = data.packed_batches(docs, args.seq_len, args.batch, seed=0)
+    rows = batches.packed_batches(docs, args.seq_len, args.batch, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     # Time-boxed: estimate the step time on a few steps, then fit the schedule to the budget.
-    probe = train.train(model, optimizer, batches, steps=10, autocast_dtype=hw.amp_dtype, progress=False)
+    probe = train.train(model, optimizer, rows, steps=10, autocast_dtype=hw.amp_dtype, progress=False)
     steps = min(args.max_steps, int(args.minutes * 60 / (sum(probe.step_seconds[5:]) / 5)))
     print(f"training {steps} steps of {args.batch}x{args.seq_len} tokens")
     scheduler = train.cosine_schedule(optimizer, steps, warmup=min(100, steps // 10))
     start = time.time()
-    stats = train.train(model, optimizer, batches, steps=steps, scheduler=scheduler,
+    stats = train.train(model, optimizer, rows, steps=steps, scheduler=scheduler,
                         autocast_dtype=hw.amp_dtype, desc="pretrain")
     print(f"final loss {stats.losses[-1]:.3f} after {time.time() - start:.0f}s")
 
     held_out = tasks.make_examples(500, seed=12345)
-    scores = evaluate.task_scores(model, tokenizer, held_out, progress=True)
+    scores = quality.task_scores(model, tokenizer, held_out, progress=True)
     print("held-out scores:", json.dumps({k: round(v, 3) for k, v in scores.items()}))
 
     out = Path(args.out)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from build_default_model import pretrain_and_save  # scripts/ is on sys.path when run as a script
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from build_default_model import pretrain_and_save  # scripts/ is on sys.path when run as a script
-from recipes_lib import data, hardware, models, tasks
+from recipes_lib.core import batches, hardware, models, tasks
 
 
 def build_model(tokenizer, args) -> GPT2LMHeadModel:
@@ -49,7 +49,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
-    docs = data.encode(tokenizer, tasks.make_examples(200_000, seed=1), train_on_prompt=True)
+    docs = batches.encode(tokenizer, tasks.make_examples(200_000, seed=1), train_on_prompt=True)
     pretrain_and_save(model, tokenizer, docs, args, hw)  # the same recipe and report as data/tiny-llama
 
 

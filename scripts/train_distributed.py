@@ -27,8 +27,12 @@ import torch
 import torch.distributed as dist
 
 import recipes_lib
-from recipes_lib import data, distributed, model_parallel, models, qlora, zero
-from recipes_lib.hardware import RecipeError, detect
+from recipes_lib.core import batches, checkpointing, models, train
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.core.hardware import detect
+from recipes_lib.measure import memory
+from recipes_lib.memory import qlora
+from recipes_lib.parallel import context, ddp, fsdp2, model_parallel, step, zero
 
 recipes_lib.quiet()  # no weight-loading bars or known-harmless warnings in every rank's output
 
@@ -65,9 +69,9 @@ def global_batches(args, vocab_size: int) -> list[dict]:
     min_len = args.seq_len if args.full_rows else max(2, args.seq_len // 4)
 
     def step_docs(step: int):  # seeded per step, so step s's batch does not depend on --steps
-        return data.random_documents(args.global_batch, vocab_size, min_len=min_len,
+        return batches.random_documents(args.global_batch, vocab_size, min_len=min_len,
                                      max_len=args.seq_len, seed=args.seed * 1_000_003 + step)
-    return [data.pad_batch(step_docs(s), pad_id=0, pad_to=args.seq_len) for s in range(args.steps)]
+    return [batches.pad_batch(step_docs(s), pad_id=0, pad_to=args.seq_len) for s in range(args.steps)]
 
 
 def rank_micro_batches(batch: dict, rank: int, world_size: int, micro_batch: int) -> list[dict]:
@@ -117,13 +121,13 @@ def load(args, device: torch.device) -> torch.nn.Module:
         where = "cpu" if args.strategy == "naive-mp" else str(device)
         lm = models.load_model(args.model, dtype=torch.float32, hw=detect(where))
     if args.checkpointing:
-        models.enable_checkpointing(lm)
+        checkpointing.enable_checkpointing(lm)
     if args.compile:
-        distributed.compile_layers(lm)
-    return distributed.LossModel(lm, fused_head=args.loss == "fused")
+        fsdp2.compile_layers(lm)
+    return train.LossModel(lm, fused_head=args.loss == "fused")
 
 
-def build(args, ctx: distributed.Context, ds_config: dict | None):
+def build(args, ctx: context.Context, ds_config: dict | None):
     """Load the model and wrap it for the strategy; returns (model, optimizer, (trainable, total) parameters)."""
     if ctx.is_main:
         models.resolve(args.model)  # materialise a random:<shape> once, before every rank reads it
@@ -132,9 +136,9 @@ def build(args, ctx: distributed.Context, ds_config: dict | None):
     model = load(args, ctx.device)
     counts = models.count_parameters(model.lm)  # before wrapping: 4-bit weights still know their size
     if args.strategy == "ddp":
-        model = distributed.wrap_ddp(model, ctx)
+        model = ddp.wrap_ddp(model, ctx)
     elif args.strategy.startswith("fsdp2"):
-        model = distributed.shard_fsdp2(model, reshard_after_forward=args.strategy != "fsdp2-no-reshard",
+        model = fsdp2.shard_fsdp2(model, reshard_after_forward=args.strategy != "fsdp2-no-reshard",
                                         mixed_precision=args.bf16, cpu_offload=args.strategy == "fsdp2-offload")
     elif args.strategy == "naive-mp":
         if torch.cuda.device_count() < 2:
@@ -157,11 +161,11 @@ def devices_of(args, ctx) -> list[torch.device]:
 def run(args) -> dict:
     """Train and return this rank's result (also printed as a RESULT line)."""
     in_torchrun = "RANK" in os.environ
-    ctx = distributed.setup() if in_torchrun else distributed.Context(0, 1, 0, detect().device)
+    ctx = context.setup() if in_torchrun else context.Context(0, 1, 0, detect().device)
     try:
         ds_config = check_args(args, ctx.world_size)
         model, optimizer, (trainable, n_params) = build(args, ctx, ds_config)
-        vocab = distributed.unwrap(model).config.vocab_size
+        vocab = models.unwrap(model).config.vocab_size
         autocast = torch.bfloat16 if args.bf16 and args.strategy in ("single", "ddp", "naive-mp") else None
         devices = devices_of(args, ctx)
         on_gpu = devices[0].type == "cuda"
@@ -180,32 +184,32 @@ def run(args) -> dict:
                     torch.cuda.reset_peak_memory_stats(d)
             micro = rank_micro_batches(batch, ctx.rank, ctx.world_size, args.micro_batch)
             start = time.perf_counter()
-            step = distributed.train_step(model, optimizer, micro, devices[0], autocast, args.max_grad_norm,
+            result = step.train_step(model, optimizer, micro, devices[0], autocast, args.max_grad_norm,
                                           after_backward=after_backward if on_gpu and index >= args.warmup else None)
             for d in devices:
                 if d.type == "cuda":
                     torch.cuda.synchronize(d)
             step_seconds.append(time.perf_counter() - start)
-            step_losses.append(step.loss)
-            grad_norms.append(step.grad_norm)
+            step_losses.append(result.loss)
+            grad_norms.append(result.grad_norm)
             step_tokens.append(int(batch["attention_mask"].sum()))
             if ctx.is_main:  # live progress, one line per step
-                print(f"step {len(step_losses)}/{args.steps} | loss {step.loss:.4f} | "
+                print(f"step {len(step_losses)}/{args.steps} | loss {result.loss:.4f} | "
                       f"{step_seconds[-1]:.2f} s | {step_tokens[-1] / step_seconds[-1]:,.0f} tokens/s", flush=True)
         if on_gpu:
             peaks = [torch.cuda.max_memory_allocated(d) for d in devices]
         per_device = len(devices) > 1  # naive model parallelism: each GPU's own share
-        device_params = [distributed.param_bytes(model, d) for d in devices] if per_device else None
-        device_optimizer = [distributed.optimizer_bytes(optimizer, d) for d in devices] if per_device else None
+        device_params = [memory.param_bytes(model, d) for d in devices] if per_device else None
+        device_optimizer = [memory.optimizer_bytes(optimizer, d) for d in devices] if per_device else None
         # Gathering every weight to the CPU takes seconds at 1B parameters: only for --save-params.
-        state = distributed.full_state_dict(model) if args.save_params else None
+        state = fsdp2.full_state_dict(model) if args.save_params else None
         seconds = statistics.median(step_seconds[args.warmup:])
         result = dict(
             strategy=args.strategy, world_size=ctx.world_size, device=str(ctx.device), losses=step_losses,
             grad_norms=grad_norms,
             # On the rank's accelerator only (FSDP2's CPU offload keeps its shards in host memory).
-            param_bytes=distributed.param_bytes(model, devices[0] if on_gpu and not per_device else None),
-            optimizer_bytes=distributed.optimizer_bytes(optimizer, devices[0] if on_gpu and not per_device else None),
+            param_bytes=memory.param_bytes(model, devices[0] if on_gpu and not per_device else None),
+            optimizer_bytes=memory.optimizer_bytes(optimizer, devices[0] if on_gpu and not per_device else None),
             after_backward_bytes=after_backward_bytes if on_gpu else None,
             peak_bytes=peaks[0], device_peaks=peaks if per_device else None,
             device_param_bytes=device_params, device_optimizer_bytes=device_optimizer,
@@ -218,11 +222,11 @@ def run(args) -> dict:
         )
         if args.save_params and ctx.is_main:
             torch.save(state, args.save_params)
-        distributed.report_result(ctx, **result)
+        context.report_result(ctx, **result)
     except BaseException:
-        distributed.cleanup(barrier=False)
+        context.cleanup(barrier=False)
         raise
-    distributed.cleanup()
+    context.cleanup()
     return result
 
 

@@ -6,14 +6,15 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from recipes_lib import bench, data, hardware, measure
+from recipes_lib.core import batches, hardware
+from recipes_lib.measure import bench, flops, memory
 
 VOCAB, SEQ_LEN = 64, 32
 
 
 @pytest.fixture(scope="module")
 def docs():
-    return data.random_documents(32, VOCAB, 4, 16, seed=1)
+    return batches.random_documents(32, VOCAB, 4, 16, seed=1)
 
 
 def _config(name="base", micro_batch=2, accum_steps=1):
@@ -23,9 +24,9 @@ def _config(name="base", micro_batch=2, accum_steps=1):
 
 @pytest.fixture(scope="module")
 def row(docs):
-    return bench.run(_config(), lambda mb: data.packed_batches(docs, SEQ_LEN, mb), hardware.detect("cpu"),
+    return bench.run(_config(), lambda mb: batches.packed_batches(docs, SEQ_LEN, mb), hardware.detect("cpu"),
                      steps=2, warmup=1, seq_len=SEQ_LEN,
-                     flops_per_token=lambda m: measure.training_flops_per_token(m.config, SEQ_LEN))
+                     flops_per_token=lambda m: flops.training_flops_per_token(m.config, SEQ_LEN))
 
 
 def test_run_row(row):
@@ -51,11 +52,11 @@ def test_run_memory(row):
 
 def test_run_accumulation_and_mfu(docs):
     hw = dataclasses.replace(hardware.detect("cpu"), peak_flops=1e12)
-    row = bench.run(_config("accum", micro_batch=1, accum_steps=2), lambda mb: data.packed_batches(docs, SEQ_LEN, mb),
+    row = bench.run(_config("accum", micro_batch=1, accum_steps=2), lambda mb: batches.packed_batches(docs, SEQ_LEN, mb),
                     hw, steps=1, warmup=1, seq_len=SEQ_LEN,
-                    flops_per_token=lambda m: measure.training_flops_per_token(m.config, SEQ_LEN))
+                    flops_per_token=lambda m: flops.training_flops_per_token(m.config, SEQ_LEN))
     assert row["accum_steps"] == 2 and not row["oom"]
-    expected = row["tokens_per_s"] * measure.training_flops_per_token(tiny_model(VOCAB).config, SEQ_LEN) / 1e12
+    expected = row["tokens_per_s"] * flops.training_flops_per_token(tiny_model(VOCAB).config, SEQ_LEN) / 1e12
     assert row["mfu"] == pytest.approx(expected)
 
 
@@ -96,7 +97,7 @@ def test_table_renders_oom_rows(row):
 
 
 def test_table_relative_peak(row):
-    half = dict(row, name="half", memory=measure.MemoryBreakdown(0, 0, 0, 0, row["memory"].peak // 2))
+    half = dict(row, name="half", memory=memory.MemoryBreakdown(0, 0, 0, 0, row["memory"].peak // 2))
     table = bench.table([row, half], reference="base")
     assert table.loc["half", "peak vs base"] == "50.0%"
 

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_model
 from torch.utils.data import DataLoader, Dataset
 
-from recipes_lib import data, dataload, tasks
-from recipes_lib.hardware import RecipeError
+from recipes_lib.core import batches, dataload, tasks
+from recipes_lib.core.errors import RecipeError
 
 CPU = torch.device("cpu")
 SEQ_LEN, BATCH = 32, 4
@@ -65,7 +65,7 @@ def test_both_pipelines_yield_the_same_layout(corpus, tokenizer, packed):
 
 
 def test_packed_rows_are_the_concatenated_tokenization(corpus, tokenizer, packed):
-    stream = data.token_stream(tokenizer, tasks.make_examples(120, seed=3))  # the reference framing
+    stream = batches.token_stream(tokenizer, tasks.make_examples(120, seed=3))  # the reference framing
     rows = packed.with_format("torch")[:]["input_ids"]
     assert len(packed) == len(stream) // SEQ_LEN
     assert torch.equal(rows.flatten(), stream[:len(packed) * SEQ_LEN])

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from recipes_lib import distill
-from recipes_lib.hardware import RecipeError
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.inference import distill
 
 
 def test_layer_map_spreads_layers():

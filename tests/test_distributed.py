@@ -23,10 +23,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 import train_distributed
-from recipes_lib import distributed, launcher, losses, model_parallel, zero
-from recipes_lib.hardware import RecipeError
+
+from recipes_lib.core import losses, models, train
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.measure import predict
+from recipes_lib.parallel import context, launcher, model_parallel, zero
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "train_distributed.py"
@@ -118,7 +120,7 @@ def test_launcher_reports_a_failing_script(tmp_path):
 
 def test_failure_reason_is_the_workers_recipe_error_line(tmp_path):
     script = _write(tmp_path, """
-        from recipes_lib.hardware import RecipeError
+        from recipes_lib.core.errors import RecipeError
         print("loading", flush=True)
         raise RecipeError("DeepSpeed needs a GPU")
     """)
@@ -154,11 +156,13 @@ def test_failure_reason_names_a_worker_killed_by_a_signal(tmp_path, capsys):
 
 def test_launcher_reads_results_and_rank_prefixes(tmp_path, capsys):
     script = _write(tmp_path, """
-        from recipes_lib import distributed
-        ctx = distributed.setup()
+        from recipes_lib.core import models, train
+        from recipes_lib.measure import predict
+        from recipes_lib.parallel import context
+        ctx = context.setup()
         print("hello", flush=True)
-        distributed.report_result(ctx, world=ctx.world_size)
-        distributed.cleanup()
+        context.report_result(ctx, world=ctx.world_size)
+        context.cleanup()
     """)
     results = launcher.launch(script, 2, timeout_s=60, env={"PYTHONPATH": str(REPO_ROOT)})
     assert results == [{"rank": 0, "world": 2}, {"rank": 1, "world": 2}]
@@ -171,7 +175,7 @@ def test_launcher_reads_a_result_whose_line_never_arrived(tmp_path):
     # torchrun's --tee reader can drop a worker's last line; the rank's result file still holds it.
     script = _write(tmp_path, """
         import json, os
-        from recipes_lib import launcher
+        from recipes_lib.parallel import launcher
         rank = int(os.environ["RANK"])
         line = json.dumps({"rank": rank, "from": "file"})
         if rank == 0:
@@ -201,51 +205,50 @@ def test_setup_outside_torchrun_says_how_to_launch(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RecipeError, match="torchrun"):
-        distributed.setup()
+        context.setup()
 
 
 def test_predicted_state_bytes():
     n = 1_000_000
-    ddp = distributed.predicted_state_bytes(n, "ddp", 2)
+    ddp = predict.strategy_state_bytes(n, "ddp", 2)
     assert ddp == {"parameters": 4 * n, "gradients": 8 * n, "optimizer": 8 * n, "total": 20 * n, "on device": 20 * n}
-    fsdp = distributed.predicted_state_bytes(n, "fsdp2", 4)
+    fsdp = predict.strategy_state_bytes(n, "fsdp2", 4)
     assert fsdp["total"] == 4 * n and fsdp["on device"] == 4 * n
-    assert distributed.predicted_state_bytes(n, "fsdp2-offload", 4)["on device"] == 0
-    zero2, zero3 = (distributed.predicted_state_bytes(n, f"deepspeed-zero{k}", 2) for k in (2, 3))
+    assert predict.strategy_state_bytes(n, "fsdp2-offload", 4)["on device"] == 0
+    zero2, zero3 = (predict.strategy_state_bytes(n, f"deepspeed-zero{k}", 2) for k in (2, 3))
     assert zero2["parameters"] == 2 * n and zero3["parameters"] == n and zero2["optimizer"] == 6 * n
     with pytest.raises(RecipeError, match="strategy"):
-        distributed.predicted_state_bytes(n, "zero9", 2)
+        predict.strategy_state_bytes(n, "zero9", 2)
 
 
 def test_predicted_run_state_by_strategy(tiny_model_dir):
-    from recipes_lib import models, qlora
+    from recipes_lib.measure import predict
     config = models.load_model(tiny_model_dir, dtype=torch.float32).config
     n = 1_000_000
     run = {"n_params": n, "world_size": 2, "gpus": 2, "bf16": True}
-    assert distributed.predicted_run_state(run | {"strategy": "fsdp2"}, config) == \
-        distributed.predicted_state_bytes(n, "fsdp2", 2)
-    naive = distributed.predicted_run_state(run | {"strategy": "naive-mp", "world_size": 1}, config)
-    share = model_parallel.naive_mp_share(config, 2)
+    assert predict.predicted_run_state(run | {"strategy": "fsdp2"}, config) == \
+        predict.strategy_state_bytes(n, "fsdp2", 2)
+    naive = predict.predicted_run_state(run | {"strategy": "naive-mp", "world_size": 1}, config)
+    share = predict.naive_mp_share(config, 2)
     # the training script's own result has no "gpus": one device peak per GPU tells the count
     raw = {"n_params": n, "world_size": 1, "strategy": "naive-mp", "device_peaks": [1, 1]}
-    assert distributed.predicted_run_state(raw, config) == naive
+    assert predict.predicted_run_state(raw, config) == naive
     assert naive["on device"] == pytest.approx((4 + 4 + 8) * n * share) and 0.5 < share < 1
-    fsdp_qlora = distributed.predicted_run_state(run | {"strategy": "fsdp2-qlora"}, config, lora_r=8)
-    whole = qlora.predicted_state_bytes(config, 8, 2)
+    fsdp_qlora = predict.predicted_run_state(run | {"strategy": "fsdp2-qlora"}, config, lora_r=8)
+    whole = predict.qlora_state_bytes(config, 8, 2)
     assert fsdp_qlora["parameters"] == pytest.approx(whole["parameters"] / 2)
     assert fsdp_qlora["on device"] == pytest.approx(sum(whole.values()) / 2)
 
 
 def test_naive_model_parallel_split_keeps_the_loss(tiny_model_dir):
     """Layers spread over 'devices' (two CPU devices here: the hooks and the split run the same code)."""
-    from recipes_lib import models
     torch.manual_seed(0)
     batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
-    whole = distributed.LossModel(models.load_model(tiny_model_dir, dtype=torch.float32))
+    whole = train.LossModel(models.load_model(tiny_model_dir, dtype=torch.float32))
     expected = whole(**batch)
-    split = distributed.LossModel(models.load_model(tiny_model_dir, dtype=torch.float32))
+    split = train.LossModel(models.load_model(tiny_model_dir, dtype=torch.float32))
     placed = model_parallel.split_across_devices(split.lm, ["cpu", "cpu"])
-    n = len(distributed.decoder_layers(split))
+    n = len(models.decoder_layers(split))
     assert len(placed) == n
     torch.testing.assert_close(split(**batch), expected)
 
@@ -287,14 +290,13 @@ def test_fsdp_qlora_two_processes_match_one(tiny_model_dir, tmp_path):
 
 
 def test_naive_mp_share_counts_the_first_devices_parameters(tiny_model_dir):
-    from recipes_lib import models
     model = models.load_model(tiny_model_dir, dtype=torch.float32)
-    assert model_parallel.naive_mp_share(model.config, 1) == pytest.approx(1.0)
-    layers = distributed.decoder_layers(model)
+    assert predict.naive_mp_share(model.config, 1) == pytest.approx(1.0)
+    layers = models.decoder_layers(model)
     first = sum(p.numel() for layer in layers[:-(-len(layers) // 2)] for p in layer.parameters())
     rest = sum(p.numel() for p in model.parameters()) - sum(p.numel() for layer in layers for p in layer.parameters())
     total = sum(p.numel() for p in model.parameters())
-    assert model_parallel.naive_mp_share(model.config, 2) == pytest.approx((first + rest) / total, rel=1e-6)
+    assert predict.naive_mp_share(model.config, 2) == pytest.approx((first + rest) / total, rel=1e-6)
 
 
 def test_slurm_script_in_single_node_form(tiny_model_dir, tmp_path):

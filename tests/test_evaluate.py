@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from recipes_lib import data, evaluate, losses, tasks
+from recipes_lib.core import batches, losses, tasks
+from recipes_lib.measure import quality
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def examples():
 
 
 def test_task_scores_on_an_untrained_model(model, fresh_tokenizer, examples):
-    scores = evaluate.task_scores(model, fresh_tokenizer, examples, max_new_tokens=3)
+    scores = quality.task_scores(model, fresh_tokenizer, examples, max_new_tokens=3)
     assert set(scores) == set(tasks.TASKS) | {"mean"}
     per_task = [scores[t] for t in tasks.TASKS]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in scores.values())
@@ -31,8 +32,8 @@ def test_task_scores_on_an_untrained_model(model, fresh_tokenizer, examples):
 def test_greedy_answers_do_not_depend_on_batching(model, fresh_tokenizer, examples):
     """Left padding in a batch must give the same continuation as each prompt alone."""
     prompts = [ex.prompt for ex in examples[:5]]
-    batched = evaluate.greedy_answers(model, fresh_tokenizer, prompts, max_new_tokens=3)
-    alone = [evaluate.greedy_answers(model, fresh_tokenizer, [p], max_new_tokens=3)[0] for p in prompts]
+    batched = quality.greedy_answers(model, fresh_tokenizer, prompts, max_new_tokens=3)
+    alone = [quality.greedy_answers(model, fresh_tokenizer, [p], max_new_tokens=3)[0] for p in prompts]
     assert len(batched) == 5 and all(isinstance(a, str) for a in batched)
     assert batched == alone
     assert not model.training  # generation runs in eval mode
@@ -40,23 +41,23 @@ def test_greedy_answers_do_not_depend_on_batching(model, fresh_tokenizer, exampl
 
 def test_task_scores_aggregation(monkeypatch, examples):
     """Perfect answers score 1 per task, wrong ones 0; summary gets partial ROUGE credit."""
-    monkeypatch.setattr(evaluate, "greedy_answers", lambda m, t, prompts, **kw: [ex.answer for ex in examples])
-    assert evaluate.task_scores(None, None, examples) == {**{t: 1.0 for t in tasks.TASKS}, "mean": 1.0}
+    monkeypatch.setattr(quality, "greedy_answers", lambda m, t, prompts, **kw: [ex.answer for ex in examples])
+    assert quality.task_scores(None, None, examples) == {**{t: 1.0 for t in tasks.TASKS}, "mean": 1.0}
 
     def partial(m, t, prompts, **kw):
         # Right for copy, and the first two summary words (ROUGE-1 F1 2/3); wrong elsewhere.
         return [ex.answer if ex.task == "copy" else
                 " ".join(ex.answer.split()[:2]) + " zzz" if ex.task == "summary" else "nope" for ex in examples]
-    monkeypatch.setattr(evaluate, "greedy_answers", partial)
-    scores = evaluate.task_scores(None, None, examples)
+    monkeypatch.setattr(quality, "greedy_answers", partial)
+    scores = quality.task_scores(None, None, examples)
     assert scores["copy"] == 1.0 and scores["add"] == scores["sort"] == scores["kv"] == 0.0
     assert scores["summary"] == pytest.approx(2 / 3)
     assert scores["mean"] == pytest.approx((1 + 2 / 3) / 5)
 
 
 def test_perplexity_matches_per_document_losses(model, tokenizer, examples):
-    docs = data.encode(tokenizer, examples[:6])
-    ppl = evaluate.perplexity(model, docs, tokenizer.pad_token_id, batch_size=4)
+    docs = batches.encode(tokenizer, examples[:6])
+    ppl = quality.perplexity(model, docs, tokenizer.pad_token_id, batch_size=4)
     total, count = 0.0, 0
     with torch.no_grad():
         for doc in docs:

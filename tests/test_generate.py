@@ -3,7 +3,9 @@
 import torch
 from conftest import tiny_model
 
-from recipes_lib import generate, hardware
+from recipes_lib.core import hardware
+from recipes_lib.inference import generate
+from recipes_lib.measure import decode
 
 
 def test_decode_loop_matches_generate():
@@ -16,22 +18,22 @@ def test_decode_loop_matches_generate():
 
 
 def test_benchmark_record():
-    row = generate.benchmark(tiny_model(), hardware.detect("cpu"), batch=2, prompt_len=8, new_tokens=4,
+    row = decode.benchmark(tiny_model(), hardware.detect("cpu"), batch=2, prompt_len=8, new_tokens=4,
                              repeats=2, warmup=1, name="tiny")
     assert row["compiled"] is False and row["batch"] == 2 and row["new_tokens"] == 4
     assert row["decode_tokens_per_s"] == 2 * 4 / row["decode_s"] > 0
-    assert "static KV cache" in generate.describe(row) and "median of 2" in generate.describe(row)
+    assert "static KV cache" in decode.describe(row) and "median of 2" in decode.describe(row)
 
 
 def test_tune_applies_only_to_a_compiled_step():
-    row = generate.benchmark(tiny_model(), hardware.detect("cpu"), batch=1, prompt_len=4, new_tokens=2,
+    row = decode.benchmark(tiny_model(), hardware.detect("cpu"), batch=1, prompt_len=4, new_tokens=2,
                              repeats=1, warmup=1, tune=True)
-    assert row["tuned"] is False and "tuned" not in generate.describe(row)
+    assert row["tuned"] is False and "tuned" not in decode.describe(row)
 
 
 def test_compiled_benchmark_needs_warmup():
     import pytest
 
     with pytest.raises(ValueError, match="warmup"):
-        generate.benchmark(tiny_model(), hardware.detect("cpu"), batch=1, prompt_len=4, new_tokens=2,
+        decode.benchmark(tiny_model(), hardware.detect("cpu"), batch=1, prompt_len=4, new_tokens=2,
                            compile=True, warmup=0)

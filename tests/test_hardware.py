@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-from recipes_lib import hardware
-from recipes_lib.hardware import Hardware
+from recipes_lib.core import hardware
 
 
 def test_detect_on_cpu():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from recipes_lib import losses
-from recipes_lib.losses import IGNORE_INDEX
+from recipes_lib.core import losses
+from recipes_lib.core.losses import IGNORE_INDEX
 
 BATCH, SEQ, HIDDEN, VOCAB = 2, 7, 16, 50  # 14 tokens
 

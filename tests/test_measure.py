@@ -4,14 +4,14 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_model
 
-from recipes_lib import measure, sdpa_bench
+from recipes_lib.measure import flops, memory, report, timing
 
 MiB = 2**20
 
 
 def test_tracker_peak_of_known_allocations():
     baseline = torch.empty(MiB, dtype=torch.uint8)
-    with measure.AllocationTracker([baseline]) as tracker:
+    with memory.AllocationTracker([baseline]) as tracker:
         assert tracker.current == MiB  # the baseline counts from the start
         a = torch.ones(4 * MiB, dtype=torch.uint8)
         assert tracker.current == 5 * MiB
@@ -25,7 +25,7 @@ def test_tracker_peak_of_known_allocations():
 
 
 def test_tracker_without_baseline_and_peak_of_two_live_tensors():
-    with measure.AllocationTracker() as tracker:
+    with memory.AllocationTracker() as tracker:
         a = torch.ones(MiB // 4)  # 1 MiB of fp32
         b = torch.ones(MiB // 2)  # 2 MiB
         del a, b
@@ -37,7 +37,7 @@ def test_tracker_without_baseline_and_peak_of_two_live_tensors():
 def test_tracker_counts_the_backward_pass():
     weight = torch.randn(256, 256, requires_grad=True)
     x = torch.randn(64, 256)
-    with measure.AllocationTracker([weight]) as tracker:
+    with memory.AllocationTracker([weight]) as tracker:
         (x @ weight).sum().backward()
     # weight + its gradient at least, and the 64x256 matmul output.
     assert tracker.peak >= 2 * weight.nbytes + 64 * 256 * 4
@@ -45,7 +45,7 @@ def test_tracker_counts_the_backward_pass():
 
 def test_peak_memory_on_cpu():
     baseline = [torch.empty(MiB, dtype=torch.uint8)]
-    with measure.peak_memory(torch.device("cpu"), baseline) as result:
+    with memory.peak_memory(torch.device("cpu"), baseline) as result:
         x = torch.ones(3 * MiB, dtype=torch.uint8)
         del x
     assert result["peak"] == 4 * MiB
@@ -54,9 +54,9 @@ def test_peak_memory_on_cpu():
 def test_tensor_bytes_counts_each_storage_once():
     a = torch.zeros(10)  # 40 bytes
     b = torch.zeros(3, dtype=torch.float64)  # 24 bytes
-    assert measure.tensor_bytes([a, a[2:5], a.view(2, 5), b, None]) == 64
-    assert measure.tensor_bytes([a, b], torch.device("cpu")) == 64
-    assert measure.tensor_bytes([a, torch.zeros(4, device="meta")], torch.device("cpu")) == 40
+    assert memory.tensor_bytes([a, a[2:5], a.view(2, 5), b, None]) == 64
+    assert memory.tensor_bytes([a, b], torch.device("cpu")) == 64
+    assert memory.tensor_bytes([a, torch.zeros(4, device="meta")], torch.device("cpu")) == 40
 
 
 def test_breakdown_arithmetic():
@@ -68,16 +68,16 @@ def test_breakdown_arithmetic():
 
     params = (10 * 20 + 20 + 20 * 5) * 4
     trainable = (10 * 20 + 20) * 4
-    assert measure.optimizer_tensors(optimizer) and measure.tensor_bytes(measure.optimizer_tensors(optimizer)) == trainable
+    assert memory.optimizer_tensors(optimizer) and memory.tensor_bytes(memory.optimizer_tensors(optimizer)) == trainable
 
-    bd = measure.breakdown(model, optimizer, peak=10_000, device=torch.device("cpu"))
+    bd = memory.breakdown(model, optimizer, peak=10_000, device=torch.device("cpu"))
     assert (bd.parameters, bd.gradients, bd.optimizer) == (params, trainable, trainable)
     assert bd.states == params + 2 * trainable
     assert bd.activations == 10_000 - bd.states
     assert bd.peak == 10_000
     assert bd.gib()["peak"] == pytest.approx(10_000 / 2**30)
 
-    small = measure.breakdown(model, None, peak=100, device=torch.device("cpu"))
+    small = memory.breakdown(model, None, peak=100, device=torch.device("cpu"))
     assert small.optimizer == 0 and small.activations == 0  # never negative
 
 
@@ -85,7 +85,7 @@ def test_breakdown_counts_buffers_as_parameters():
     model = tiny_model(64)
     param_bytes = sum(p.numel() * 4 for p in model.parameters())
     buffer_bytes = sum(b.nbytes for b in model.buffers())
-    bd = measure.breakdown(model, None, peak=0, device=torch.device("cpu"))
+    bd = memory.breakdown(model, None, peak=0, device=torch.device("cpu"))
     assert bd.parameters == param_bytes + buffer_bytes
     assert bd.gradients == param_bytes
 
@@ -97,57 +97,57 @@ def test_training_flops_per_token_by_hand():
     seq_len = 16
     attention = 12 * 2 * 32 * seq_len  # 12 L d T
     assert n == 20480
-    assert measure.training_flops_per_token(config, seq_len) == 6 * n + attention == 135168
+    assert flops.training_flops_per_token(config, seq_len) == 6 * n + attention == 135168
     # Frozen base: forward 2N + input gradients 2N, no weight gradients.
-    assert measure.training_flops_per_token(config, seq_len, trainable_fraction=0.0) == 4 * n + attention
-    assert measure.training_flops_per_token(config, seq_len, trainable_fraction=0.5) == 5 * n + attention
+    assert flops.training_flops_per_token(config, seq_len, trainable_fraction=0.0) == 4 * n + attention
+    assert flops.training_flops_per_token(config, seq_len, trainable_fraction=0.5) == 5 * n + attention
 
 
 def test_flops_n_is_the_matmul_weights_of_the_model():
     model = tiny_model(64)
     n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert measure.training_flops_per_token(model.config, 1) == 6 * n_linear + 12 * 2 * 32
+    assert flops.training_flops_per_token(model.config, 1) == 6 * n_linear + 12 * 2 * 32
 
 
 def test_mfu():
-    assert measure.mfu(1000.0, 1e9, None) is None
-    assert measure.mfu(1000.0, 1e9, 0) is None
-    assert measure.mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
+    assert flops.mfu(1000.0, 1e9, None) is None
+    assert flops.mfu(1000.0, 1e9, 0) is None
+    assert flops.mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
 
 
 def test_is_oom():
-    assert measure.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert measure.is_oom(RuntimeError("CUDA error: out of memory"))
-    assert not measure.is_oom(RuntimeError("shape mismatch"))
-    assert not measure.is_oom(ValueError("out of memory"))
+    assert memory.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert memory.is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not memory.is_oom(RuntimeError("shape mismatch"))
+    assert not memory.is_oom(ValueError("out of memory"))
 
 
 def test_median_seconds_and_steady_median():
     calls = []
-    t = measure.median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=5, warmup=2)
+    t = timing.median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=5, warmup=2)
     assert len(calls) == 7 and 0 <= t < 0.1
-    assert measure.steady_median([100.0, 1.0, 3.0, 2.0]) == 2.0
-    assert measure.steady_median([5.0], skip=1) == 5.0
+    assert timing.steady_median([100.0, 1.0, 3.0, 2.0]) == 2.0
+    assert timing.steady_median([5.0], skip=1) == 5.0
 
 
 def test_matmul_peak_is_a_plausible_rate_on_cpu():
-    rate = measure.matmul_peak(torch.device("cpu"), n=256, dtype=torch.float32, repeats=3)
+    rate = timing.matmul_peak(torch.device("cpu"), n=256, dtype=torch.float32, repeats=3)
     # 2 * 256^3 FLOPs: a CPU core does between 1e9 and 1e13 FLOP/s at this size
     assert 1e9 < rate < 1e13
-    assert sdpa_bench.matmul_peak is measure.matmul_peak  # notebook 03's committed cells call it there
+    assert timing.matmul_peak is timing.matmul_peak  # notebook 03's committed cells call it there
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_seconds_times_the_given_gpu_not_the_current_one():
     a = torch.randn(4096, 4096, device="cuda:1")
-    seconds = measure.median_seconds(lambda: [a @ a for _ in range(10)], torch.device("cuda:1"), repeats=3)
+    seconds = timing.median_seconds(lambda: [a @ a for _ in range(10)], torch.device("cuda:1"), repeats=3)
     # Timing an idle stream of cuda:0 instead reads only the host's launches (tens of microseconds),
     # a rate far beyond any GPU's; the real fp32 (or TF32) work runs below 1 PFLOP/s.
     assert 10 * 2 * 4096**3 / seconds < 1e15, "an idle stream on the current GPU was timed instead of cuda:1's work"
 
 
 def test_report_format(capsys):
-    measure.report("config", **{"peak (GiB)": 1.23456, "tokens/s": 12345.6, "oom": False})
+    report.report("config", **{"peak (GiB)": 1.23456, "tokens/s": 12345.6, "oom": False})
     out = capsys.readouterr().out.strip()
     assert out.startswith("config")
     assert out.endswith("peak (GiB): 1.23 | tokens/s: 12,346 | oom: False")

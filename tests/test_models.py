@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import checkpointing_on, tiny_config, tiny_model
 
-from recipes_lib import hardware, models
-from recipes_lib.hardware import RecipeError
+from recipes_lib.core import hardware, models
+from recipes_lib.core.errors import RecipeError
 
 TINY_SHAPE = {"_comment": "a test shape", "architectures": ["LlamaForCausalLM"], "model_type": "llama",
               "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

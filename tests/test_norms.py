@@ -5,8 +5,9 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from recipes_lib import norms
-from recipes_lib.hardware import RecipeError
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.inference import norms
+from recipes_lib.measure import microbench
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -53,13 +54,13 @@ def test_norm_benchmark_runs_and_floor_is_positive():
     device = torch.device("cpu")
     fns = norms.norm_functions(64, device, torch.float32, compile=False)
     for fn in fns.values():
-        assert norms.forward_backward_seconds(fn, 32, 64, device, torch.float32, repeats=2, warmup=1) > 0
-    assert norms.bytes_moved(32, 64, torch.bfloat16) == 5 * 32 * 64 * 2
+        assert microbench.forward_backward_seconds(fn, 32, 64, device, torch.float32, repeats=2, warmup=1) > 0
+    assert microbench.bytes_moved(32, 64, torch.bfloat16) == 5 * 32 * 64 * 2
 
 
 def test_triton_rmsnorm_launch_sizes():
     """Warps grow with the row, and the backward grid never has more programs than rows (no triton needed)."""
-    from recipes_lib import rmsnorm_triton
+    from recipes_lib.inference import rmsnorm_triton
 
     warps = [rmsnorm_triton.num_warps_for(block) for block in (64, 1024, 2048, 4096, 8192, 16384)]
     assert warps == [4, 4, 8, 8, 16, 32]

@@ -7,7 +7,8 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from recipes_lib import hardware, results
+from recipes_lib import results
+from recipes_lib.core import hardware
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from recipes_lib import offload
-from recipes_lib.hardware import RecipeError
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.memory import offload
 
 
 def test_offloaded_adamw_on_cpu_is_adamw():

@@ -6,7 +6,9 @@ import torch
 from conftest import checkpointing_on
 from peft.tuners.lora import LoraLayer
 
-from recipes_lib import data, models, qlora, tasks, train
+from recipes_lib.core import batches, models, tasks, train
+from recipes_lib.measure import predict
+from recipes_lib.memory import qlora
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -19,8 +21,8 @@ def _decoder_linears(peft_model):
 
 
 def _train_one_step(model, tokenizer):
-    docs = data.encode(tokenizer, tasks.make_examples(4, seed=3))
-    batch = data.pad_batch(docs, pad_id=tokenizer.pad_token_id)
+    docs = batches.encode(tokenizer, tasks.make_examples(4, seed=3))
+    batch = batches.pad_batch(docs, pad_id=tokenizer.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     assert lora_b and all(torch.count_nonzero(b) == 0 for b in lora_b.values())  # LoRA starts as a no-op
@@ -92,12 +94,12 @@ def test_predicted_state_bytes_full_fine_tuning(tokenizer):
 
     model = tiny_model(len(tokenizer))
     n = sum(p.numel() for p in model.parameters())
-    assert qlora.predicted_state_bytes(model.config, None, 4) == {
+    assert predict.qlora_state_bytes(model.config, None, 4) == {
         "parameters": 4 * n, "gradients": 4 * n, "optimizer": 8 * n}
 
 
 def test_predicted_state_bytes_qlora(qlora_tiny):
     trainable, _ = models.count_parameters(qlora_tiny)
-    predicted = qlora.predicted_state_bytes(qlora_tiny.get_base_model().config, 2, 4)
+    predicted = predict.qlora_state_bytes(qlora_tiny.get_base_model().config, 2, 4)
     assert predicted["gradients"] == 4 * trainable
     assert predicted["optimizer"] == 8 * trainable

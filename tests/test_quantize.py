@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from recipes_lib import quantize
-from recipes_lib.hardware import RecipeError
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.inference import quantize
 
 
 def test_int8_linear_matches_dequantized_weights():

@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from recipes_lib import norms, rmsnorm_triton
-from recipes_lib.hardware import RecipeError
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.inference import norms, rmsnorm_triton
 
 EPS = 1e-6
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

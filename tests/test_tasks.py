@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from recipes_lib import tasks
-from recipes_lib.tasks import Example
+from recipes_lib.core import tasks
+from recipes_lib.core.tasks import Example
 
 
 def test_make_examples_is_deterministic_per_seed():

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from torch.testing import assert_close
 
-from recipes_lib import data, losses, tasks, train
+from recipes_lib.core import batches, losses, tasks, train
 
 VOCAB = 64
 
@@ -23,7 +23,7 @@ def rel_err(a, b) -> float:
 @pytest.fixture(scope="module")
 def docs():
     # Lengths 3..20 so micro-batches hold very different numbers of real tokens.
-    return data.random_documents(8, VOCAB, 3, 20, seed=1)
+    return batches.random_documents(8, VOCAB, 3, 20, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def model():
 
 
 def micro_batches(docs):
-    return [data.pad_batch(docs[i:i + 2], pad_id=0) for i in range(0, len(docs), 2)]
+    return [batches.pad_batch(docs[i:i + 2], pad_id=0) for i in range(0, len(docs), 2)]
 
 
 @pytest.mark.parametrize("fused_head", [True, False])
@@ -46,7 +46,7 @@ def test_accumulation_equals_one_large_batch(model, docs, fused_head):
     accumulated = flat_grads(model).clone()
 
     model.zero_grad(set_to_none=True)
-    big = data.pad_batch(docs, pad_id=0)
+    big = batches.pad_batch(docs, pad_id=0)
     big_loss = train.accumulate_gradients(model, [big], fused_head=fused_head)
     reference = flat_grads(model).clone()
     model.zero_grad(set_to_none=True)
@@ -67,14 +67,14 @@ def test_naive_mean_of_means_does_not_match(model, docs):
         (train.loss_sum(model, mb) / losses.count_targets(mb["labels"]) / len(mbs)).backward()
     naive = flat_grads(model).clone()
     model.zero_grad(set_to_none=True)
-    train.accumulate_gradients(model, [data.pad_batch(docs, pad_id=0)])
+    train.accumulate_gradients(model, [batches.pad_batch(docs, pad_id=0)])
     reference = flat_grads(model).clone()
     model.zero_grad(set_to_none=True)
     assert rel_err(naive, reference) > 1e-3
 
 
 def test_accumulate_rejects_a_step_without_targets(model):
-    batch = data.pad_batch([data.Document([1, 2, 3], [losses.IGNORE_INDEX] * 3)], pad_id=0)
+    batch = batches.pad_batch([batches.Document([1, 2, 3], [losses.IGNORE_INDEX] * 3)], pad_id=0)
     with pytest.raises(ValueError, match="no target tokens"):
         train.accumulate_gradients(model, [batch])
 
@@ -82,9 +82,9 @@ def test_accumulate_rejects_a_step_without_targets(model):
 @pytest.mark.parametrize("packed", [False, True])
 def test_fused_head_loss_equals_unfused(model, docs, packed):
     if packed:
-        batch = data.stack_rows(data.pack_rows(docs, seq_len=40)[:2])
+        batch = batches.stack_rows(batches.pack_rows(docs, seq_len=40)[:2])
     else:
-        batch = data.pad_batch(docs[:4], pad_id=0)
+        batch = batches.pad_batch(docs[:4], pad_id=0)
     assert train._split_lm(model) is not None  # the fused path is really taken
 
     model.zero_grad(set_to_none=True)
@@ -104,7 +104,7 @@ def test_fused_head_loss_equals_unfused(model, docs, packed):
 def test_fused_head_loss_with_tied_embeddings(docs):
     model = tiny_model(VOCAB, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    batch = data.pad_batch(docs[:4], pad_id=0)
+    batch = batches.pad_batch(docs[:4], pad_id=0)
     train.loss_sum(model, batch, fused_head=True).backward()
     g_fused = model.lm_head.weight.grad.clone()
     model.zero_grad(set_to_none=True)
@@ -113,10 +113,10 @@ def test_fused_head_loss_with_tied_embeddings(docs):
 
 
 def test_real_tokens(docs):
-    padded = data.pad_batch(docs[:3], pad_id=0)
+    padded = batches.pad_batch(docs[:3], pad_id=0)
     assert train.real_tokens(padded) == sum(len(d.input_ids) for d in docs[:3])
-    rows = data.pack_rows(docs, seq_len=64)
-    packed = data.stack_rows(rows)
+    rows = batches.pack_rows(docs, seq_len=64)
+    packed = batches.stack_rows(rows)
     n_real = sum(len(d.input_ids) for d in docs)
     assert packed["input_ids"].numel() > n_real  # the last row has a padding tail
     assert train.real_tokens(packed) == n_real
@@ -146,10 +146,10 @@ def test_train_stats_and_update(docs):
 def test_train_lowers_the_loss(tokenizer):
     torch.manual_seed(0)
     model = tiny_model(len(tokenizer))
-    docs = data.encode(tokenizer, tasks.make_examples(64, seed=0), train_on_prompt=True)
-    batches = data.packed_batches(docs, seq_len=96, batch_size=4, seed=0)
+    docs = batches.encode(tokenizer, tasks.make_examples(64, seed=0), train_on_prompt=True)
+    rows = batches.packed_batches(docs, seq_len=96, batch_size=4, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = train.train(model, optimizer, batches, steps=30, progress=False)
+    stats = train.train(model, optimizer, rows, steps=30, progress=False)
     assert len(stats.losses) == 30
     first, last = stats.losses[0], sum(stats.losses[-5:]) / 5
     assert last < first - 1.0, (first, last)
@@ -173,10 +173,10 @@ def test_cosine_schedule():
 
 def test_packed_documents_do_not_attend_to_each_other(model, docs):
     """A packed row's loss equals the sum of its documents' losses taken one at a time."""
-    rows = data.pack_rows(docs[:3], seq_len=64)
+    rows = batches.pack_rows(docs[:3], seq_len=64)
     assert len(rows) == 1
-    packed = train.loss_sum(model, data.stack_rows(rows), fused_head=False)
-    alone = sum(train.loss_sum(model, data.pad_batch([d], pad_id=0), fused_head=False) for d in docs[:3])
+    packed = train.loss_sum(model, batches.stack_rows(rows), fused_head=False)
+    alone = sum(train.loss_sum(model, batches.pad_batch([d], pad_id=0), fused_head=False) for d in docs[:3])
     assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,202 @@
+"""One compact training loop: token-normalised gradient accumulation, autocast, a progress bar.
+
+Accumulation divides every micro-batch's *summed* loss by the number of target tokens in the whole
+optimizer step, so ``accum_steps`` micro-batches give the same gradient as one large batch, even
+when padding makes micro-batches hold different numbers of real tokens. (Averaging each
+micro-batch's mean loss, the common shortcut, weights a token in a short micro-batch more.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import losses
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass
+class TrainStats:
+    """What a run did: loss per optimizer step, tokens seen, and time per step."""
+
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / max(len(self.step_seconds), 1)
+
+
+def _split_lm(model: torch.nn.Module):
+    """(decoder, lm_head) of a causal LM, looking through a peft wrapper; None if not separable."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or not hasattr(base, "get_decoder"):
+        return None
+    head = base.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        return None
+    return base.get_decoder(), head
+
+
+def loss_sum(model: torch.nn.Module, batch: dict, fused_head: bool = True,
+             chunk_size: int = 1024) -> torch.Tensor:
+    """Summed next-token loss of one micro-batch (fused chunked LM head + CE where possible)."""
+    # No KV cache: with one, transformers skips the packed-sequence (block-diagonal) mask.
+    inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch} | {"use_cache": False}
+    parts = _split_lm(model) if fused_head else None
+    if parts is None:
+        return losses.cross_entropy_sum(model(**inputs).logits, batch["labels"])
+    decoder, head = parts
+    hidden = decoder(**inputs).last_hidden_state
+    return losses.linear_cross_entropy(hidden, head.weight, batch["labels"], chunk_size)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in ``dtype`` on ``device``; none when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens that are not padding in a micro-batch."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"].sum())
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict],
+                         autocast_dtype: torch.dtype | None = None, fused_head: bool = True,
+                         scaler: torch.amp.GradScaler | None = None) -> float:
+    """Forward and backward over ``micro_batches``, the loss normalised by their total target tokens.
+
+    Returns the mean loss per target token of the whole step (what the large batch would report).
+    """
+    total_targets = sum(losses.count_targets(mb["labels"]) for mb in micro_batches)
+    if total_targets == 0:
+        raise ValueError("no target tokens in this step: every label is -100")
+    device = next(model.parameters()).device
+    step_loss = 0.0
+    for mb in micro_batches:
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        with autocast(device, autocast_dtype):
+            loss = loss_sum(model, mb, fused_head=fused_head) / total_targets
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += loss.item()
+    return step_loss
+
+
+def _chunks(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
+          steps: int, accum_steps: int = 1, autocast_dtype: torch.dtype | None = None,
+          max_grad_norm: float | None = 1.0, fused_head: bool = True,
+          scheduler=None, progress: bool | None = None, desc: str = "train") -> TrainStats:
+    """Run ``steps`` optimizer steps of ``accum_steps`` micro-batches each.
+
+    Args:
+        batches: an iterable of micro-batches (``input_ids``, ``labels``, optional
+            ``attention_mask``/``position_ids``); it must yield ``steps * accum_steps`` of them.
+        autocast_dtype: ``torch.bfloat16``/``torch.float16`` for mixed precision, None for none.
+            fp16 turns on loss scaling.
+        fused_head: compute the loss with the chunked fused LM head (no full logits).
+        progress: show a progress bar; None means yes unless ``RECIPES_PROGRESS=0`` (set for
+            headless notebook runs, where a bar would be saved in its first state).
+    """
+    if progress is None:
+        progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
+    if max_grad_norm is not None and hasattr(optimizer, "optim_dict"):  # torchao CPUOffloadOptimizer
+        raise ValueError("an offloaded optimizer copies gradients to the host during backward, so clipping "
+                         "the device gradients would do nothing: pass max_grad_norm=None")
+    model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    stats = TrainStats()
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    for micro_batches in itertools.islice(_chunks(batches, accum_steps), steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = accumulate_gradients(model, micro_batches, autocast_dtype, fused_head, scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        sync(device)
+        stats.step_seconds.append(time.perf_counter() - start)
+        stats.tokens += sum(real_tokens(mb) for mb in micro_batches)
+        stats.losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    bar.close()
+    if len(stats.losses) < steps:
+        raise ValueError(f"batches ran out after {len(stats.losses)} of {steps} steps "
+                         f"({accum_steps} micro-batches per step)")
+    return stats
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 0):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LossModel(torch.nn.Module):
+    """A causal LM whose forward returns the summed next-token loss of a micro-batch.
+
+    With ``fused_head`` the loss is the fused chunked LM head + cross-entropy, which never holds the
+    ``[tokens, vocab]`` logits. Making the loss part of the module that FSDP2, DDP or DeepSpeed wrap
+    is what lets FSDP2's root unit gather the embeddings and LM head for it: calling the decoder
+    directly from outside would bypass the root's hooks.
+    """
+
+    def __init__(self, lm: torch.nn.Module, fused_head: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.fused_head = fused_head
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "position_ids": position_ids}
+        return loss_sum(self.lm, {k: v for k, v in batch.items() if v is not None}, fused_head=self.fused_head)

@@ -1,0 +1,128 @@
+"""Knowledge distillation: train a smaller student on its teacher's output distribution.
+
+The student minimises ``kl_weight · T² · KL(p_teacher^T || p_student^T) + (1 - kl_weight) · CE``
+where ``p^T = softmax(logits / T)``. The teacher's full distribution says, at every position, how
+plausible each *wrong* token is too: far more signal per token than the one-hot label of plain
+cross-entropy, so the student learns faster from the same data. ``T²`` keeps the gradient scale
+independent of the temperature (Hinton et al., 2015).
+
+The student here is the teacher with fewer layers, its layers initialised from evenly spaced
+teacher layers (as DistilBERT does): decoding time falls with the number of layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..core import train
+from ..core.errors import RecipeError
+from ..core.losses import IGNORE_INDEX, shift_labels
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers for the student, first and last included: 4 -> 2 gives [0, 3]."""
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
+
+
+def make_student(teacher, num_layers: int, init_from_teacher: bool = True, seed: int = 0, **config_overrides):
+    """The teacher's architecture with ``num_layers`` layers (and any other config field overridden).
+
+    Args:
+        init_from_teacher: copy embeddings, final norm, LM head and evenly spaced layers from the
+            teacher (only when the widths match); otherwise a random initialisation.
+    Raises:
+        RecipeError: if the student would not be smaller than its teacher.
+    """
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = num_layers
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    if getattr(config, "layer_types", None) is not None:  # newer configs list one attention type per layer
+        config.layer_types = config.layer_types[:num_layers]
+    torch.manual_seed(seed)
+    param = next(teacher.parameters())
+    student = type(teacher)(config).to(device=param.device, dtype=param.dtype)
+    n_student, n_teacher = parameter_count(student), parameter_count(teacher)
+    if n_student >= n_teacher:
+        raise RecipeError(f"the student ({num_layers} layers, {n_student:,} parameters) is not smaller than its "
+                          f"teacher ({teacher.config.num_hidden_layers} layers, {n_teacher:,}): distillation "
+                          f"makes a model cheaper to run, so give the student fewer layers or a smaller width.")
+    if init_from_teacher:
+        _copy_from_teacher(student, teacher, layer_map(teacher.config.num_hidden_layers, num_layers))
+    return student
+
+
+def _copy_from_teacher(student, teacher, layers: list[int]) -> None:
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    prefix = "model.layers."
+    for key in s_state:
+        source = key
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            source = f"{prefix}{layers[int(index)]}.{rest}"
+        if source not in t_state or t_state[source].shape != s_state[key].shape:
+            raise RecipeError(f"cannot initialise the student from the teacher: {key} has no match of the "
+                              f"same shape; use init_from_teacher=False for a student of another width")
+        s_state[key] = t_state[source]
+    student.load_state_dict(s_state)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float = 2.0, kl_weight: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, cross-entropy, KL) per target token; ``kl_weight=0`` is plain cross-entropy training."""
+    targets = shift_labels(labels)
+    valid = targets != IGNORE_INDEX
+    s = student_logits[valid].float()
+    ce = F.cross_entropy(s, targets[valid])
+    if kl_weight == 0:
+        return ce, ce, torch.zeros_like(ce)
+    t = teacher_logits[valid].float()
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  log_target=True, reduction="batchmean") * temperature**2
+    return kl_weight * kl + (1 - kl_weight) * ce, ce, kl
+
+
+def distill(student, teacher, batches, steps: int, lr: float = 1e-3, kl_weight: float = 0.5,
+            temperature: float = 2.0, autocast_dtype: torch.dtype | None = None, progress: bool | None = None,
+            desc: str = "distill") -> list[float]:
+    """Train ``student`` for ``steps`` batches against ``teacher`` (``kl_weight=0``: CE only); returns the losses."""
+    if progress is None:
+        progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
+    device = next(student.parameters()).device
+    teacher.eval()
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = train.cosine_schedule(optimizer, steps, warmup=max(1, steps // 20))
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else torch.autocast(device.type, enabled=False))
+    losses = []
+    for _, batch in zip(tqdm(range(steps), desc=desc, disable=not progress, leave=False), batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+        with autocast:
+            teacher_logits = None
+            if kl_weight > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(**inputs).logits
+            loss, _, _ = kd_loss(student(**inputs).logits, teacher_logits, batch["labels"], temperature, kl_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(loss.item())
+    if len(losses) < steps:
+        raise ValueError(f"batches ran out after {len(losses)} of {steps} steps")
+    return losses

@@ -1,0 +1,103 @@
+"""Measure one training configuration: peak memory with its breakdown, tokens/s and MFU, or OOM.
+
+A configuration is a model factory, an optimizer factory and a batch shape. ``run`` builds it,
+trains a few warm-up steps, times ``steps`` more, and measures the peak of one full optimizer step
+(on CPU under the allocation tracker, which would distort the timing if it were on throughout).
+Running out of memory is a result (``oom=True``), not a crash, and the memory is freed either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..core import train
+from ..core.hardware import Hardware
+from . import flops, memory, timing
+
+
+@dataclass
+class Config:
+    """A rung of a ladder: what to build and how to batch it."""
+
+    name: str
+    model_fn: Callable[[], torch.nn.Module]
+    optimizer_fn: Callable[[torch.nn.Module], object]
+    micro_batch: int
+    accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    fused_head: bool = True  # False: the model's own logits + cross-entropy, as plain transformers does
+
+
+def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardware, steps: int = 3,
+        warmup: int = 1, seq_len: int | None = None, flops_per_token: Callable | None = None) -> dict:
+    """Build, warm up, time and measure ``config``; returns a row dict (see module docstring).
+
+    Args:
+        batches_fn: ``micro_batch -> iterator of micro-batches``.
+        flops_per_token: ``(model) -> FLOPs per trained token`` for MFU; None skips MFU.
+    """
+    memory.free_memory()
+    try:
+        row = _run(config, batches_fn, hw, steps, warmup, flops_per_token)
+    except Exception as error:  # noqa: BLE001 - only OOM becomes a result
+        if not memory.is_oom(error):
+            raise
+        row = {"name": config.name, "oom": True, "error": str(error).splitlines()[0][:120]}
+    memory.free_memory()
+    row.update(micro_batch=config.micro_batch, accum_steps=config.accum_steps, seq_len=seq_len)
+    return row
+
+
+def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flops_per_token) -> dict:
+    model = config.model_fn()
+    optimizer = config.optimizer_fn(model)
+    batches = batches_fn(config.micro_batch)
+    kwargs = dict(accum_steps=config.accum_steps, autocast_dtype=hw.amp_dtype,
+                  max_grad_norm=config.max_grad_norm, fused_head=config.fused_head, progress=False)
+    train.train(model, optimizer, batches, steps=warmup, **kwargs)
+    timed = train.train(model, optimizer, batches, steps=steps, **kwargs)
+    baseline = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
+    with memory.peak_memory(hw.device, baseline) as peak:
+        train.train(model, optimizer, batches, steps=1, **kwargs)
+    split = memory.breakdown(model, optimizer, peak["peak"], hw.device)
+    step_s = timing.steady_median(timed.step_seconds, skip=0)  # warm-up steps already ran separately
+    tokens_per_s = timed.tokens_per_step / step_s
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fpt = flops_per_token(model) if flops_per_token else None
+    row = {"name": config.name, "oom": False, "memory": split, "tokens_per_s": tokens_per_s,
+           "step_s": step_s, "loss": timed.losses[-1],
+           "trainable_params": trainable, "mfu": flops.mfu(tokens_per_s, fpt, hw.peak_flops) if fpt else None}
+    del model, optimizer
+    return row
+
+
+def table(rows: list[dict], reference: str | None = None):
+    """A pandas table of rows: GiB per part, tokens/s, MFU, and peak relative to ``reference``."""
+    import pandas as pd
+
+    ref = next((r for r in rows if r["name"] == reference and not r["oom"]), None)
+    records = []
+    for r in rows:
+        rec = {"configuration": r["name"], "micro-batch x accum": f"{r['micro_batch']} x {r['accum_steps']}"}
+        if r["oom"]:
+            rec["peak (GiB)"] = "OOM"
+        else:
+            rec.update({f"{k} (GiB)": round(v, 3) for k, v in r["memory"].gib().items()})
+            rec["tokens/s"] = round(r["tokens_per_s"], 1)
+            if r.get("mfu") is not None:
+                rec["MFU (%)"] = round(100 * r["mfu"], 1)
+            if ref is not None:
+                rec["peak vs " + reference] = f"{r['memory'].peak / ref['memory'].peak:.1%}"
+        records.append(rec)
+    return pd.DataFrame(records).set_index("configuration")
+
+
+def to_json(row: dict) -> dict:
+    """A row with its memory breakdown as plain numbers, for ``results/`` files."""
+    out = {k: v for k, v in row.items() if k != "memory"}
+    if not row.get("oom"):
+        out["memory_bytes"] = {k: int(v) for k, v in vars(row["memory"]).items()}
+    return out

@@ -1,0 +1,103 @@
+"""The one generation benchmark: prefill and decode tokens/s, measured the same way for every model.
+
+``benchmark`` fills a static KV cache with a random prompt of ``prompt_len`` tokens (prefill), then
+greedily decodes ``new_tokens`` tokens one at a time. On a GPU the one-token step is compiled with
+``torch.compile(mode="reduce-overhead")`` (Inductor kernels replayed as a CUDA graph), so the host
+launches one graph per token and decode is bound by the GPU, not by Python; ``transformers``'
+``generate`` loop adds per-token host work (logits processors, stopping checks) that hides the
+difference between a bf16 and an int8 model. Times are CUDA events on a GPU, ``perf_counter`` on
+CPU, after warm-up, median of ``repeats``. Prefill runs eagerly (one forward over the prompt).
+``tune=True`` compiles the step with Inductor's coordinate-descent tuning of its kernels' launch
+parameters (what torchao and gpt-fast recommend for decode): faster small-batch decode kernels for a
+longer compile. Compare models under the same ``tune``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+
+import torch
+
+from ..core.hardware import Hardware, raise_recompile_limit
+from ..inference.generate import decode_step, static_cache
+from . import timing
+
+
+@torch.no_grad()
+def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int, compile: bool | None = None,
+              repeats: int = 5, warmup: int = 2, name: str = "", seed: int = 0, tune: bool = False) -> dict:
+    """Prefill and greedy-decode tokens/s of ``model`` (see the module docstring for the protocol).
+
+    Args:
+        compile: compile the decode step with CUDA graphs; None means yes on a GPU, no on CPU.
+            Models whose kernels torch.compile cannot trace (bitsandbytes) pass False.
+        repeats: timed prefills and timed decodes; the median of each is reported.
+        tune: compile with Inductor's coordinate-descent tuning (ignored without ``compile``).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    compile = device.type == "cuda" if compile is None else compile
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+    cache = static_cache(model, prompt_len + new_tokens)
+    step = decode_step
+    if compile:
+        raise_recompile_limit()
+        step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    prefill_positions = torch.arange(prompt_len, device=device)
+    decode_positions = [torch.tensor([prompt_len + i], device=device) for i in range(new_tokens)]
+
+    def prefill() -> torch.Tensor:
+        return decode_step(model, prompt, prefill_positions, cache)
+
+    def fresh_prefill() -> torch.Tensor:
+        cache.reset()  # recent transformers count the filled length inside the cache
+        return prefill()
+
+    def decode(first: torch.Tensor) -> torch.Tensor:
+        token = first
+        for position in decode_positions:
+            token = step(model, token, position, cache)
+            if compile:
+                token = token.clone()  # the CUDA graph's output buffer is overwritten by the next replay
+        return token
+
+    tune = bool(tune and compile)
+    if compile and warmup < 1:
+        raise ValueError("a compiled benchmark needs warmup >= 1: the first decode compiles the step")
+    tuning = contextlib.nullcontext()
+    if tune:
+        import torch._inductor.config as inductor_config
+
+        tuning = inductor_config.patch(coordinate_descent_tuning=True)
+    with tuning:  # the step compiles during warm-up; later calls replay it
+        for _ in range(warmup):
+            decode(fresh_prefill())
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        first = None
+
+        def run_prefill():
+            nonlocal first
+            first = prefill()
+
+        cache.reset()  # outside the timed region
+        prefill_s.append(timing.seconds(run_prefill, device))
+        decode_s.append(timing.seconds(lambda: decode(first), device))
+    prefill_median, decode_median = statistics.median(prefill_s), statistics.median(decode_s)
+    return {"name": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "compiled": compile, "tuned": tune, "repeats": repeats,
+            "prefill_s": prefill_median, "decode_s": decode_median,
+            "prefill_tokens_per_s": batch * prompt_len / prefill_median,
+            "decode_tokens_per_s": batch * new_tokens / decode_median,
+            "ms_per_decode_step": 1e3 * decode_median / new_tokens}
+
+
+def describe(row: dict) -> str:
+    """The protocol of one measurement, in words (for the notebooks' captions)."""
+    how = "torch.compile + CUDA graph decode step" if row["compiled"] else "eager decode step"
+    if row.get("tuned"):
+        how += " (coordinate-descent tuned)"
+    return (f"batch {row['batch']}, prompt {row['prompt_len']} tokens, {row['new_tokens']} new tokens, static KV "
+            f"cache, {how}, median of {row['repeats']} after warm-up")

@@ -1,0 +1,45 @@
+"""FLOP counts: training FLOPs per token (causal attention counted as half), attention FLOPs, MFU.
+"""
+
+from __future__ import annotations
+
+
+def linear_shapes(config) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every decoder linear layer of a Llama-style config: q, k, v, o, gate, up, down."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or d // n_heads
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    per_layer = [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
+    return per_layer * config.num_hidden_layers
+
+
+def training_flops_per_token(config, seq_len: int, trainable_fraction: float = 1.0) -> float:
+    """Model FLOPs per trained token: ``6N + 12 L d T`` (PaLM's count; recomputation not included).
+
+    With a frozen base (LoRA), weight gradients of frozen matrices are skipped, so the base costs
+    ``4N`` (forward 2N + input gradients 2N) and only the trainable fraction costs ``6N``.
+    """
+    d, layers, n_heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // n_heads
+    n_matmul = sum(i * o for i, o in linear_shapes(config)) + config.vocab_size * d  # + the LM head
+    weights = n_matmul * (4 + 2 * trainable_fraction)
+    attention = 12 * layers * n_heads * head_dim * seq_len
+    return weights + attention
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak (None if the peak is unknown)."""
+    if not peak_flops:
+        return None
+    return tokens_per_second * flops_per_token / peak_flops
+
+
+def attention_flops(seq_len: int, heads: int, head_dim: int, window: int | None = None,
+                    backward: bool = False) -> float:
+    """Matmul FLOPs of causal (or windowed) attention: 4 * pairs * head_dim per head; backward costs 2.5x."""
+    window = None if window is None or window >= seq_len else window
+    pairs = seq_len * (seq_len + 1) / 2 if window is None else seq_len * window - window * (window - 1) / 2
+    forward = 4 * pairs * head_dim * heads
+    return forward * (3.5 if backward else 1.0)
