@@ -7,6 +7,7 @@ its figures, and scoreboard rows (each technique's memory and tokens/s against i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -39,10 +40,29 @@ def scoreboard_row(notebook: str, technique: str, baseline: str, memory_bytes: i
             "tokens_per_s": tokens_per_s, "baseline_tokens_per_s": baseline_tokens_per_s}
 
 
+def code_cells(path: str | Path) -> list[str]:
+    """The sources of a notebook's code cells, in order."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            for c in cells if c["cell_type"] == "code"]
+
+
+def code_hash(path: str | Path) -> str:
+    """sha256 of a notebook's code cells (trailing white space ignored): what produced its outputs."""
+    text = "\n\0".join(source.rstrip() for source in code_cells(path))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def notebook_path(notebook: str) -> Path:
+    return REPO_ROOT / "notebooks" / f"{notebook}.ipynb"
+
+
 def save(notebook: str, hw: Hardware, environment_: dict, figures: dict, scoreboard: list[dict],
          publish: bool = False) -> list[Path]:
-    """Write ``outputs/<notebook>.json``; with ``publish`` (a reference GPU run) also ``results/<notebook>.<gpu>.json``."""
-    payload = {"notebook": notebook, "environment": environment_, "figures": figures, "scoreboard": scoreboard}
+    """Write ``outputs/<notebook>.json``; with ``publish`` (a reference GPU run) also
+    ``results/<notebook>.<gpu>.json``. Both record ``code_hash`` of the notebook's code cells."""
+    payload = {"notebook": notebook, "code_hash": code_hash(notebook_path(notebook)),
+               "environment": environment_, "figures": figures, "scoreboard": scoreboard}
     text = json.dumps(payload, indent=2, default=_plain) + "\n"
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     paths = [OUTPUTS / f"{notebook}.json"]

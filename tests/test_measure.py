@@ -1,9 +1,12 @@
 """measure: the CPU allocation tracker, the memory breakdown, FLOPs per token, MFU, OOM detection."""
 
+import time
+
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
 
+from recipes_lib.attention import masks
 from recipes_lib.measure import flops, memory, report, timing
 
 MiB = 2**20
@@ -95,9 +98,11 @@ def test_training_flops_per_token_by_hand():
     # per layer: q 32*32 + k 32*16 + v 32*16 + o 32*32 = 3072; mlp 3 * 32 * 64 = 6144
     n = 2 * (3072 + 6144) + 64 * 32  # + the LM head = 20480
     seq_len = 16
-    attention = 12 * 2 * 32 * seq_len  # 12 L d T
-    assert n == 20480
-    assert flops.training_flops_per_token(config, seq_len) == 6 * n + attention == 135168
+    # Causal attention: 4 FLOPs x head_dim per query-key pair the mask keeps, per head, 3 passes, 2 layers.
+    pairs = int(masks.dense_mask(seq_len, None).sum())
+    attention = 3 * 2 * 4 * pairs * 8 * 4 / seq_len
+    assert n == 20480 and pairs == 136  # half of 16 x 16, plus the diagonal's half
+    assert flops.training_flops_per_token(config, seq_len) == 6 * n + attention == 129408
     # Frozen base: forward 2N + input gradients 2N, no weight gradients.
     assert flops.training_flops_per_token(config, seq_len, trainable_fraction=0.0) == 4 * n + attention
     assert flops.training_flops_per_token(config, seq_len, trainable_fraction=0.5) == 5 * n + attention
@@ -122,12 +127,25 @@ def test_is_oom():
     assert not memory.is_oom(ValueError("out of memory"))
 
 
-def test_median_seconds_and_steady_median():
-    calls = []
-    t = timing.median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=5, warmup=2)
-    assert len(calls) == 7 and 0 <= t < 0.1
-    assert timing.steady_median([100.0, 1.0, 3.0, 2.0]) == 2.0
-    assert timing.steady_median([5.0], skip=1) == 5.0
+def test_time_it_warms_up_then_times_each_call():
+    calls, sleeps = [], iter([0.0, 0.0, 0.02, 0.001, 0.01, 0.001, 0.001])
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(sleeps))
+
+    t = timing.time_it(fn, torch.device("cpu"), repeats=5, warmup=2)
+    assert len(calls) == 7 and len(t.samples) == 5
+    assert t.low < 0.005 < t.median < 0.015 < t.high  # the 0.02 s call is the max, the median the 0.01 s one
+    assert t.spread == pytest.approx((t.high - t.low) / t.median)
+
+
+def test_timing_of_samples_drops_warm_up():
+    t = timing.Timing.of([100.0, 1.0, 3.0, 2.0], skip=1)
+    assert (t.median, t.low, t.high) == (2.0, 1.0, 3.0)
+    assert timing.Timing.of([5.0], skip=1).median == 5.0  # too few to drop: kept
+    with pytest.raises(ValueError):
+        timing.Timing.of([])
 
 
 def test_matmul_peak_is_a_plausible_rate_on_cpu():

@@ -18,7 +18,7 @@ from .masks import block_mask, dense_mask, effective_window
 IMPLEMENTATIONS = ("eager", *(f"sdpa-{b}" for b in SDPA_BACKENDS), "flex-causal", "flex-sliding")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flex(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
     if not compiled:

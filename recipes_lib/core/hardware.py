@@ -100,7 +100,7 @@ def bitsandbytes_works(device: torch.device) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detect(device: str | None = None) -> Hardware:
     """Probe the (first) CUDA GPU if there is one, else the CPU."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -9,11 +9,11 @@ micro-batch's mean loss, the common shortcut, weights a token in a short micro-b
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -77,24 +77,46 @@ def real_tokens(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
 def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict],
                          autocast_dtype: torch.dtype | None = None, fused_head: bool = True,
-                         scaler: torch.amp.GradScaler | None = None) -> float:
+                         scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None,
+                         total_targets: int | None = None, backward: Callable | None = None,
+                         micro_context: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+                         ) -> torch.Tensor:
     """Forward and backward over ``micro_batches``, the loss normalised by their total target tokens.
 
-    Returns the mean loss per target token of the whole step (what the large batch would report).
+    Returns the step's mean loss per target token (what the large batch would report), on the
+    device: summed there, so the host does not wait for the GPU after every micro-batch.
+
+    Args:
+        loss_fn: ``(model, micro_batch) -> summed loss`` (default: ``loss_sum``, the next-token
+            cross-entropy); distillation passes its KL + CE here.
+        total_targets: the target tokens to divide by (default: those of ``micro_batches``; data
+            parallelism passes the count over all ranks).
+        backward: ``loss -> None`` in place of ``loss.backward()`` (DeepSpeed's engine).
+        micro_context: ``is_last -> context`` entered around each micro-batch (DDP's ``no_sync``).
     """
-    total_targets = sum(losses.count_targets(mb["labels"]) for mb in micro_batches)
+    if total_targets is None:
+        total_targets = sum(losses.count_targets(mb["labels"]) for mb in micro_batches)
     if total_targets == 0:
         raise ValueError("no target tokens in this step: every label is -100")
+    loss_fn = loss_fn or functools.partial(loss_sum, fused_head=fused_head)
     device = next(model.parameters()).device
-    step_loss = 0.0
-    for mb in micro_batches:
+    step_loss = torch.zeros((), device=device, dtype=torch.float32)
+    for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        with autocast(device, autocast_dtype):
-            loss = loss_sum(model, mb, fused_head=fused_head) / total_targets
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        step_loss += loss.item()
+        last = i == len(micro_batches) - 1
+        with micro_context(last) if micro_context else contextlib.nullcontext():
+            with autocast(device, autocast_dtype):
+                loss = loss_fn(model, mb) / total_targets
+            if backward is not None:
+                backward(loss)
+            else:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += loss.detach().float()
     return step_loss
 
 
@@ -107,11 +129,38 @@ def _chunks(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
             group = []
 
 
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict],
+                   autocast_dtype: torch.dtype | None = None, max_grad_norm: float | None = 1.0,
+                   fused_head: bool = True, scaler: torch.amp.GradScaler | None = None,
+                   loss_fn: LossFn | None = None) -> float:
+    """One optimizer step: accumulate over ``micro_batches``, clip, step, zero; returns the step's loss."""
+    loss = accumulate_gradients(model, micro_batches, autocast_dtype, fused_head, scaler, loss_fn)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: the caller's choice, else yes unless ``RECIPES_PROGRESS=0``
+    (set for headless notebook runs, where a bar would be saved in its first state)."""
+    return os.environ.get("RECIPES_PROGRESS", "1") != "0" if progress is None else progress
+
+
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
           steps: int, accum_steps: int = 1, autocast_dtype: torch.dtype | None = None,
-          max_grad_norm: float | None = 1.0, fused_head: bool = True,
-          scheduler=None, progress: bool | None = None, desc: str = "train") -> TrainStats:
-    """Run ``steps`` optimizer steps of ``accum_steps`` micro-batches each.
+          max_grad_norm: float | None = 1.0, fused_head: bool = True, scheduler=None,
+          progress: bool | None = None, desc: str = "train", loss_fn: LossFn | None = None,
+          clock: Callable[[Callable[[], object]], float] | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> TrainStats:
+    """Run ``steps`` optimizer steps of ``accum_steps`` micro-batches each: the one training loop.
 
     Args:
         batches: an iterable of micro-batches (``input_ids``, ``labels``, optional
@@ -119,42 +168,39 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         autocast_dtype: ``torch.bfloat16``/``torch.float16`` for mixed precision, None for none.
             fp16 turns on loss scaling.
         fused_head: compute the loss with the chunked fused LM head (no full logits).
-        progress: show a progress bar; None means yes unless ``RECIPES_PROGRESS=0`` (set for
-            headless notebook runs, where a bar would be saved in its first state).
+        loss_fn: ``(model, micro_batch) -> summed loss``, in place of the next-token cross-entropy.
+        clock: ``fn -> seconds`` that runs and times one optimizer step (``measure.timing.stepper``);
+            None leaves ``step_seconds`` empty.
+        on_step: ``(step_index, loss) -> None`` after every optimizer step (evaluation, logging).
+        progress: show a progress bar; None means yes unless ``RECIPES_PROGRESS=0``.
     """
-    if progress is None:
-        progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
     if max_grad_norm is not None and hasattr(optimizer, "optim_dict"):  # torchao CPUOffloadOptimizer
         raise ValueError("an offloaded optimizer copies gradients to the host during backward, so clipping "
                          "the device gradients would do nothing: pass max_grad_norm=None")
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
     stats = TrainStats()
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    for micro_batches in itertools.islice(_chunks(batches, accum_steps), steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = accumulate_gradients(model, micro_batches, autocast_dtype, fused_head, scaler)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+    bar = tqdm(total=steps, desc=desc, disable=not show_progress(progress), leave=False)
+    for index, micro_batches in enumerate(itertools.islice(_chunks(batches, accum_steps), steps)):
+        result = []
+
+        def one_step(micro_batches=micro_batches, result=result):
+            result.append(optimizer_step(model, optimizer, micro_batches, autocast_dtype, max_grad_norm,
+                                         fused_head, scaler, loss_fn))
+
+        if clock is not None:
+            stats.step_seconds.append(clock(one_step))
         else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            one_step()
         if scheduler is not None:
             scheduler.step()
-        sync(device)
-        stats.step_seconds.append(time.perf_counter() - start)
         stats.tokens += sum(real_tokens(mb) for mb in micro_batches)
-        stats.losses.append(loss)
+        stats.losses.append(result[0])
+        if on_step is not None:
+            on_step(index, result[0])
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(loss=f"{result[0]:.3f}")
     bar.close()
     if len(stats.losses) < steps:
         raise ValueError(f"batches ran out after {len(stats.losses)} of {steps} steps "

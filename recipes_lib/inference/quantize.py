@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import RecipeError
+from ..measure.memory import tensor_bytes
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -107,29 +108,9 @@ def _replace_linears(module: nn.Module) -> None:
             _replace_linears(child)
 
 
-def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding ``t``'s data: itself, or a tensor subclass's inner tensors (and scales)."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return [leaf for n in names for leaf in _leaves(getattr(t, n))]
-    extra = [getattr(t, "SCB", None)]  # bitsandbytes Int8Params keep their row scales beside the data
-    return [t] + [e for e in extra if isinstance(e, torch.Tensor)]
-
-
-def _unique_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        for leaf in _leaves(t):
-            key = (leaf.device, leaf.untyped_storage().data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += leaf.untyped_storage().nbytes()
-    return total
-
-
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (each storage once; quantized data and their scales)."""
-    return _unique_bytes(list(model.parameters()) + list(model.buffers()))
+    return tensor_bytes(list(model.parameters()) + list(model.buffers()))
 
 
 def linear_weight_bytes(model: nn.Module, quantized_only: bool = False) -> tuple[int, int]:
@@ -150,4 +131,4 @@ def linear_weight_bytes(model: nn.Module, quantized_only: bool = False) -> tuple
             if quantized or not quantized_only:
                 tensors.append(weight)
                 values += weight.numel()
-    return _unique_bytes(tensors), values
+    return tensor_bytes(tensors), values

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..core import train
 from ..core.errors import RecipeError
+from ..measure import timing
 
 
 def length_schedule(target: int, steps: int, start: int | None = None, grow_fraction: float = 0.5) -> list[int]:
@@ -108,6 +109,7 @@ def run(model, optimizer, schedule: Sequence[int], stream: torch.Tensor, tokens_
     for start in range(0, len(schedule), eval_every):
         steps = min(eval_every, len(schedule) - start)
         stats = train.train(model, optimizer, stream_of_batches, steps=steps, autocast_dtype=autocast_dtype,
+                            clock=timing.stepper(next(model.parameters()).device),
                             max_grad_norm=max_grad_norm, scheduler=scheduler, progress=False)
         for length, seconds, loss in zip(schedule[start:start + steps], stats.step_seconds, stats.losses):
             seen += tokens_per_step // length * length

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import train
+from ..core import models, train
 from ..core.hardware import Hardware
 from . import flops, memory, timing
 
@@ -39,15 +39,9 @@ def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardwar
         batches_fn: ``micro_batch -> iterator of micro-batches``.
         flops_per_token: ``(model) -> FLOPs per trained token`` for MFU; None skips MFU.
     """
-    memory.free_memory()
-    try:
-        row = _run(config, batches_fn, hw, steps, warmup, flops_per_token)
-    except Exception as error:  # noqa: BLE001 - only OOM becomes a result
-        if not memory.is_oom(error):
-            raise
-        row = {"name": config.name, "oom": True, "error": str(error).splitlines()[0][:120]}
-    memory.free_memory()
-    row.update(micro_batch=config.micro_batch, accum_steps=config.accum_steps, seq_len=seq_len)
+    row = memory.oom_as_result(lambda: _run(config, batches_fn, hw, steps, warmup, flops_per_token))
+    row.update(name=config.name, micro_batch=config.micro_batch, accum_steps=config.accum_steps,
+               seq_len=seq_len)
     return row
 
 
@@ -58,17 +52,19 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
     kwargs = dict(accum_steps=config.accum_steps, autocast_dtype=hw.amp_dtype,
                   max_grad_norm=config.max_grad_norm, fused_head=config.fused_head, progress=False)
     train.train(model, optimizer, batches, steps=warmup, **kwargs)
-    timed = train.train(model, optimizer, batches, steps=steps, **kwargs)
+    timed = train.train(model, optimizer, batches, steps=steps, clock=timing.stepper(hw.device), **kwargs)
     baseline = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
     with memory.peak_memory(hw.device, baseline) as peak:
         train.train(model, optimizer, batches, steps=1, **kwargs)
     split = memory.breakdown(model, optimizer, peak["peak"], hw.device)
-    step_s = timing.steady_median(timed.step_seconds, skip=0)  # warm-up steps already ran separately
-    tokens_per_s = timed.tokens_per_step / step_s
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    step_time = timing.Timing.of(timed.step_seconds)  # warm-up steps already ran separately
+    tokens_per_s = timed.tokens_per_step / step_time.median
+    trainable, _ = models.count_parameters(model)
     fpt = flops_per_token(model) if flops_per_token else None
     row = {"name": config.name, "oom": False, "memory": split, "tokens_per_s": tokens_per_s,
-           "step_s": step_s, "loss": timed.losses[-1],
+           "step_s": step_time.median, "step_s_min": step_time.low, "step_s_max": step_time.high,
+           "tokens_per_s_min": timed.tokens_per_step / step_time.high,
+           "tokens_per_s_max": timed.tokens_per_step / step_time.low, "loss": timed.losses[-1],
            "trainable_params": trainable, "mfu": flops.mfu(tokens_per_s, fpt, hw.peak_flops) if fpt else None}
     del model, optimizer
     return row

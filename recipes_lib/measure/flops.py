@@ -16,16 +16,19 @@ def linear_shapes(config) -> list[tuple[int, int]]:
 
 
 def training_flops_per_token(config, seq_len: int, trainable_fraction: float = 1.0) -> float:
-    """Model FLOPs per trained token: ``6N + 12 L d T`` (PaLM's count; recomputation not included).
+    """Model FLOPs per trained token: ``6N`` for the weights plus causal attention (recomputation not counted).
 
-    With a frozen base (LoRA), weight gradients of frozen matrices are skipped, so the base costs
-    ``4N`` (forward 2N + input gradients 2N) and only the trainable fraction costs ``6N``.
+    Attention counts the query-key pairs a causal mask keeps, about half of ``T**2`` (``attention_flops``,
+    the formula the attention benchmarks use), times 3 for forward and backward, as the weights are:
+    ``6 L h d_h (T + 1)`` per token, half of PaLM's non-causal ``12 L h d_h T``. With a frozen base
+    (LoRA), weight gradients of frozen matrices are skipped, so the base costs ``4N`` (forward 2N +
+    input gradients 2N) and only the trainable fraction costs ``6N``.
     """
     d, layers, n_heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d // n_heads
     n_matmul = sum(i * o for i, o in linear_shapes(config)) + config.vocab_size * d  # + the LM head
     weights = n_matmul * (4 + 2 * trainable_fraction)
-    attention = 12 * layers * n_heads * head_dim * seq_len
+    attention = layers * 3 * attention_flops(seq_len, n_heads, head_dim) / seq_len
     return weights + attention
 
 
@@ -38,7 +41,12 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float | No
 
 def attention_flops(seq_len: int, heads: int, head_dim: int, window: int | None = None,
                     backward: bool = False) -> float:
-    """Matmul FLOPs of causal (or windowed) attention: 4 * pairs * head_dim per head; backward costs 2.5x."""
+    """Matmul FLOPs of causal (or windowed) attention over ``seq_len`` tokens: 4 * pairs * head_dim per head.
+
+    ``pairs`` are the query-key pairs the mask keeps (about half of ``seq_len**2`` when causal). With
+    ``backward`` the count is what a fused kernel executes: the backward recomputes the scores, so
+    forward + backward is 3.5 forwards (FlashAttention's convention).
+    """
     window = None if window is None or window >= seq_len else window
     pairs = seq_len * (seq_len + 1) / 2 if window is None else seq_len * window - window * (window - 1) / 2
     forward = 4 * pairs * head_dim * heads

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,19 +26,37 @@ GiB = 2**30
 OOM = "OOM"
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> int:
-    """Bytes held by ``tensors`` (each storage once), optionally only those on ``device``'s type
-    (and on that very device if it has an index, e.g. ``cuda:1``)."""
+def storage_leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``'s data: itself, a DTensor's local shard, or a tensor
+    subclass's inner tensors (torchao's quantized weights), with bitsandbytes' int8 row scales."""
+    if isinstance(t, DTensor):
+        return storage_leaves(t.to_local())
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [leaf for n in names for leaf in storage_leaves(getattr(t, n))]
+    scales = getattr(t, "SCB", None)  # bitsandbytes Int8Params keep their row scales beside the data
+    return [t] + ([scales] if isinstance(scales, torch.Tensor) else [])
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None], device: torch.device | None = None) -> int:
+    """The one byte counter: bytes held by ``tensors``, each storage once.
+
+    A DTensor counts its local shard (what this rank holds), a tensor subclass its inner tensors.
+    With ``device``, only storages on that device type count (and on that very device if it has an
+    index, e.g. ``cuda:1``).
+    """
     seen, total = set(), 0
     for t in tensors:
-        if t is None or (device is not None and t.device.type != device.type):
-            continue
-        if device is not None and device.index is not None and t.device.index != device.index:
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+        for leaf in storage_leaves(t) if t is not None else ():
+            if device is not None and leaf.device.type != device.type:
+                continue
+            if device is not None and device.index is not None and leaf.device.index != device.index:
+                continue
+            storage = leaf.untyped_storage()
+            key = (leaf.device, storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
     return total
 
 
@@ -152,6 +170,24 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
+def oom_as_result(fn: Callable[[], dict]) -> dict:
+    """``fn()``'s row, or ``{"oom": True, "error": ...}`` if it ran out of memory (memory freed around it).
+
+    The one place where running out of memory becomes a result instead of a crash; any other error
+    propagates.
+    """
+    free_memory()
+    try:
+        row = fn()
+    except Exception as error:  # noqa: BLE001 - only OOM becomes a result
+        if not is_oom(error):
+            raise
+        row = {"oom": True, "error": str(error).splitlines()[0][:120]}
+    finally:
+        free_memory()
+    return row
+
+
 def free_memory() -> None:
     """Return cached blocks to the driver so the next measurement starts clean."""
     import gc
@@ -160,15 +196,10 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def local_bytes(tensors) -> int:
-    """Bytes this rank holds for ``tensors`` (the local shard of a DTensor)."""
-    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if t is not None)
-
-
 def param_bytes(model: torch.nn.Module, device: torch.device | None = None) -> int:
     """Bytes of the weights this rank holds (its shard under FSDP2 and ZeRO-3), optionally on one device."""
     tensors = [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p for p in model.parameters()]
-    return local_bytes(t for t in tensors if t is not None and (device is None or t.device == device))
+    return tensor_bytes(t for t in tensors if t is not None and (device is None or t.device == device))
 
 
 def optimizer_bytes(optimizer, device: torch.device | None = None) -> int:
@@ -180,7 +211,7 @@ def optimizer_bytes(optimizer, device: torch.device | None = None) -> int:
         if isinstance(getattr(level, "state", None), dict) and getattr(level, "optimizer", None) is None:
             tensors += [v for s in level.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         level = getattr(level, "optimizer", None)
-    return tensor_bytes((t.to_local() if isinstance(t, DTensor) else t for t in tensors), device)
+    return tensor_bytes(tensors, device)
 
 
 def memory_breakdown(result: dict, device_index: int | None = None):

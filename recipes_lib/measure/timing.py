@@ -1,13 +1,44 @@
-"""Timing: CUDA events on a GPU, perf_counter on CPU; medians after warm-up; measured device peaks.
+"""The one timer: CUDA events on a GPU, ``perf_counter`` on CPU; a median with its min-max spread.
+
+``seconds(fn, device)`` times one call. ``time_it(fn, device)`` warms up, times ``repeats`` calls and
+returns a ``Timing`` (median, min, max, every sample). ``Timing.of(samples)`` summarises times
+taken elsewhere (the training loop's steps), dropping warm-up samples.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median of the timed samples and their spread."""
+
+    median: float
+    low: float
+    high: float
+    samples: tuple[float, ...]
+
+    @classmethod
+    def of(cls, samples: Sequence[float], skip: int = 0) -> Timing:
+        """Summarise ``samples`` after dropping the first ``skip`` (warm-up), if enough remain."""
+        kept = tuple(samples[skip:]) if len(samples) > skip else tuple(samples)
+        if not kept:
+            raise ValueError("no timed samples to summarise")
+        return cls(statistics.median(kept), min(kept), max(kept), kept)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how much the samples disagree."""
+        return (self.high - self.low) / self.median if self.median else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:,.3g} ms [{self.low * 1e3:,.3g}-{self.high * 1e3:,.3g}]"
 
 
 def seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -27,31 +58,31 @@ def seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` (CUDA events on a GPU, perf_counter on CPU), after warm-up."""
+def time_it(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 2) -> Timing:
+    """``fn`` called ``warmup`` times untimed, then timed ``repeats`` times: median and spread."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: time at least one call")
     for _ in range(warmup):
         fn()
-    return statistics.median(seconds(fn, device) for _ in range(repeats))
+    return Timing.of([seconds(fn, device) for _ in range(repeats)])
 
 
-def steady_median(values: list[float], skip: int = 1) -> float:
-    """Median after dropping the first ``skip`` values (warm-up: allocation, autotuning, lazy state)."""
-    kept = values[skip:] if len(values) > skip else values
-    return statistics.median(kept)
+def stepper(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """``fn -> seconds`` on ``device``: the clock the training loop takes to time its steps."""
+    return lambda fn: seconds(fn, device)
 
 
-def matmul_peak(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> float:
+def matmul_peak(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16,
+                repeats: int = 20) -> float:
     """Measured dense matmul FLOP/s on ``n x n`` matrices: the rate a large matmul really gets on this
     device, the practical ceiling for MFU and for attention kernels (datasheet peaks are not reached)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = median_seconds(lambda: a @ b, device, repeats=repeats, warmup=3)
-    return 2 * n**3 / seconds
+    return 2 * n**3 / time_it(lambda: a @ b, device, repeats=repeats, warmup=3).median
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int = 2**30, repeats: int = 20) -> float:
     """Measured memory bandwidth, bytes/s, from a large device-to-device copy (read + write counted)."""
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), device, repeats, warmup=3)
-    return 2 * n_bytes / seconds
+    return 2 * n_bytes / time_it(lambda: dst.copy_(src), device, repeats, warmup=3).median

@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from ..core.errors import RecipeError
+from ..measure.memory import optimizer_tensors, tensor_bytes
 
 
 def offloaded_adamw(params, device: torch.device, lr: float = 1e-4, **kwargs):
@@ -48,8 +49,5 @@ def optimizer_state_bytes(optimizer) -> dict[str, int]:
     torchao keeps parameters smaller than its ``minimal_size`` (norm weights) and their state on
     the device: a sliver next to the rest.
     """
-    from ..measure.memory import optimizer_tensors
-    totals: dict[str, int] = {}
-    for t in optimizer_tensors(optimizer):
-        totals[t.device.type] = totals.get(t.device.type, 0) + t.numel() * t.element_size()
-    return totals
+    tensors = optimizer_tensors(optimizer)
+    return {kind: tensor_bytes(tensors, torch.device(kind)) for kind in sorted({t.device.type for t in tensors})}
