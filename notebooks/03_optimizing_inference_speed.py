@@ -94,7 +94,7 @@ from recipes_lib import results
 from recipes_lib.attention import kernels
 from recipes_lib.core import batches, errors, hardware, models, tasks, train
 from recipes_lib.inference import distill, norms, quantize, rmsnorm_triton
-from recipes_lib.measure import decode, flops, memory, microbench, quality, timing
+from recipes_lib.measure import attention_bench, decode, flops, memory, norm_bench, quality, timing
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
 
@@ -455,7 +455,7 @@ for seq in P["attention_seq_lens"]:
     q, k, v = kernels.random_qkv(1, P["attention_heads"], seq, P["attention_head_dim"], hw.device, dtype)
     flops = flops.causal_flops(1, P["attention_heads"], seq, P["attention_head_dim"])
     for name, fn in kernels.items():
-        row = {"kernel": name, "seq": seq, **microbench.time_and_memory(fn, q, k, v, hw.device)}
+        row = {"kernel": name, "seq": seq, **attention_bench.time_and_memory(fn, q, k, v, hw.device)}
         if not row["oom"]:
             row["tflops"] = flops / row["seconds"] / 1e12
         sweep.append(row)
@@ -594,8 +594,8 @@ if hw.cuda:
 
 # %%
 bandwidth = timing.copy_bandwidth(hw.device, n_bytes=2**30 if hw.cuda else 2**26)
-floor_s = microbench.bytes_moved(P["norm_rows"], NORM_HIDDEN, dtype) / bandwidth
-norm_times = {name: microbench.forward_backward_seconds(fn, P["norm_rows"], NORM_HIDDEN, hw.device, dtype)
+floor_s = norm_bench.bytes_moved(P["norm_rows"], NORM_HIDDEN, dtype) / bandwidth
+norm_times = {name: norm_bench.forward_backward_seconds(fn, P["norm_rows"], NORM_HIDDEN, hw.device, dtype)
               for name, fn in norms.norm_functions(NORM_HIDDEN, hw.device, dtype, compile=hw.cuda).items()}
 report("memory-bandwidth floor", **{"copy GB/s": bandwidth / 1e9, "floor ms": floor_s * 1e3, "rows": P["norm_rows"]})
 for name, seconds in norm_times.items():
@@ -639,11 +639,11 @@ if P["e2e_norm_shape"]:
     e2e_model = GPT2LMHeadModel(GPT2Config(**P["e2e_norm_shape"])).to(hw.device, hw.model_dtype)
 else:
     e2e_model = models.load_model(LAYERNORM_MODEL)
-e2e_norm = {"LayerNorm": microbench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])}
+e2e_norm = {"LayerNorm": norm_bench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])}
 norms.swap_layernorm(e2e_model)
-e2e_norm["RMSNorm (written out)"] = microbench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])
+e2e_norm["RMSNorm (written out)"] = norm_bench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])
 norms.set_fused(e2e_model, True)
-e2e_norm["RMSNorm (F.rms_norm)"] = microbench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])
+e2e_norm["RMSNorm (F.rms_norm)"] = norm_bench.train_step_seconds(e2e_model, P["e2e_norm_batch"], P["e2e_norm_seq"])
 tokens = P["e2e_norm_batch"] * P["e2e_norm_seq"]
 for name, seconds in e2e_norm.items():
     report(name, **{"step ms": seconds * 1e3, "tokens/s": tokens / seconds,

@@ -88,7 +88,7 @@ from recipes_lib import plots
 from recipes_lib.attention import kernels, masks, sliding
 from recipes_lib.core import batches, checkpointing, errors, hardware, losses, models
 from recipes_lib.long_context import curriculum, ladder
-from recipes_lib.measure import flops, memory, microbench, quality
+from recipes_lib.measure import attention_bench, flops, memory, quality
 from recipes_lib import results
 from recipes_lib.core import tasks
 from recipes_lib.measure.memory import GiB
@@ -190,7 +190,7 @@ for seq_len in P["attn_lengths"]:
         window = P["window"] if impl == "flex-sliding" else None
         if impl.startswith("flex") and (seq_len not in P["flex_lengths"] or (window or 0) >= seq_len):
             continue  # not timed here (compile time), or a window that covers the sequence: plain causal
-        row = microbench.time_attention(impl, seq_len, P["attn_heads"], P["head_dim"], hw, window=window,
+        row = attention_bench.time_attention(impl, seq_len, P["attn_heads"], P["head_dim"], hw, window=window,
                                        backward=BACKWARD)
         attn_rows.append(row)
         report(f"{impl} @ {seq_len}", **({"result": "OOM"} if row["oom"] else

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from recipes_lib.attention import kernels, masks, sliding
 from recipes_lib.core import errors, hardware, models
-from recipes_lib.measure import flops, microbench
+from recipes_lib.measure import attention_bench, flops
 
 
 def _qkv(seq_len=70, heads=2, kv_heads=2, dim=8):
@@ -68,7 +68,7 @@ def test_model_window_matches_mistral_and_full_when_wide():
 
 
 def test_time_attention_row():
-    row = microbench.time_attention("sdpa-math", 64, 2, 8, hardware.detect("cpu"), repeats=2)
+    row = attention_bench.time_attention("sdpa-math", 64, 2, 8, hardware.detect("cpu"), repeats=2)
     assert not row["oom"] and row["seconds"] > 0 and row["peak_bytes"] > 0
 
 

@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from recipes_lib.core.errors import RecipeError
 from recipes_lib.inference import norms
-from recipes_lib.measure import microbench
+from recipes_lib.measure import norm_bench
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -54,8 +54,8 @@ def test_norm_benchmark_runs_and_floor_is_positive():
     device = torch.device("cpu")
     fns = norms.norm_functions(64, device, torch.float32, compile=False)
     for fn in fns.values():
-        assert microbench.forward_backward_seconds(fn, 32, 64, device, torch.float32, repeats=2, warmup=1) > 0
-    assert microbench.bytes_moved(32, 64, torch.bfloat16) == 5 * 32 * 64 * 2
+        assert norm_bench.forward_backward_seconds(fn, 32, 64, device, torch.float32, repeats=2, warmup=1) > 0
+    assert norm_bench.bytes_moved(32, 64, torch.bfloat16) == 5 * 32 * 64 * 2
 
 
 def test_triton_rmsnorm_launch_sizes():

@@ -1,9 +1,6 @@
-"""Time single kernels: attention calls and norms, forward and backward (OOM is a result).
-"""
+"""Time attention kernels: median time, spread, peak memory and TFLOP/s of one call, or OOM."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -34,7 +31,7 @@ def time_attention(implementation: str, seq_len: int, heads: int, head_dim: int,
                 out.backward(grad)
                 q.grad = k.grad = v.grad = None
 
-        seconds = timing.median_seconds(call, hw.device, repeats=repeats, warmup=1)
+        seconds = timing.time_it(call, hw.device, repeats=repeats, warmup=1).median
         inputs = [t for t in (q, k, v, grad) if t is not None]
         peak_bytes = None
         if hw.cuda or not implementation.startswith("flex"):  # the CPU tracker cannot see inside FlexAttention
@@ -60,7 +57,7 @@ def time_and_memory(fn, q, k, v, device: torch.device, repeats: int = 10) -> dic
     memory.free_memory()
     try:
         with torch.no_grad():
-            seconds = timing.median_seconds(lambda: fn(q, k, v), device, repeats=repeats, warmup=2)
+            seconds = timing.time_it(lambda: fn(q, k, v), device, repeats=repeats, warmup=2).median
             with memory.peak_memory(device, baseline=(q, k, v)) as peak:
                 fn(q, k, v)
     except Exception as error:  # noqa: BLE001 - only OOM becomes a result
@@ -69,40 +66,3 @@ def time_and_memory(fn, q, k, v, device: torch.device, repeats: int = 10) -> dic
         memory.free_memory()
         return {"oom": True}
     return {"oom": False, "seconds": seconds, "peak_bytes": peak["peak"]}
-
-
-def forward_backward_seconds(fn: Callable, rows: int, hidden: int, device: torch.device, dtype: torch.dtype,
-                             repeats: int = 20, warmup: int = 3) -> float:
-    """Median time of ``fn``'s forward and backward on ``[rows, hidden]`` (gradients for x and weight)."""
-    x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
-    w = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
-    b = torch.zeros(hidden, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(rows, hidden, device=device, dtype=dtype)
-
-    def step():
-        x.grad = w.grad = b.grad = None
-        fn(x, w, b).backward(grad)
-
-    return timing.median_seconds(step, device, repeats, warmup)
-
-
-def bytes_moved(rows: int, hidden: int, dtype: torch.dtype) -> int:
-    """Least bytes a fused forward + backward must move: read x, write y; read x and dy, write dx."""
-    return 5 * rows * hidden * torch.tensor([], dtype=dtype).element_size()
-
-
-def train_step_seconds(model: torch.nn.Module, batch: int, seq_len: int, repeats: int = 5, warmup: int = 2,
-                       autocast_dtype: torch.dtype | None = None) -> float:
-    """Median time of one forward + backward of ``model`` on random tokens (the end-to-end cost of its norms)."""
-    device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
-    model.train()
-
-    def step():
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return timing.median_seconds(step, device, repeats, warmup)
