@@ -7,7 +7,8 @@ Every notebook starts with the same two lines::
 
 ``P`` is the profile's parameters (``"cpu"`` at CI size, ``"gpu"`` at full size, chosen from the
 hardware unless ``PROFILE`` or ``RECIPES_PROFILE`` names one), with ``P["model"]`` overridden by
-``MODEL`` or ``RECIPES_MODEL``. ``targets`` records each GPU target where it is measured, prints it,
+``MODEL`` or ``RECIPES_MODEL``; ``P["reference"]`` is True for the GPU profile with its own model on
+a GPU, the runs whose figures ``results.save(..., publish=P["reference"])`` keeps. ``targets`` records each GPU target where it is measured, prints it,
 and asserts all of them in the notebook's last cell, on the GPU they were set for only.
 """
 
@@ -73,8 +74,11 @@ def setup(profiles: dict[str, dict], model: str | None = None, profile: str = "a
     hw = hardware.detect()
     name = choose_profile(profiles, hw, profile)
     P = dict(profiles[name], profile=name)
+    override = model or os.environ.get("RECIPES_MODEL")
+    P["reference"] = hw.cuda and name == "gpu" and not override  # the run results/ keeps (see publish)
     if "model" in P:
-        P["model"] = model or os.environ.get("RECIPES_MODEL") or P["model"]
+        P["model"] = override or P["model"]
     print(hw.summary())
-    print(f"profile: {name} | {json.dumps({k: v for k, v in P.items() if k != 'profile'}, default=str)}")
+    shown = {k: v for k, v in P.items() if k not in ("profile", "reference")}
+    print(f"profile: {name} | {json.dumps(shown, default=str)}")
     return hw, P, Targets(benchmark_gpu, hw)
