@@ -7,9 +7,10 @@ Every notebook starts with the same two lines::
 
 ``P`` is the profile's parameters (``"cpu"`` at CI size, ``"gpu"`` at full size, chosen from the
 hardware unless ``PROFILE`` or ``RECIPES_PROFILE`` names one), with ``P["model"]`` overridden by
-``MODEL`` or ``RECIPES_MODEL``; ``P["reference"]`` is True for the GPU profile with its own model on
-a GPU, the runs whose figures ``results.save(..., publish=P["reference"])`` keeps. ``targets`` records each GPU target where it is measured, prints it,
-and asserts all of them in the notebook's last cell, on the GPU they were set for only.
+``MODEL`` or ``RECIPES_MODEL``. ``P["reference"]`` is True for the GPU profile with its own model on
+a GPU: the runs whose figures ``results.save(..., publish=P["reference"])`` keeps in ``results/``.
+``targets`` records each GPU target where it is measured, prints it, and asserts all of them in the
+notebook's last cell, on the GPU they were set for only.
 """
 
 from __future__ import annotations
