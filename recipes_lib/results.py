@@ -61,7 +61,8 @@ def save(notebook: str, hw: Hardware, environment_: dict, figures: dict, scorebo
          publish: bool = False) -> list[Path]:
     """Write ``outputs/<notebook>.json``; with ``publish`` (a reference GPU run) also
     ``results/<notebook>.<gpu>.json``. Both record ``code_hash`` of the notebook's code cells."""
-    payload = {"notebook": notebook, "code_hash": code_hash(notebook_path(notebook)),
+    source = notebook_path(notebook)
+    payload = {"notebook": notebook, "code_hash": code_hash(source) if source.exists() else None,
                "environment": environment_, "figures": figures, "scoreboard": scoreboard}
     text = json.dumps(payload, indent=2, default=_plain) + "\n"
     OUTPUTS.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import jupytext
@@ -32,6 +33,44 @@ def test_one_parameters_cell_and_asserts(path):
     tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
     assert sum("assert " in c.source for c in cells) >= 4
+
+
+def _stale() -> dict[str, str]:
+    """Notebooks listed in results/STALE.md (``- `name`: reason``) with their reasons."""
+    text = (ROOT / "results" / "STALE.md").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r"^- `([^`]+)`: (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_outputs_come_from_the_committed_code(path):
+    """The code cells hash to what the committed GPU results were saved with, or STALE.md lists it."""
+    saved = [json.loads(f.read_text()) for f in (ROOT / "results").glob(f"{path.stem}.*.json")]
+    assert saved, f"no committed results for {path.stem} in results/"
+    if path.stem in _stale():
+        return
+    hashes = {payload.get("code_hash") for payload in saved}
+    assert results.code_hash(path) in hashes, (
+        f"{path.name}'s code cells changed since its committed GPU run: re-run it on a GPU and commit the "
+        f"outputs, or list it in results/STALE.md with the reason")
+
+
+def test_stale_list_names_real_notebooks():
+    assert set(_stale()) <= {p.stem for p in NOTEBOOKS}, "results/STALE.md names no such notebook"
+
+
+def test_code_hash_ignores_outputs_and_sees_code(tmp_path):
+    nb = {"cells": [{"cell_type": "markdown", "source": "# t"},
+                    {"cell_type": "code", "source": ["x = 1\n", "y = 2"], "outputs": []}]}
+    path = tmp_path / "n.ipynb"
+    path.write_text(json.dumps(nb))
+    before = results.code_hash(path)
+    nb["cells"][1]["outputs"] = [{"output_type": "stream", "text": "hi"}]
+    nb["cells"][0]["source"] = "# other prose"
+    path.write_text(json.dumps(nb))
+    assert results.code_hash(path) == before
+    nb["cells"][1]["source"] = ["x = 1\n", "y = 3"]
+    path.write_text(json.dumps(nb))
+    assert results.code_hash(path) != before
 
 
 def _load_scoreboard():
