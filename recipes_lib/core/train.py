@@ -85,7 +85,7 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict],
                          scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None,
                          total_targets: int | None = None, backward: Callable | None = None,
                          micro_context: Callable[[bool], contextlib.AbstractContextManager] | None = None,
-                         ) -> torch.Tensor:
+                         device: torch.device | None = None) -> torch.Tensor:
     """Forward and backward over ``micro_batches``, the loss normalised by their total target tokens.
 
     Returns the step's mean loss per target token (what the large batch would report), on the
@@ -98,13 +98,15 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict],
             parallelism passes the count over all ranks).
         backward: ``loss -> None`` in place of ``loss.backward()`` (DeepSpeed's engine).
         micro_context: ``is_last -> context`` entered around each micro-batch (DDP's ``no_sync``).
+        device: where the micro-batches go (default: the model's first parameter's device; FSDP2's
+            CPU offload keeps its parameters on the host but computes on the GPU).
     """
     if total_targets is None:
         total_targets = sum(losses.count_targets(mb["labels"]) for mb in micro_batches)
     if total_targets == 0:
         raise ValueError("no target tokens in this step: every label is -100")
     loss_fn = loss_fn or functools.partial(loss_sum, fused_head=fused_head)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
