@@ -1,18 +1,22 @@
 # `make run`: build the environment, execute every notebook here, print the scoreboard.
-# `make test`: build the environment, unit tests, then every notebook under nbval.
+# `make test`: build the environment, lint (ruff), unit tests, then every notebook under nbval.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: run test unit nbval lab sync env clean
+.PHONY: run test lint unit nbval lab sync env clean
 
 run: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py $(NOTEBOOKS)
 	$(BIN)/python scripts/scoreboard.py
 
-test: unit nbval
+test: lint unit nbval
+
+# The package, scripts, tests and the notebooks' py:percent twins (rules and line length: pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check recipes_lib scripts tests notebooks/*.py
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q
