@@ -21,7 +21,7 @@ from .checkpointing import enable_checkpointing
 from .errors import RecipeError
 from .hardware import Hardware, detect
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # recipes_lib/core/models.py -> the repository
 
 
 DEFAULT_MODEL = "data/tiny-llama"  # relative paths resolve from the repository root too
