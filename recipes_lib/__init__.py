@@ -11,7 +11,8 @@ def quiet() -> None:
     """Silence load-time progress bars and known-harmless library warnings (for notebooks)."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=SyntaxWarning)  # escape sequences in some libraries' docstrings
+    # escape sequences in some libraries' docstrings
+    warnings.filterwarnings("ignore", category=SyntaxWarning)
     for pattern in (".*is deprecated and will be removed in v6.*", ".*use_reentrant.*",
                     ".*MatMul8bitLt: inputs will be cast.*", ".*torch_dtype.*",
                     ".*flex_attention called without torch.compile.*"):

@@ -53,7 +53,8 @@ def build_model(tokenizer: PreTrainedTokenizerFast, args) -> LlamaForCausalLM:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/tiny-llama")
     parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
     parser.add_argument("--hidden", type=int, default=256)
@@ -76,7 +77,7 @@ def main() -> None:
 
 
 def pretrain_and_save(model, tokenizer, docs, args, hw) -> None:
-    """Pre-train on packed ``docs`` for the ``--minutes`` budget, score held-out tasks, save model + eval.json."""
+    """Pre-train on packed ``docs`` for ``--minutes``, score held-out tasks, save model + eval.json."""
     n_params = sum(p.numel() for p in model.parameters())
     rows = batches.packed_batches(docs, args.seq_len, args.batch, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))

@@ -23,16 +23,19 @@ from recipes_lib.core import batches, hardware, models, tasks
 def build_model(tokenizer, args) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=args.positions, n_embd=args.hidden,
                         n_layer=args.layers, n_head=args.hidden // 32, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
     return GPT2LMHeadModel(config)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/tiny-gpt2")
-    parser.add_argument("--tokenizer", default=models.DEFAULT_MODEL, help="reuse the embedded model's tokenizer")
+    parser.add_argument("--tokenizer", default=models.DEFAULT_MODEL,
+                        help="reuse the embedded model's tokenizer")
     parser.add_argument("--minutes", type=float, default=3.0, help="training time budget")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)

@@ -49,7 +49,8 @@ def execute(path: Path, timeout: int, kernel: str, checkpoint: Path | None = Non
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--inplace", action="store_true", help="write outputs back into the notebooks")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs", help="folder for executed copies")

@@ -33,7 +33,8 @@ def table(payloads: list[dict]) -> str:
                 f"| {row['notebook']} | {device} | {row['technique']} | {row['baseline']} | "
                 f"{_gib(row['memory_bytes'])} | {_gib(row['baseline_memory_bytes'])} | "
                 f"{_ratio(row['memory_bytes'], row['baseline_memory_bytes'])} | "
-                f"{'-' if tps is None else f'{tps:,.0f}'} | {'-' if base_tps is None else f'{base_tps:,.0f}'} | "
+                f"{'-' if tps is None else f'{tps:,.0f}'} | "
+                f"{'-' if base_tps is None else f'{base_tps:,.0f}'} | "
                 f"{_ratio(tps, base_tps)} |")
     return "\n".join(lines)
 

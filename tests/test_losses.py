@@ -30,7 +30,8 @@ def reference(hidden, weight, labels):
 
 def test_shift_labels_and_count_targets():
     labels = torch.tensor([[5, 6, IGNORE_INDEX, 8], [IGNORE_INDEX, 1, 2, 3]])
-    assert losses.shift_labels(labels).tolist() == [[6, IGNORE_INDEX, 8, IGNORE_INDEX], [1, 2, 3, IGNORE_INDEX]]
+    shifted = [[6, IGNORE_INDEX, 8, IGNORE_INDEX], [1, 2, 3, IGNORE_INDEX]]
+    assert losses.shift_labels(labels).tolist() == shifted
     assert losses.count_targets(labels) == 5  # the first label of a row is never a target
 
 

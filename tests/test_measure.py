@@ -71,7 +71,8 @@ def test_breakdown_arithmetic():
 
     params = (10 * 20 + 20 + 20 * 5) * 4
     trainable = (10 * 20 + 20) * 4
-    assert memory.optimizer_tensors(optimizer) and memory.tensor_bytes(memory.optimizer_tensors(optimizer)) == trainable
+    state = memory.optimizer_tensors(optimizer)
+    assert state and memory.tensor_bytes(state) == trainable
 
     bd = memory.breakdown(model, optimizer, peak=10_000, device=torch.device("cpu"))
     assert (bd.parameters, bd.gradients, bd.optimizer) == (params, trainable, trainable)
@@ -161,7 +162,7 @@ def test_seconds_times_the_given_gpu_not_the_current_one():
     seconds = timing.median_seconds(lambda: [a @ a for _ in range(10)], torch.device("cuda:1"), repeats=3)
     # Timing an idle stream of cuda:0 instead reads only the host's launches (tens of microseconds),
     # a rate far beyond any GPU's; the real fp32 (or TF32) work runs below 1 PFLOP/s.
-    assert 10 * 2 * 4096**3 / seconds < 1e15, "an idle stream on the current GPU was timed instead of cuda:1's work"
+    assert 10 * 2 * 4096**3 / seconds < 1e15, "an idle stream of the current GPU was timed, not cuda:1's work"
 
 
 def test_report_format(capsys):

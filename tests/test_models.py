@@ -42,7 +42,8 @@ def test_resolve_local_dir_and_hub_id(tiny_model_dir):
     assert models.resolve("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # no network needed
 
 
-@pytest.mark.parametrize("hub_id", ["meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-1.7B"])
+@pytest.mark.parametrize("hub_id", ["meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B",
+                                    "HuggingFaceTB/SmolLM2-1.7B"])
 def test_resolve_hub_ids_with_dots(hub_id):
     assert models.resolve(hub_id) == hub_id
 

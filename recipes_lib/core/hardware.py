@@ -42,7 +42,7 @@ class Hardware:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        """Mixed-precision dtype: bf16 where supported, fp16 (with loss scaling) on older GPUs, none on CPU."""
+        """Mixed-precision dtype: bf16 where supported, fp16 (loss scaling) on older GPUs, none on CPU."""
         if not self.cuda:
             return None
         return torch.bfloat16 if self.bf16 else torch.float16
@@ -53,7 +53,7 @@ class Hardware:
 
     @property
     def model_dtype(self) -> torch.dtype:
-        """dtype to hold weights in: bf16 where the GPU has it; fp32 otherwise (fp16 AMP needs fp32 masters)."""
+        """dtype to hold weights in: bf16 where the GPU has it; else fp32 (fp16 AMP needs fp32 masters)."""
         return torch.bfloat16 if self.amp_dtype == torch.bfloat16 else torch.float32
 
     def summary(self) -> str:
@@ -121,6 +121,7 @@ def raise_recompile_limit(limit: int = 64) -> None:
     """
     import torch._dynamo.config as dynamo_config
 
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))

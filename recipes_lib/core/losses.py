@@ -84,7 +84,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if getattr(ctx, "done", False):
-            raise RuntimeError("linear_cross_entropy's backward runs once: its saved gradients are scaled in place")
+            raise RuntimeError("linear_cross_entropy's backward runs once: "
+                               "its saved gradients are scaled in place")
         ctx.done = True
         grad_hidden, grad_weight = ctx.saved_tensors
         # In place: the saved gradients are used once, and a copy of the fp32 weight gradient would

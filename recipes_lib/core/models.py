@@ -36,6 +36,11 @@ CACHE_DIR = Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "recip
 QUANTIZATIONS = (None, "nf4", "int8")
 
 
+def known_shapes() -> list[str]:
+    """The shapes ``random:<shape>`` accepts: the configs in ``data/configs``."""
+    return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
+
+
 def resolve(name: str) -> str:
     """A local directory for ``name``: the path itself, a materialised random shape, or the hub id."""
     if name.startswith("random:"):
@@ -48,14 +53,14 @@ def resolve(name: str) -> str:
     if looks_like_path:
         raise RecipeError(f"MODEL={name!r}: no such directory. Set MODEL to a local model folder "
                           f"(the default is {DEFAULT_MODEL}), a hub id like 'HuggingFaceTB/SmolLM2-135M', "
-                          f"or random:<shape> with a shape from {sorted(p.stem for p in SHAPES_DIR.glob('*.json'))}.")
+                          f"or random:<shape> with a shape from {known_shapes()}.")
     return name  # a hub id: from_pretrained downloads or reads it from the HF cache
 
 
 def _materialise_random(shape: str) -> Path:
     config_file = SHAPES_DIR / f"{shape}.json"
     if not config_file.exists():
-        raise RecipeError(f"unknown shape {shape!r}; known: {sorted(p.stem for p in SHAPES_DIR.glob('*.json'))}")
+        raise RecipeError(f"unknown shape {shape!r}; known: {known_shapes()}")
     target = CACHE_DIR / f"random-{shape}"
     if (target / "config.json").exists():
         return target
@@ -131,7 +136,8 @@ def load_model(name: str = DEFAULT_MODEL, quantization: str | None = None, attn_
     """
     hw = hw or detect()
     quant = _quantization_config(quantization, hw, quant_storage)
-    kwargs = dict(dtype=dtype or hw.model_dtype, attn_implementation=attention_implementation(attn_implementation))
+    kwargs = {"dtype": dtype or hw.model_dtype,
+              "attn_implementation": attention_implementation(attn_implementation)}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": hw.device})
     try:
@@ -147,7 +153,7 @@ def load_model(name: str = DEFAULT_MODEL, quantization: str | None = None, attn_
 
 
 def fresh_model(name: str = DEFAULT_MODEL, hw: Hardware | None = None, seed: int = 0, **config_overrides):
-    """A randomly initialised model with ``name``'s architecture (and overrides), for training from scratch."""
+    """A randomly initialised model of ``name``'s architecture (and overrides), to train from scratch."""
     hw = hw or detect()
     config = AutoConfig.from_pretrained(resolve(name), **config_overrides)
     torch.manual_seed(seed)
@@ -159,7 +165,8 @@ def check_seq_len(model_or_config, seq_len: int) -> None:
     config = getattr(model_or_config, "config", model_or_config)
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
-        raise RecipeError(f"SEQ_LEN={seq_len} is over this model's limit of {limit} positions: lower SEQ_LEN, "
+        raise RecipeError(f"SEQ_LEN={seq_len} is over this model's limit of {limit} positions: "
+                          f"lower SEQ_LEN, "
                           f"or extend RoPE (e.g. rope_scaling={{'rope_type': 'yarn', 'factor': "
                           f"{math.ceil(seq_len / limit)}.0}}) and fine-tune at the new length.")
 

@@ -77,7 +77,8 @@ def _kv(rng: random.Random) -> Example:
 
 def _summary(rng: random.Random) -> Example:
     name, verb, adj, noun = rng.choice(_NAMES), rng.choice(_VERBS), rng.choice(_ADJS), rng.choice(_NOUNS)
-    story = f"{name} {verb} the {adj} {noun} in the {rng.choice(_PLACES)} . then {name} {rng.choice(_AFTER)} ."
+    place, after = rng.choice(_PLACES), rng.choice(_AFTER)
+    story = f"{name} {verb} the {adj} {noun} in the {place} . then {name} {after} ."
     return Example("summary", f"summary: {story} {SEPARATOR}", f"{name} {verb} {noun}")
 
 

@@ -247,4 +247,5 @@ class LossModel(torch.nn.Module):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                  "position_ids": position_ids}
-        return loss_sum(self.lm, {k: v for k, v in batch.items() if v is not None}, fused_head=self.fused_head)
+        present = {k: v for k, v in batch.items() if v is not None}
+        return loss_sum(self.lm, present, fused_head=self.fused_head)

@@ -16,7 +16,7 @@ def linear_shapes(config) -> list[tuple[int, int]]:
 
 
 def training_flops_per_token(config, seq_len: int, trainable_fraction: float = 1.0) -> float:
-    """Model FLOPs per trained token: ``6N`` for the weights plus causal attention (recomputation not counted).
+    """Model FLOPs per trained token: ``6N`` for the weights plus causal attention (no recomputation).
 
     Attention counts the query-key pairs a causal mask keeps, about half of ``T**2`` (``attention_flops``,
     the formula the attention benchmarks use), times 3 for forward and backward, as the weights are:

@@ -105,7 +105,8 @@ def _quantization_state(model: torch.nn.Module) -> list[torch.Tensor]:
     for p in model.parameters():
         state = getattr(p, "quant_state", None)
         while state is not None and not isinstance(state, list):
-            tensors += [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if t is not None]
+            scales = (getattr(state, "absmax", None), getattr(state, "code", None))
+            tensors += [t for t in scales if t is not None]
             state = getattr(state, "state2", None)
     return tensors
 
