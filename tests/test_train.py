@@ -135,13 +135,32 @@ def test_train_stats_and_update(docs):
     before = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     mbs = micro_batches(docs)
-    stats = train.train(model, optimizer, mbs, steps=2, accum_steps=2, progress=False)
-    assert len(stats.losses) == 2 and len(stats.step_seconds) == 2
+    seen = []
+    stats = train.train(model, optimizer, mbs, steps=2, accum_steps=2, progress=False,
+                        clock=lambda step: (step(), 1.5)[1], on_step=lambda i, loss: seen.append((i, loss)))
+    assert len(stats.losses) == 2 and stats.step_seconds == [1.5, 1.5]  # the clock times each step
+    assert seen == list(enumerate(stats.losses))
     assert stats.tokens == sum(len(d.input_ids) for d in docs)
     assert stats.tokens_per_step == stats.tokens / 2
     assert all(p.grad is None for p in model.parameters())  # zeroed after the step
     name = "model.embed_tokens.weight"
     assert not torch.equal(before[name], model.state_dict()[name])
+
+
+def test_loss_fn_hook_replaces_the_loss(docs):
+    """A loss hook returns a summed loss; the loop divides it by the step's target tokens."""
+    model = tiny_model(VOCAB)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    mbs = micro_batches(docs)[:2]
+    targets = sum(losses.count_targets(mb["labels"]) for mb in mbs)
+    doubled = train.train(model, optimizer, mbs, steps=1, accum_steps=2, progress=False,
+                          loss_fn=lambda m, mb: 2 * train.loss_sum(m, mb))
+    plain = train.train(model, optimizer, mbs, steps=1, accum_steps=2, progress=False)
+    assert doubled.step_seconds == []  # no clock, no times
+    assert doubled.losses[0] == pytest.approx(2 * plain.losses[0], rel=1e-5)
+    with torch.no_grad():
+        expected = sum(train.loss_sum(model, mb).item() for mb in mbs) / targets
+    assert plain.losses[0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_train_lowers_the_loss(tokenizer):

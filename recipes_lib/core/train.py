@@ -34,7 +34,7 @@ class TrainStats:
 
     @property
     def tokens_per_step(self) -> float:
-        return self.tokens / max(len(self.step_seconds), 1)
+        return self.tokens / max(len(self.losses), 1)
 
 
 def _split_lm(model: torch.nn.Module):
