@@ -1,7 +1,11 @@
 """recipes_lib: measured recipes that make large language models train and run faster in less memory.
 
-Modules, in the order data flows: ``hardware`` -> ``models``/``tasks``/``data`` -> the techniques
-(``qlora``, ``offload``, ``losses``) -> ``train`` -> ``measure``/``bench`` -> ``plots``/``results``.
+Layers, imports pointing down only (recipes_lib/README.md draws them and says where a new technique goes):
+
+- ``core``: errors, hardware, models, checkpointing, batches, tasks, losses, the one training loop;
+- ``measure``: memory, timing, FLOPs, predictions, the bench harness, quality;
+- techniques: ``memory`` (QLoRA, offload), ``parallel``, ``inference``, ``attention``, ``long_context``;
+- on top: ``notebook`` (the notebooks' preamble and targets), ``plots``, ``results``.
 """
 
 __version__ = "0.1.0"
