@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from recipes_lib.core import batches, hardware, tasks, train
-from recipes_lib.measure import quality
+from recipes_lib.measure import quality, timing
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -82,8 +82,10 @@ def pretrain_and_save(model, tokenizer, docs, args, hw) -> None:
     rows = batches.packed_batches(docs, args.seq_len, args.batch, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     # Time-boxed: estimate the step time on a few steps, then fit the schedule to the budget.
-    probe = train.train(model, optimizer, rows, steps=10, autocast_dtype=hw.amp_dtype, progress=False)
-    steps = min(args.max_steps, int(args.minutes * 60 / (sum(probe.step_seconds[5:]) / 5)))
+    probe = train.train(model, optimizer, rows, steps=10, autocast_dtype=hw.amp_dtype, progress=False,
+                        clock=timing.stepper(hw.device))
+    step_s = timing.Timing.of(probe.step_seconds, skip=5).median
+    steps = min(args.max_steps, int(args.minutes * 60 / step_s))
     print(f"training {steps} steps of {args.batch}x{args.seq_len} tokens")
     scheduler = train.cosine_schedule(optimizer, steps, warmup=min(100, steps // 10))
     start = time.time()
