@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from recipes_lib.core import batches, hardware, tasks, train
+from recipes_lib.core import batches, hardware, models, tasks, train
 from recipes_lib.measure import quality, timing
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -28,7 +29,7 @@ SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE; digits are always single tokens so arithmetic sees every digit."""
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(tokenizer_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -52,25 +53,33 @@ def build_model(tokenizer: PreTrainedTokenizerFast, args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/tiny-llama")
-    parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
+def pretraining_parser(doc: str, out: str, minutes: float, batch: int, max_steps: int):
+    """The command line both embedded-model builders share: where to save, size, and training budget."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--minutes", type=float, default=minutes, help="training time budget")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--max-steps", type=int, default=4000)
-    args = parser.parse_args()
+    parser.add_argument("--max-steps", type=int, default=max_steps)
+    return parser
+
+
+def describe(model, tokenizer) -> None:
+    """Print the model's size and vocabulary."""
+    print(f"model: {models.count_parameters(model)[1] / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+
+
+def main() -> None:
+    args = pretraining_parser(__doc__, "data/tiny-llama", minutes=20.0, batch=32, max_steps=4000).parse_args()
     hw = hardware.detect()
 
     corpus = tasks.make_examples(200_000, seed=1)
     tokenizer = build_tokenizer([ex.text for ex in corpus[:20_000]], vocab_size=512)
     model = build_model(tokenizer, args).to(hw.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    describe(model, tokenizer)
 
     docs = batches.encode(tokenizer, corpus, train_on_prompt=True)
     pretrain_and_save(model, tokenizer, docs, args, hw)
@@ -78,7 +87,7 @@ def main() -> None:
 
 def pretrain_and_save(model, tokenizer, docs, args, hw) -> None:
     """Pre-train on packed ``docs`` for ``--minutes``, score held-out tasks, save model + eval.json."""
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = models.count_parameters(model)[1]
     rows = batches.packed_batches(docs, args.seq_len, args.batch, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     # Time-boxed: estimate the step time on a few steps, then fit the schedule to the budget.

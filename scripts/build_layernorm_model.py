@@ -11,10 +11,8 @@ Runs on a GPU when there is one (bf16 autocast), else on the CPU (pass a small -
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from build_default_model import pretrain_and_save  # scripts/ is on sys.path when run as a script
+from build_default_model import describe, pretrain_and_save, pretraining_parser  # scripts/ is on sys.path
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from recipes_lib.core import batches, hardware, models, tasks
@@ -31,26 +29,16 @@ def build_model(tokenizer, args) -> GPT2LMHeadModel:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/tiny-gpt2")
+    parser = pretraining_parser(__doc__, "data/tiny-gpt2", minutes=3.0, batch=64, max_steps=20000)
     parser.add_argument("--tokenizer", default=models.DEFAULT_MODEL,
                         help="reuse the embedded model's tokenizer")
-    parser.add_argument("--minutes", type=float, default=3.0, help="training time budget")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--positions", type=int, default=512)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--max-steps", type=int, default=20000)
     args = parser.parse_args()
     hw = hardware.detect()
 
     tokenizer = models.load_tokenizer(args.tokenizer)
     model = build_model(tokenizer, args).to(hw.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    describe(model, tokenizer)
 
     docs = batches.encode(tokenizer, tasks.make_examples(200_000, seed=1), train_on_prompt=True)
     pretrain_and_save(model, tokenizer, docs, args, hw)  # the same recipe and report as data/tiny-llama
