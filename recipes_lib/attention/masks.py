@@ -25,7 +25,8 @@ def effective_window(window: int | None, seq_len: int) -> int | None:
     check_window(window)
     if window >= seq_len:
         warnings.warn(f"window={window} covers the whole sequence of {seq_len} tokens, so it is plain causal "
-                      f"attention: using the causal mask (pick a window below {seq_len} to save work)", stacklevel=3)
+                      f"attention: using the causal mask (pick a window below {seq_len} to save work)",
+                      stacklevel=3)
         return None
     return window
 
@@ -36,7 +37,7 @@ def causal(b, h, q_idx, kv_idx):
 
 
 def sliding_window(window: int, sinks: int = 0):
-    """FlexAttention mask_mod: a query sees itself, the ``window - 1`` keys before it, and the first ``sinks`` keys.
+    """FlexAttention mask_mod: a query sees itself, the ``window - 1`` keys before it and the ``sinks`` first.
 
     The sinks are StreamingLLM's attention sinks: a model trained with full attention parks much of
     its attention on the first tokens, and loses its footing when a window hides them.

@@ -16,24 +16,23 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import RecipeError
-from .kernels import _compile_for, _flex
+from .kernels import compile_flex, flex_kernel
 from .masks import block_mask, check_window
 
 
 def _sliding_attention_forward(window: int, compiled: bool | None, sinks: int):
     def forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
         if query.shape[-2] != key.shape[-2]:
-            raise RecipeError("the FlexAttention sliding window here scores whole sequences (training, evaluation); "
-                              "for generation with a KV cache use the architecture's own sliding_window "
-                              "(attention.as_mistral)")
+            raise RecipeError("the FlexAttention sliding window here scores whole sequences (training, "
+                              "evaluation); for generation with a KV cache use the architecture's own "
+                              "sliding_window (sliding.as_mistral)")
         if dropout or kwargs.get("softcap") or kwargs.get("sinks") is not None:
             raise RecipeError("the sliding-window attention has no attention dropout, logit softcapping or "
                               "learned sinks; use the model's own attention for this architecture")
         short = window >= query.shape[-2]  # a row no longer than the window: plain causal
-        out = _flex(_compile_for(query, compiled))(
-            query, key, value, block_mask=block_mask(query.shape[-2], None if short else window, str(query.device),
-                                                     sinks),
-            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        mask = block_mask(query.shape[-2], None if short else window, str(query.device), sinks)
+        out = flex_kernel(compile_flex(query, compiled))(
+            query, key, value, block_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None
     return forward
 
@@ -42,13 +41,14 @@ def _check_rows(module, args, kwargs):
     """Refuse what the windowed attention cannot see: left padding and packed rows."""
     mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
     if mask is not None and mask.dim() == 2 and not bool((mask.cummin(dim=-1).values == mask).all()):
-        raise RecipeError("the sliding-window attention takes unpadded or right-padded rows: this attention_mask "
-                          "has padding before real tokens (left padding). Pad on the right, or pass no mask.")
+        raise RecipeError("the sliding-window attention takes unpadded or right-padded rows: this "
+                          "attention_mask has padding before real tokens (left padding). Pad on the right, "
+                          "or pass no mask.")
     if positions is not None:
         expected = torch.arange(positions.shape[-1], device=positions.device)
         if not bool((positions == expected).all()):
-            raise RecipeError("the sliding-window attention does not separate packed documents: pass rows whose "
-                              "position_ids are 0, 1, 2, ... (or none)")
+            raise RecipeError("the sliding-window attention does not separate packed documents: pass rows "
+                              "whose position_ids are 0, 1, 2, ... (or none)")
 
 
 def use_sliding_window(model, window: int, compiled: bool | None = None, sinks: int = 0):
@@ -81,7 +81,9 @@ def as_mistral(name: str, sliding_window: int | None, **kwargs):
     path = resolve(name)
     llama = AutoConfig.from_pretrained(path)
     if llama.model_type not in ("llama", "mistral"):
-        raise RecipeError(f"as_mistral loads Llama-architecture checkpoints; {name!r} is {llama.model_type!r}")
-    fields = {k: v for k, v in llama.to_dict().items() if k not in ("model_type", "architectures", "sliding_window")}
+        raise RecipeError(f"as_mistral loads Llama-architecture checkpoints; {name!r} is "
+                          f"{llama.model_type!r}")
+    dropped = ("model_type", "architectures", "sliding_window")
+    fields = {k: v for k, v in llama.to_dict().items() if k not in dropped}
     config = MistralConfig(**fields, sliding_window=sliding_window)
     return MistralForCausalLM.from_pretrained(path, config=config, **kwargs)

@@ -74,13 +74,12 @@ def peak_flops_for(name: str) -> float | None:
 
 def sdpa_backends(device: torch.device) -> tuple[str, ...]:
     """SDPA kernels that actually run here, found by trying each on a small causal bf16/fp32 input."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, 2, 128, 64, device=device, dtype=dtype)
     found = []
-    for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)]:
+    for name, backend in SDPA_BACKENDS.items():
         try:
             with sdpa_kernel(backend):
                 F.scaled_dot_product_attention(q, q, q, is_causal=True)
