@@ -66,9 +66,15 @@ def test_sdpa_backends_on_cpu():
     assert "cudnn" not in backends and "efficient" not in backends  # CUDA-only kernels
 
 
-def test_bitsandbytes_works_on_cpu_here():
-    assert hardware.bitsandbytes_works(torch.device("cpu")) is True  # bitsandbytes >= 0.45 has CPU kernels
-    assert hardware.detect("cpu").bitsandbytes is True
+def test_bitsandbytes_works_is_false_when_its_kernel_fails(monkeypatch):
+    """Installed but without a kernel for the device (a missing native library, an old GPU): False."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("no 4-bit kernel for this device")
+
+    monkeypatch.setattr(functional, "quantize_4bit", no_kernel)
+    assert hardware.bitsandbytes_works(torch.device("cpu")) is False
 
 
 def test_bitsandbytes_works_is_false_when_missing(monkeypatch):
