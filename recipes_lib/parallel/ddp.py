@@ -24,11 +24,14 @@ def wrap_ddp(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
     return ddp
 
 
-def _ddp_sync(model: torch.nn.Module, last: bool):
-    """DDP: all-reduce only in the step's last backward. Its reduction writes into ``.grad`` itself,
-    so a summed reduction after every micro-batch would add the earlier micro-batches' already
-    reduced gradients once per rank again. (FSDP2 reduce-scatters each micro-batch into separate
-    sharded gradients, which is correct and keeps only a shard of the gradients between them.)"""
+def sync_on_last(model: torch.nn.Module, last: bool):
+    """DDP: all-reduce only in the step's last backward (``no_sync`` before it); nothing for other models.
+
+    DDP's reduction writes into ``.grad`` itself, so a summed reduction after every micro-batch would
+    add the earlier micro-batches' already reduced gradients once per rank again. (FSDP2
+    reduce-scatters each micro-batch into separate sharded gradients, which is correct and keeps only
+    a shard of the gradients between them.)
+    """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
         return model.no_sync()
     return contextlib.nullcontext()

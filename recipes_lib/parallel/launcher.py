@@ -81,8 +81,8 @@ def _check_launch(nproc: int, backend: str | None, port: int | None) -> None:
         check_backend(backend)
     on_gpu = backend == "nccl" or (backend is None and torch.cuda.is_available())
     if on_gpu and nproc > torch.cuda.device_count():
-        raise RecipeError(f"nproc={nproc} but this machine has {torch.cuda.device_count()} GPU(s): one process "
-                          f"per GPU; lower nproc, or use backend='gloo' to run on CPU")
+        raise RecipeError(f"nproc={nproc} but this machine has {torch.cuda.device_count()} GPU(s): one "
+                          f"process per GPU; lower nproc, or use backend='gloo' to run on CPU")
     if port is not None and _port_in_use(port):
         raise RecipeError(f"port {port} is in use (another run still going?); "
                           f"pass port=None to pick a free one")
@@ -150,9 +150,9 @@ def failure_reason(error: RecipeError) -> str:
     without the rank prefix and module path), else torchrun's account of a worker's exit (a signal, say),
     else the last line of the error."""
     lines = str(error).splitlines() or [""]
-    line = [*(l for l in reversed(lines) if "RecipeError:" in l),
-            *(l for l in lines if l.startswith("torchrun: rank")),
-            *(l for l in reversed(lines) if l.strip(" =-")), lines[-1]][0]
+    line = [*(x for x in reversed(lines) if "RecipeError:" in x),
+            *(x for x in lines if x.startswith("torchrun: rank")),
+            *(x for x in reversed(lines) if x.strip(" =-")), lines[-1]][0]
     line = re.sub(r"^\[rank\d+\]:", "", line.strip())  # torchrun's per-rank prefix, nothing else
     return re.sub(r"^[\w.]*\.(?=RecipeError:)", "", line.strip())  # the exception's module path
 
@@ -188,8 +188,8 @@ def launch(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float =
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _stop(proc)
-        raise RecipeError(f"{script} ran past timeout_s={timeout_s}; all its processes were stopped. "
-                          f"Last output (workers', then torchrun's):\n{output.tail(everything=True)}") from None
+        raise RecipeError(f"{script} ran past timeout_s={timeout_s}; all its processes were stopped. Last "
+                          f"output (workers', then torchrun's):\n{output.tail(everything=True)}") from None
     except BaseException:  # KeyboardInterrupt (a notebook's stop button) too: leave nothing running
         _stop(proc)
         raise

@@ -59,7 +59,8 @@ def split_across_devices(model: torch.nn.Module, devices: Sequence[torch.device 
     for module in [*layers, *(m for m in decoder.children() if not isinstance(m, torch.nn.ModuleList))]:
         device = next(module.parameters(), torch.empty(0, device=devices[0])).device
         module.register_forward_pre_hook(
-            lambda _, args, kwargs, device=device: (_move(args, device), _move(kwargs, device)), with_kwargs=True)
+            lambda _, args, kwargs, device=device: (_move(args, device), _move(kwargs, device)),
+            with_kwargs=True)
     return placed
 
 

@@ -1,10 +1,9 @@
-"""Data parallelism with PyTorch's own engines (DDP, FSDP2) inside a torchrun-launched worker, and its memory.
+"""One data-parallel optimizer step through the one training loop (``train.accumulate_gradients``).
 
-Inside a ``torchrun`` worker: ``setup()``, ``LossModel(model)``, then ``shard_fsdp2``, ``wrap_ddp``
-or ``zero.wrap_deepspeed``, ``train_step`` per optimizer step, ``report_result(...)``, ``cleanup()``.
-A notebook starts the workers with ``launcher.launch``. The rank's memory is read with
-``param_bytes`` / ``optimizer_bytes``, split by ``memory_breakdown`` and predicted by
-``predicted_state_bytes``.
+Inside a ``torchrun`` worker: ``context.setup()``, ``LossModel(model)``, then ``fsdp2.shard_fsdp2``,
+``ddp.wrap_ddp`` or ``zero.wrap_deepspeed``, ``train_step`` per optimizer step,
+``context.report_result(...)``, ``context.cleanup()``. ``parallel.run`` does all of it for the
+training script.
 
 Loss normalisation matches ``train.accumulate_gradients`` over the *global* batch: every rank
 divides its summed loss by the target tokens of all ranks (one all-reduce of a count), and the
@@ -15,7 +14,9 @@ whatever number of real tokens each rank holds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import itertools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -24,12 +25,30 @@ from torch.distributed.tensor import DTensor
 
 from ..core import losses, train
 from .context import all_ranks_sum
-from .ddp import _ddp_sync
+from .ddp import sync_on_last
 
 
 class StepResult(NamedTuple):
     loss: float
     grad_norm: float | None
+
+
+def _wrapped_loss(model: torch.nn.Module, micro_batch: dict) -> torch.Tensor:
+    """The summed loss a ``LossModel`` (bare or wrapped) computes in its forward."""
+    return model(**micro_batch)
+
+
+def deepspeed_backward(engine, micro_batches: int, scale: float) -> Callable[[torch.Tensor], None]:
+    """``loss -> None`` for ``accumulate_gradients``: DeepSpeed's engine backward of ``loss * scale``,
+    with the accumulation boundary set on every micro-batch (the last one is the boundary)."""
+    calls = itertools.count(1)
+
+    def backward(loss: torch.Tensor) -> None:
+        # The engine itself, not accelerator.backward (which also steps): the boundary is set
+        # explicitly on every micro-batch, and the gradients can be measured before the step.
+        engine.set_gradient_accumulation_boundary(is_boundary=next(calls) == micro_batches)
+        engine.backward(loss * scale)
+    return backward
 
 
 def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
@@ -44,32 +63,16 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
     """
     local_targets = sum(losses.count_targets(mb["labels"]) for mb in micro_batches)
     total_targets = int(all_ranks_sum(local_targets, device, torch.int64))
-    if total_targets == 0:
-        raise ValueError("no target tokens in this step: every label is -100")
     accelerator = getattr(model, "_recipes_accelerator", None)
-    # DeepSpeed's backward divides the loss by its accumulation steps and averages gradients over
-    # ranks; scaling by both gives the same summed, globally token-normalised gradient as the others.
-    scale = len(micro_batches) * (dist.get_world_size() if dist.is_initialized() else 1) if accelerator else 1
-    # Summed on the device: a .item() per micro-batch would stall the host until the GPU catches up,
-    # leaving the GPU idle while the next forward's kernels (and FSDP2's prefetching all-gathers) are queued.
-    local_loss = torch.zeros((), device=device, dtype=torch.float32)
-    for i, mb in enumerate(micro_batches):
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        last = i == len(micro_batches) - 1
-        if accelerator is not None:
-            with train.autocast(device, autocast_dtype):
-                loss = model(**mb) / total_targets
-            # The engine itself, not accelerator.backward (which also steps): the boundary is set
-            # explicitly on every micro-batch, and the gradients can be measured before the step.
-            engine = accelerator.deepspeed_engine_wrapped.engine
-            engine.set_gradient_accumulation_boundary(is_boundary=last)
-            engine.backward(loss * scale)
-        else:
-            with _ddp_sync(model, last):
-                with train.autocast(device, autocast_dtype):
-                    loss = model(**mb) / total_targets
-                loss.backward()
-        local_loss += loss.detach().float()
+    backward = None
+    if accelerator is not None:
+        # DeepSpeed's backward divides the loss by its accumulation steps and averages gradients over
+        # ranks; scaling by both gives the same summed, globally token-normalised gradient as the others.
+        scale = len(micro_batches) * (dist.get_world_size() if dist.is_initialized() else 1)
+        backward = deepspeed_backward(accelerator.deepspeed_engine_wrapped.engine, len(micro_batches), scale)
+    local_loss = train.accumulate_gradients(
+        model, micro_batches, autocast_dtype, loss_fn=_wrapped_loss, total_targets=total_targets,
+        backward=backward, micro_context=functools.partial(sync_on_last, model), device=device)
     if after_backward is not None:
         after_backward()
     grad_norm = None
@@ -80,10 +83,9 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
     else:
         if max_grad_norm is not None:
             # With FSDP2 the gradients are DTensor shards and clip_grad_norm_ reduces the norm across ranks.
-            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return StepResult(all_ranks_sum(local_loss.item(), device), grad_norm)
-
-

@@ -55,7 +55,8 @@ def check_deepspeed_config(config: dict, micro_batch: int, accum_steps: int, wor
     stage = config["zero_optimization"].get("stage")
     if stage not in DEEPSPEED_STAGES:
         raise RecipeError(f"DeepSpeed config: zero_optimization.stage={stage!r}; this recipe compares ZeRO "
-                          f"stages {DEEPSPEED_STAGES} (2: shard gradients and optimizer state; 3: parameters too)")
+                          f"stages {DEEPSPEED_STAGES} (2: shard gradients and optimizer state; 3: parameters "
+                          f"too)")
     expected = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accum_steps,
                 "train_batch_size": micro_batch * accum_steps * world_size}
     for key, value in expected.items():

@@ -1,0 +1,158 @@
+"""A data-parallel training run on a fixed, seeded global batch: the training script's options and loop.
+
+``main(parse_args(argv))`` runs in each ``torchrun`` worker (or alone, for ``single`` and
+``naive-mp``): it joins the process group, builds the strategy (``strategies.build``), runs
+``--steps`` optimizer steps of ``step.train_step`` on this rank's slice of every global batch, and
+reports one result per rank (``context.report_result``): loss and gradient norm per step, memory,
+tokens/s. Memory (CUDA only): the peak over the steps after ``--warmup``, the bytes allocated right
+after the last backward (weights, gradients and optimizer state: the activations are gone), and the
+bytes of the rank's weights and optimizer state. Step times come from the ``timer`` the caller
+passes (``measure.timing.stepper``); progress goes to its ``on_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from ..core import models, train
+from ..core.hardware import detect
+from ..measure import memory
+from ..measure.timing import Timing
+from . import context, fsdp2, step, strategies
+from .batches import global_batches, rank_micro_batches
+
+Clock = Callable[[Callable[[], object]], float]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The training script's options (``scripts/train_distributed.py --help``)."""
+    parser = argparse.ArgumentParser(description="Train a causal LM on several processes")
+    add = parser.add_argument
+    add("--model", default=models.DEFAULT_MODEL, help="local path, hub id or random:<shape>")
+    add("--strategy", choices=strategies.STRATEGIES, default="fsdp2")
+    add("--steps", type=int, default=4, help="optimizer steps, --warmup ones included")
+    add("--warmup", type=int, default=1, help="first steps left out of timing and memory")
+    add("--global-batch", type=int, default=8, help="rows per optimizer step, all ranks together")
+    add("--micro-batch", type=int, default=2, help="rows per forward/backward on one rank")
+    add("--seq-len", type=int, default=64)
+    add("--full-rows", action="store_true", help="every row a whole seq-len document (speed runs)")
+    add("--lr", type=float, default=1e-3)
+    add("--max-grad-norm", type=float, default=1.0)
+    add("--bf16", action="store_true", help="bf16 compute (FSDP2 MixedPrecisionPolicy / autocast)")
+    add("--loss", choices=("fused", "full"), default="fused",
+        help="fused: chunked LM head + cross-entropy, never the whole logits; full: model logits")
+    add("--compile", action="store_true", help="torch.compile every decoder layer")
+    add("--checkpointing", action="store_true", help="recompute each layer's activations")
+    add("--lora-r", type=int, default=16, help="LoRA rank for --strategy fsdp2-qlora")
+    add("--deepspeed-config", default=None, help="a DeepSpeed JSON config (default: built here)")
+    add("--seed", type=int, default=0)
+    add("--save-params", default=None, help="rank 0 saves the final full state dict here")
+    return parser.parse_args(argv)
+
+
+class DeviceMemory:
+    """CUDA memory of the rank's devices: peaks after warm-up, and the most allocated after a backward."""
+
+    def __init__(self, devices: list[torch.device]):
+        self.devices = devices
+        self.on_gpu = devices[0].type == "cuda"
+        self.after_backward = [0] * len(devices)
+
+    def reset_peaks(self) -> None:
+        """Start the peaks afresh (warm-up done: optimizer state exists, kernels chosen)."""
+        for d in self.devices:
+            torch.cuda.synchronize(d)
+            torch.cuda.reset_peak_memory_stats(d)
+
+    def read_after_backward(self) -> None:
+        """Record what is allocated now: gradients alive, activations gone."""
+        for i, d in enumerate(self.devices):
+            self.after_backward[i] = max(self.after_backward[i], torch.cuda.memory_allocated(d))
+
+    def peaks(self) -> list[int | None]:
+        return [torch.cuda.max_memory_allocated(d) for d in self.devices] if self.on_gpu else [None]
+
+
+def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock] | None = None,
+               on_step: Callable[[int, float, float | None, int], None] | None = None
+               ) -> tuple[dict, torch.nn.Module]:
+    """Build the strategy, train ``args.steps`` steps; returns this rank's result and the trained model.
+
+    Args:
+        timer: ``device -> clock`` (``measure.timing.stepper``) that times each step; None: no times.
+        on_step: ``(step_index, loss, seconds, tokens) -> None`` after every step, on the main rank.
+    """
+    ds_config = strategies.check(args, ctx.world_size)
+    model, optimizer, (trainable, n_params) = strategies.build(args, ctx, ds_config)
+    vocab = models.unwrap(model).config.vocab_size
+    devices = strategies.devices_of(args, ctx)
+    mem = DeviceMemory(devices)
+    clock = timer(devices[0]) if timer else None
+    autocast = strategies.autocast_dtype(args)
+    losses, grad_norms, step_seconds, step_tokens = [], [], [], []
+    every_step = global_batches(args.steps, args.global_batch, args.seq_len, vocab, args.seed, args.full_rows)
+    for index, batch in enumerate(every_step):
+        if index == args.warmup and mem.on_gpu:
+            mem.reset_peaks()
+        micro = rank_micro_batches(batch, ctx.rank, ctx.world_size, args.micro_batch)
+        probe = mem.read_after_backward if mem.on_gpu and index >= args.warmup else None
+        results = []
+
+        def one_step(micro=micro, probe=probe, results=results):  # a step ends when every device is done
+            results.append(step.train_step(model, optimizer, micro, devices[0], autocast,
+                                           args.max_grad_norm, after_backward=probe))
+            for d in devices:
+                train.sync(d)
+
+        if clock is not None:
+            step_seconds.append(clock(one_step))
+        else:
+            one_step()
+        losses.append(results[0].loss)
+        grad_norms.append(results[0].grad_norm)
+        step_tokens.append(int(batch["attention_mask"].sum()))
+        if on_step is not None and ctx.is_main:
+            on_step(index, losses[-1], step_seconds[-1] if clock else None, step_tokens[-1])
+    peaks = mem.peaks()
+    per_device = len(devices) > 1  # naive model parallelism: each GPU's own share
+    # On the rank's accelerator only (FSDP2's CPU offload keeps its shards in host memory).
+    where = devices[0] if mem.on_gpu and not per_device else None
+    seconds = Timing.of(step_seconds, skip=args.warmup).median if clock else None
+    tokens = statistics.median(step_tokens[args.warmup:])
+    return dict(
+        strategy=args.strategy, world_size=ctx.world_size, device=str(ctx.device), losses=losses,
+        grad_norms=grad_norms, param_bytes=memory.param_bytes(model, where),
+        optimizer_bytes=memory.optimizer_bytes(optimizer, where),
+        after_backward_bytes=mem.after_backward if mem.on_gpu else None,
+        peak_bytes=peaks[0], device_peaks=peaks if per_device else None,
+        device_param_bytes=[memory.param_bytes(model, d) for d in devices] if per_device else None,
+        device_optimizer_bytes=([memory.optimizer_bytes(optimizer, d) for d in devices]
+                                if per_device else None),
+        step_seconds=seconds, tokens_per_s=tokens / seconds if seconds else None,  # global batch, all ranks
+        tokens_per_step=tokens, n_params=n_params, trainable_params=trainable,
+        bf16=args.bf16, compiled=args.compile, loss=args.loss, micro_batch=args.micro_batch,
+        global_batch=args.global_batch, seq_len=args.seq_len,
+    ), model
+
+
+def main(args, timer: Callable[[torch.device], Clock] | None = None, on_step=None) -> dict:
+    """Train in this process (a torchrun worker, or alone) and report the result; returns it."""
+    in_torchrun = "RANK" in os.environ
+    ctx = context.setup() if in_torchrun else context.Context(0, 1, 0, detect().device)
+    try:
+        result, model = train_rank(args, ctx, timer, on_step)
+        # Gathering every weight to the CPU takes seconds at 1B parameters: only for --save-params.
+        state = fsdp2.full_state_dict(model) if args.save_params else None
+        if args.save_params and ctx.is_main:
+            torch.save(state, args.save_params)
+        context.report_result(ctx, **result)
+    except BaseException:
+        context.cleanup(barrier=False)
+        raise
+    context.cleanup()
+    return result
