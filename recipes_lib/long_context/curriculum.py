@@ -9,7 +9,6 @@ held-out rows of the *target* length, against tokens and against training wall t
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +18,12 @@ from tqdm.auto import tqdm
 
 from ..core import train
 from ..core.errors import RecipeError
+from ..core.models import check_seq_len
 from ..measure import timing
 
 
-def length_schedule(target: int, steps: int, start: int | None = None, grow_fraction: float = 0.5) -> list[int]:
+def length_schedule(target: int, steps: int, start: int | None = None,
+                    grow_fraction: float = 0.5) -> list[int]:
     """Sequence length for each step: ``start, 2*start, ...`` in equal stages, then ``target``.
 
     ``start=None`` (or ``start == target``) is the fixed-length baseline.
@@ -40,7 +41,8 @@ def length_schedule(target: int, steps: int, start: int | None = None, grow_frac
     per_stage = int(steps * grow_fraction) // max(len(stages), 1)
     if stages and per_stage == 0:
         raise RecipeError(f"{steps} steps x grow_fraction={grow_fraction} leave no step for each of the "
-                          f"{len(stages)} shorter lengths {stages}: raise steps or grow_fraction, or start longer")
+                          f"{len(stages)} shorter lengths {stages}: raise steps or grow_fraction, "
+                          "or start longer")
     schedule = [length for length in stages for _ in range(per_stage)]
     return schedule + [target] * (steps - len(schedule))
 
@@ -91,11 +93,9 @@ def run(model, optimizer, schedule: Sequence[int], stream: torch.Tensor, tokens_
     Evaluation time is not counted in ``seconds``: the comparison is training time.
     """
     if any(tokens_per_step % length for length in schedule):
-        raise RecipeError(f"tokens_per_step={tokens_per_step} must be a multiple of every length in the schedule")
-    from ..core.models import check_seq_len
+        raise RecipeError(f"tokens_per_step={tokens_per_step} must be a multiple of every length in the "
+                          "schedule")
     check_seq_len(model, max(schedule))
-    if progress is None:
-        progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
     history, offset, seen, elapsed = History(), 0, 0, 0.0
 
     def batches():  # one step's rows, cut from the stream at that step's length
@@ -105,7 +105,7 @@ def run(model, optimizer, schedule: Sequence[int], stream: torch.Tensor, tokens_
             yield batch
 
     stream_of_batches = batches()
-    bar = tqdm(total=len(schedule), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=len(schedule), desc=desc, disable=not train.show_progress(progress), leave=False)
     for start in range(0, len(schedule), eval_every):
         steps = min(eval_every, len(schedule) - start)
         stats = train.train(model, optimizer, stream_of_batches, steps=steps, autocast_dtype=autocast_dtype,

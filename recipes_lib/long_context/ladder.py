@@ -4,21 +4,18 @@ A rung is a set of switches on one model: the attention implementation, activati
 (every k-th layer, optionally with the saved inputs offloaded to host memory) and the chunked
 cross-entropy that never materialises the ``[tokens, vocab]`` logits. ``longest_trainable`` finds
 each rung's longest sequence at batch 1 by doubling the length until a step runs out of memory,
-then bisecting: running out of memory is a result, not a crash.
+then bisecting: running out of memory is a result, not a crash. ``climb`` does it for every rung.
+The step itself is the caller's (``measure.ladder_bench.train_step``): this module measures nothing.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
-from ..core import checkpointing, models, train
+from ..core import checkpointing, models
 from ..core.errors import RecipeError
-from ..core.hardware import Hardware
-from ..measure import memory
 
 
 @dataclass(frozen=True)
@@ -26,7 +23,7 @@ class Rung:
     """One configuration of the ladder."""
 
     name: str
-    attention: str = "sdpa"               # "eager" materialises the [seq, seq] scores; "sdpa" lets PyTorch pick flash/cuDNN
+    attention: str = "sdpa"               # "eager": the [seq, seq] scores; "sdpa": PyTorch picks flash/cuDNN
     checkpoint_every: int | None = None   # None: keep all activations; k: recompute every k-th layer
     chunked_loss: bool = False            # fused chunked LM head + cross-entropy instead of full logits
     offload_activations: bool = False     # checkpointed layers' saved inputs in pinned host memory
@@ -36,54 +33,14 @@ def apply(model, rung: Rung) -> None:
     """Switch ``model`` to ``rung``'s attention and checkpointing, in place."""
     model.set_attn_implementation(models.attention_implementation(rung.attention))
     if rung.checkpoint_every:
-        checkpointing.enable_checkpointing(model, every=rung.checkpoint_every, offload=rung.offload_activations)
+        checkpointing.enable_checkpointing(model, every=rung.checkpoint_every,
+                                           offload=rung.offload_activations)
     elif rung.offload_activations:
-        raise RecipeError("offload_activations moves the checkpointed layers' inputs: set checkpoint_every too")
+        raise RecipeError("offload_activations moves the checkpointed layers' inputs: "
+                          "set checkpoint_every too")
     else:
         checkpointing.disable_checkpointing(model)
     model.train()
-
-
-def random_batch(vocab_size: int, seq_len: int, device, seed: int = 0) -> dict:
-    """One row of ``seq_len`` random tokens (memory and time do not depend on the values)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(vocab_size, (1, seq_len), generator=generator).to(device)
-    return {"input_ids": ids, "labels": ids}
-
-
-def train_step(model, optimizer, rung: Rung, seq_len: int, hw: Hardware,
-               budget_bytes: int | None = None) -> dict:
-    """One optimizer step at batch 1 and ``seq_len`` tokens: peak memory and time, or OOM.
-
-    Args:
-        budget_bytes: a memory budget; a step whose peak exceeds it counts as out of memory (how the
-            CPU run, which never runs out, plays the game of a smaller device).
-    """
-    models.check_seq_len(model, seq_len)  # past the position limit RoPE would extrapolate silently
-    batch = random_batch(model.config.vocab_size, seq_len, hw.device)
-    states = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
-    row = {"name": rung.name, "seq_len": seq_len, "oom": False, "peak_bytes": None, "seconds": None}
-    memory.free_memory()
-    try:
-        start = time.perf_counter()
-        with memory.peak_memory(hw.device, states) as peak:
-            train.accumulate_gradients(model, [batch], hw.amp_dtype, fused_head=rung.chunked_loss)
-            optimizer.step()
-        train.sync(hw.device)
-        row.update(seconds=time.perf_counter() - start, peak_bytes=peak["peak"])
-    except Exception as error:  # noqa: BLE001 - only OOM becomes a result
-        if not memory.is_oom(error):
-            raise
-        row["oom"] = True
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        del batch
-        memory.free_memory()
-    if budget_bytes is not None and row["peak_bytes"] is not None and row["peak_bytes"] > budget_bytes:
-        row["oom"] = True
-    if not row["oom"]:
-        row["tokens_per_s"] = seq_len / row["seconds"]
-    return row
 
 
 def longest_trainable(step: Callable[[int], dict], start: int, limit: int, refine: int = 2,
@@ -120,3 +77,24 @@ def longest_trainable(step: Callable[[int], dict], start: int, limit: int, refin
         rows.append(row)
         low, high = (low, middle) if row["oom"] else (middle, high)
     return low, rows
+
+
+def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start: int, limit: int,
+          refine: int = 2, multiple: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Each rung's longest trainable length with ``step``'s row there, and every probe of the searches.
+
+    Args:
+        step: ``(rung, seq_len) -> row`` with ``oom``, and ``peak_bytes``, ``seconds``, ``tokens_per_s``
+            when it fits; called on ``model`` after ``apply(model, rung)``.
+        multiple: the bisection's grid (default ``start``).
+    """
+    summary, probes = [], []
+    for rung in rungs:
+        apply(model, rung)
+        best, rows = longest_trainable(functools.partial(step, rung), start, limit, refine, multiple or start)
+        probes += rows
+        at_best = step(rung, best) if best else {"oom": True}
+        measured = ("peak_bytes", "seconds", "tokens_per_s")
+        fits = {key: None if at_best["oom"] else at_best[key] for key in measured}
+        summary.append({"name": rung.name, "longest": best, "at limit": best == limit, **fits})
+    return summary, probes

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from recipes_lib.core import checkpointing, errors, hardware, losses, models
+from recipes_lib.core import checkpointing, errors, hardware, losses, models, train
 from recipes_lib.long_context import curriculum, ladder
+from recipes_lib.measure import ladder_bench, memory
 
 
 def _grads(model, ids):
@@ -48,17 +49,60 @@ def test_longest_trainable_search():
     assert ladder.longest_trainable(lambda n: {"oom": True}, 1024, 4096)[0] is None
 
 
-def test_train_step_budget_counts_as_oom():
+def test_train_step_is_one_adamw_step_and_budget_counts_as_oom():
+    hw = hardware.detect("cpu")
+    model, plain = models.load_model(), models.load_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    rung = ladder.Rung("x", "sdpa", chunked_loss=True)
+    ladder.apply(model, rung)
+    row = ladder_bench.train_step(model, optimizer, 64, hw, fused_head=True, name="x")
+    assert not row["oom"] and row["name"] == "x" and row["seq_len"] == 64
+    assert row["peak_bytes"] > memory.tensor_bytes(model.parameters())  # parameters, AdamW state, activations
+    batch = ladder_bench.random_batch(model.config.vocab_size, 64, hw.device)
+    loss = losses.cross_entropy_sum(plain(input_ids=batch["input_ids"]).logits, batch["labels"])
+    (loss / losses.count_targets(batch["labels"])).backward()
+    plain_optimizer.step()
+    for ours, reference in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)  # AdamW moved each by ~lr = 1e-3
+    assert all(p.grad is None for p in model.parameters())
+    assert ladder_bench.train_step(model, optimizer, 64, hw, True, budget_bytes=row["peak_bytes"] // 4)["oom"]
+    with pytest.raises(errors.RecipeError):
+        ladder.apply(model, ladder.Rung("bad", offload_activations=True))
+
+
+def test_train_step_out_of_memory_is_a_row_and_frees_gradients(monkeypatch):
     hw = hardware.detect("cpu")
     model = models.load_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    rung = ladder.Rung("x", "sdpa", chunked_loss=True)
-    ladder.apply(model, rung)
-    row = ladder.train_step(model, optimizer, rung, 64, hw)
-    assert not row["oom"] and row["peak_bytes"] > 0 and row["tokens_per_s"] > 0
-    assert ladder.train_step(model, optimizer, rung, 64, hw, budget_bytes=row["peak_bytes"] // 4)["oom"]
-    with pytest.raises(errors.RecipeError):
-        ladder.apply(model, ladder.Rung("bad", offload_activations=True))
+
+    def backward_then_oom(model, optimizer, micro_batches, *args, **kwargs):
+        train.accumulate_gradients(model, micro_batches)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train, "optimizer_step", backward_then_oom)
+    row = ladder_bench.train_step(model, optimizer, 32, hw)
+    assert row["oom"] and row["seconds"] is None and "tokens_per_s" not in row
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_climb_applies_each_rung_and_measures_at_its_longest():
+    model = models.load_model()
+    fits = {"eager": 2048, "sdpa": 5000}
+    calls = []
+
+    def step(rung, n):
+        assert model.config._attn_implementation == models.attention_implementation(rung.attention)
+        calls.append((rung.name, n))
+        return {"oom": n > fits[rung.attention], "peak_bytes": n, "seconds": 1.0, "tokens_per_s": n}
+
+    rungs = [ladder.Rung("base", "eager"), ladder.Rung("flash", "sdpa", 1)]
+    summary, probes = ladder.climb(model, rungs, step, 1024, 4096)
+    assert [r["longest"] for r in summary] == [2048, 4096]
+    assert [r["at limit"] for r in summary] == [False, True]
+    assert summary[1]["peak_bytes"] == 4096 and calls[-1] == ("flash", 4096)
+    assert len(probes) == len(calls) - 2  # the measurement at each rung's longest is not a probe
+    assert all(layer.gradient_checkpointing for layer in models.decoder_layers(model))
 
 
 def test_length_schedule():
@@ -74,7 +118,8 @@ def test_curriculum_run_counts_tokens():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stream = torch.randint(3, 500, (4096,), generator=torch.Generator().manual_seed(0))
     schedule = curriculum.length_schedule(64, 4, start=32)
-    history = curriculum.run(model, optimizer, schedule, stream, 256, lambda: 1.0, eval_every=2, progress=False)
+    history = curriculum.run(model, optimizer, schedule, stream, 256, lambda: 1.0, eval_every=2,
+                             progress=False)
     assert history.tokens == [256, 512, 768, 1024] and history.lengths == schedule
     assert history.eval_tokens == [512, 1024] and history.time_to_reach(1.0) == history.eval_seconds[0]
     assert set(history.step_seconds_by_length()) == {32, 64}
@@ -88,9 +133,10 @@ def test_lengths_past_the_position_limit_are_refused():
     limit = model.config.max_position_embeddings
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     with pytest.raises(errors.RecipeError, match="RoPE"):
-        ladder.train_step(model, optimizer, ladder.Rung("x"), limit + 1, hw)
+        ladder_bench.train_step(model, optimizer, limit + 1, hw)
     stream = torch.randint(3, 500, (8 * limit,))
     with pytest.raises(errors.RecipeError, match="RoPE"):
-        curriculum.run(model, optimizer, [2 * limit], stream, 2 * limit, lambda: 1.0, eval_every=1, progress=False)
+        curriculum.run(model, optimizer, [2 * limit], stream, 2 * limit, lambda: 1.0, eval_every=1,
+                       progress=False)
     with pytest.raises(errors.RecipeError, match="no step"):
         curriculum.length_schedule(4096, 2, start=512)
