@@ -48,8 +48,9 @@ def value_bars(names: Sequence[str], values: Sequence[float | None], ylabel: str
     heights = [v or 0.0 for v in values]
     bars = ax.bar(names, heights, color="#4C72B0")
     for bar, v in zip(bars, values):
-        ax.annotate("OOM" if v is None else fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=9)
+        ax.annotate("OOM" if v is None else fmt.format(v),
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=9)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=20)
@@ -67,8 +68,8 @@ def ladder(rows: Sequence[dict], title: str):
     return fig
 
 
-def curves(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], xlabel: str, ylabel: str, title: str,
-           ax=None, logx: bool = False, logy: bool = False):
+def curves(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], xlabel: str, ylabel: str,
+           title: str, ax=None, logx: bool = False, logy: bool = False):
     """One line per named series of ``(x, y)`` points; None values (OOM) are left out of a line."""
     ax = ax or plt.gca()
     for name, (xs, ys) in series.items():
@@ -85,3 +86,23 @@ def curves(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], xl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return ax
+
+
+def floor_bars(names: Sequence[str], values: Sequence[float], floor: float, floor_label: str, ylabel: str,
+               title: str, ax=None, fmt: str = "{:.3g}"):
+    """``value_bars`` with a dashed horizontal line at ``floor`` (a bound no bar can beat)."""
+    ax = value_bars(names, values, ylabel, title, ax=ax, fmt=fmt)
+    ax.axhline(floor, color="#C44E52", linestyle="--", label=floor_label)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def side_by_side(panels: Sequence[tuple], title: str | None = None, width: float = 6.5, height: float = 4.0):
+    """One figure, a panel per ``(plot_function, kwargs)``, drawn by ``plot_function(**kwargs, ax=...)``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    for ax, (plot, kwargs) in zip(axes[0], panels):
+        plot(**kwargs, ax=ax)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

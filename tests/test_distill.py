@@ -1,4 +1,4 @@
-"""Distillation: the student shape and initialisation, the loss, and bad input."""
+"""Distillation: the student shape and initialisation, the loss against its formula, and bad input."""
 
 import pytest
 import torch
@@ -17,7 +17,8 @@ def test_student_copies_teacher_layers():
     teacher = tiny_model(num_hidden_layers=4)
     student = distill.make_student(teacher, 2)
     assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
-    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight)
+    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight,
+                               teacher.model.layers[3].mlp.up_proj.weight)
     torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
 
 
@@ -26,27 +27,48 @@ def test_student_larger_than_teacher_is_refused():
         distill.make_student(tiny_model(), 3)
 
 
-def test_kd_loss_is_ce_at_zero_weight_and_zero_kl_for_identical_logits():
-    logits = torch.randn(2, 6, 10)
-    labels = torch.randint(0, 10, (2, 6))
-    total, ce, kl = distill.kd_loss(logits, logits, labels, kl_weight=0.5)
-    assert kl.abs() < 1e-6
-    torch.testing.assert_close(total, 0.5 * ce)
-    ce_only, _, _ = distill.kd_loss(logits, None, labels, kl_weight=0.0)
-    torch.testing.assert_close(ce_only, ce)
+def _batch():
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that is not scored
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0  # padding at the end of the last row
+    labels[2, 7:] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def test_distillation_moves_student_towards_teacher():
+def _by_hand(student, teacher, batch, temperature, kl_weight):
+    """T^2 KL(teacher^T || student^T) and CE summed over the scored next tokens, in plain torch ops."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    s, t = student(**inputs).logits[:, :-1].double(), teacher(**inputs).logits[:, :-1].double()
+    targets, scored = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
+    p_teacher = torch.softmax(t / temperature, -1)
+    kl = (p_teacher * (torch.log(p_teacher) - torch.log_softmax(s / temperature, -1))).sum(-1)
+    nll = -torch.log_softmax(s, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    total = kl_weight * temperature**2 * kl[scored].sum() + (1 - kl_weight) * nll[scored].sum()
+    return total, int(scored.sum())
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.5, 1.0])
+def test_distillation_loss_is_hand_written_kl_plus_ce(kl_weight):
     torch.manual_seed(0)
     teacher = tiny_model(num_hidden_layers=4)
     student = distill.make_student(teacher, 1, init_from_teacher=False)
-    ids = torch.randint(0, 64, (4, 12))
-    batch = {"input_ids": ids, "labels": ids}
+    batch = _batch()
+    expected, _ = _by_hand(student, teacher, batch, 3.0, kl_weight)
+    loss = distill.distillation_loss(teacher, temperature=3.0, kl_weight=kl_weight)(student, batch)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
 
-    def kl():
-        with torch.no_grad():
-            return distill.kd_loss(student(ids).logits, teacher(ids).logits, ids, kl_weight=1.0)[2].item()
 
-    before = kl()
-    distill.distill(student, teacher, iter([batch] * 30), steps=30, lr=1e-2, kl_weight=1.0, progress=False)
-    assert kl() < 0.5 * before
+def test_distill_trains_with_the_loss_per_target_token():
+    """The training loop divides the hook's sum by the scored tokens: its first loss is the per-token mean."""
+    torch.manual_seed(0)
+    teacher = tiny_model(num_hidden_layers=4)
+    student = distill.make_student(teacher, 1, init_from_teacher=False)
+    batch = _batch()
+    with torch.no_grad():
+        expected, n_targets = _by_hand(student, teacher, batch, 2.0, 1.0)
+    losses = distill.distill(student, teacher, iter([batch] * 30), steps=30, lr=1e-2, kl_weight=1.0,
+                             progress=False)
+    assert losses[0] == pytest.approx(expected.item() / n_targets, rel=1e-5)
+    assert losses[-1] < 0.5 * losses[0], "distillation should move the student towards its teacher"

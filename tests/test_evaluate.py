@@ -47,7 +47,8 @@ def test_task_scores_aggregation(monkeypatch, examples):
     def partial(m, t, prompts, **kw):
         # Right for copy, and the first two summary words (ROUGE-1 F1 2/3); wrong elsewhere.
         return [ex.answer if ex.task == "copy" else
-                " ".join(ex.answer.split()[:2]) + " zzz" if ex.task == "summary" else "nope" for ex in examples]
+                " ".join(ex.answer.split()[:2]) + " zzz" if ex.task == "summary" else "nope"
+                for ex in examples]
     monkeypatch.setattr(quality, "greedy_answers", partial)
     scores = quality.task_scores(None, None, examples)
     assert scores["copy"] == 1.0 and scores["add"] == scores["sort"] == scores["kv"] == 0.0

@@ -1,5 +1,6 @@
 """The generation benchmark: its decode loop is greedy decoding, and its record says how it measured."""
 
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -32,8 +33,28 @@ def test_tune_applies_only_to_a_compiled_step():
 
 
 def test_compiled_benchmark_needs_warmup():
-    import pytest
-
     with pytest.raises(ValueError, match="warmup"):
         decode.benchmark(tiny_model(), hardware.detect("cpu"), batch=1, prompt_len=4, new_tokens=2,
                            compile=True, warmup=0)
+
+
+def test_sweep_rows_per_batch_with_weights_counted_once():
+    model = tiny_model(tie_word_embeddings=True)
+    rows = decode.sweep(model, hardware.detect("cpu"), [1, 2], prompt_len=4, new_tokens=2, repeats=1,
+                        name="tiny")
+    stored = {p.data_ptr(): p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()]}
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["name"] == "tiny" for r in rows)
+    assert all(r["weight_bytes"] == sum(stored.values()) for r in rows)  # the tied embedding once
+
+
+def test_step_split_recovers_fixed_and_per_layer_time():
+    deep, shallow = {"ms_per_decode_step": 0.5 + 16 * 0.1}, {"ms_per_decode_step": 0.5 + 8 * 0.1}
+    split = decode.step_split(deep, shallow, (16, 8))
+    assert split["fixed_ms"] == pytest.approx(0.5) and split["ms_per_layer"] == pytest.approx(0.1)
+    assert 0.5 + split["layers_for_2x"] * 0.1 == pytest.approx(deep["ms_per_decode_step"] / 2)
+
+
+def test_slower_names_only_the_rows_under_their_baseline():
+    base = [{"prefill_tokens_per_s": 100, "decode_tokens_per_s": 10}]
+    row = [{"name": "x", "batch": 1, "prefill_tokens_per_s": 99, "decode_tokens_per_s": 5}]
+    assert decode.slower(row, base) == ["slower than its baseline: x decode at batch 1: 0.50x"]

@@ -13,19 +13,15 @@ teacher layers (as DistilBERT does): decoding time falls with the number of laye
 from __future__ import annotations
 
 import copy
-import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core import train
 from ..core.errors import RecipeError
 from ..core.losses import IGNORE_INDEX, shift_labels
-
-
-def parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+from ..core.models import count_parameters
 
 
 def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
@@ -53,11 +49,12 @@ def make_student(teacher, num_layers: int, init_from_teacher: bool = True, seed:
     torch.manual_seed(seed)
     param = next(teacher.parameters())
     student = type(teacher)(config).to(device=param.device, dtype=param.dtype)
-    n_student, n_teacher = parameter_count(student), parameter_count(teacher)
+    n_student, n_teacher = count_parameters(student)[1], count_parameters(teacher)[1]
     if n_student >= n_teacher:
-        raise RecipeError(f"the student ({num_layers} layers, {n_student:,} parameters) is not smaller than its "
-                          f"teacher ({teacher.config.num_hidden_layers} layers, {n_teacher:,}): distillation "
-                          f"makes a model cheaper to run, so give the student fewer layers or a smaller width.")
+        raise RecipeError(f"the student ({num_layers} layers, {n_student:,} parameters) is not smaller "
+                          f"than its teacher ({teacher.config.num_hidden_layers} layers, {n_teacher:,}): "
+                          f"distillation makes a model cheaper to run, so give the student fewer layers or "
+                          f"a smaller width.")
     if init_from_teacher:
         _copy_from_teacher(student, teacher, layer_map(teacher.config.num_hidden_layers, num_layers))
     return student
@@ -79,50 +76,47 @@ def _copy_from_teacher(student, teacher, layers: list[int]) -> None:
     student.load_state_dict(s_state)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float = 2.0, kl_weight: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, cross-entropy, KL) per target token; ``kl_weight=0`` is plain cross-entropy training."""
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+            temperature: float = 2.0, kl_weight: float = 0.5,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, cross-entropy, KL) summed over target tokens; ``kl_weight=0`` is plain cross-entropy."""
     targets = shift_labels(labels)
     valid = targets != IGNORE_INDEX
     s = student_logits[valid].float()
-    ce = F.cross_entropy(s, targets[valid])
+    ce = F.cross_entropy(s, targets[valid], reduction="sum")
     if kl_weight == 0:
         return ce, ce, torch.zeros_like(ce)
     t = teacher_logits[valid].float()
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                  log_target=True, reduction="batchmean") * temperature**2
+                  log_target=True, reduction="sum") * temperature**2
     return kl_weight * kl + (1 - kl_weight) * ce, ce, kl
+
+
+def distillation_loss(teacher, temperature: float = 2.0, kl_weight: float = 0.5) -> Callable:
+    """The training loop's ``loss_fn``: ``(student, micro_batch) -> summed KL + CE`` against ``teacher``."""
+    def loss_fn(student, batch: dict) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+                  "use_cache": False}
+        teacher_logits = None
+        if kl_weight > 0:
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs).logits
+        return kd_loss(student(**inputs).logits, teacher_logits, batch["labels"], temperature, kl_weight)[0]
+    return loss_fn
 
 
 def distill(student, teacher, batches, steps: int, lr: float = 1e-3, kl_weight: float = 0.5,
             temperature: float = 2.0, autocast_dtype: torch.dtype | None = None, progress: bool | None = None,
             desc: str = "distill") -> list[float]:
-    """Train ``student`` for ``steps`` batches against ``teacher`` (``kl_weight=0``: CE only); returns the losses."""
-    if progress is None:
-        progress = os.environ.get("RECIPES_PROGRESS", "1") != "0"
-    device = next(student.parameters()).device
+    """Train ``student`` for ``steps`` batches against ``teacher`` with ``train.train``; returns the losses.
+
+    AdamW (no weight decay), cosine schedule after a 5% warm-up, gradients clipped at 1.0;
+    ``kl_weight=0`` trains on cross-entropy alone (the teacher is not run).
+    """
     teacher.eval()
-    student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     scheduler = train.cosine_schedule(optimizer, steps, warmup=max(1, steps // 20))
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else torch.autocast(device.type, enabled=False))
-    losses = []
-    for _, batch in zip(tqdm(range(steps), desc=desc, disable=not progress, leave=False), batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
-        with autocast:
-            teacher_logits = None
-            if kl_weight > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher(**inputs).logits
-            loss, _, _ = kd_loss(student(**inputs).logits, teacher_logits, batch["labels"], temperature, kl_weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        losses.append(loss.item())
-    if len(losses) < steps:
-        raise ValueError(f"batches ran out after {len(losses)} of {steps} steps")
-    return losses
+    stats = train.train(student, optimizer, batches, steps, autocast_dtype=autocast_dtype, max_grad_norm=1.0,
+                        scheduler=scheduler, progress=progress, desc=desc,
+                        loss_fn=distillation_loss(teacher, temperature, kl_weight))
+    return stats.losses

@@ -1,4 +1,4 @@
-"""LayerNorm -> RMSNorm: the module, the swap that carries weights over, and the kernel benchmark.
+"""LayerNorm -> RMSNorm: the module, the swap that carries weights over, and the kernels to compare.
 
 LayerNorm centres and scales: ``y = (x - mean(x)) / sqrt(var(x) + eps) * w + b``: two reductions
 per row (mean, then variance). RMSNorm only scales: ``y = x / sqrt(mean(x^2) + eps) * w (+ b)``:
@@ -58,13 +58,14 @@ def count_layernorms(model: nn.Module) -> int:
 
 
 def swap_layernorm(model: nn.Module, fused: bool = False) -> int:
-    """Replace every ``nn.LayerNorm`` in ``model`` by an ``RMSNorm`` with its weight and bias; returns how many."""
+    """Replace every ``nn.LayerNorm`` in ``model`` by an ``RMSNorm`` (same weight, bias); returns how many."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.LayerNorm):
                 if len(child.normalized_shape) != 1 or child.weight is None:
-                    raise RecipeError(f"{name}: only LayerNorms over the last dimension with a weight can be swapped")
+                    raise RecipeError(f"{name}: only LayerNorms over the last dimension with a weight "
+                                      "can be swapped")
                 norm = RMSNorm(child.normalized_shape[0], child.eps, bias=child.bias is not None, fused=fused)
                 norm.to(device=child.weight.device, dtype=child.weight.dtype)
                 with torch.no_grad():
@@ -74,7 +75,8 @@ def swap_layernorm(model: nn.Module, fused: bool = False) -> int:
                 setattr(parent, name, norm)
                 swapped += 1
     if swapped == 0:
-        raise RecipeError("no nn.LayerNorm in this model: it already uses RMSNorm (Llama, Qwen, ...) or a custom norm")
+        raise RecipeError("no nn.LayerNorm in this model: it already uses RMSNorm (Llama, Qwen, ...) "
+                          "or a custom norm")
     return swapped
 
 
@@ -85,9 +87,8 @@ def set_fused(model: nn.Module, fused: bool) -> None:
             module.fused = fused
 
 
-# --- kernel benchmark -------------------------------------------------------------------------
-
-def norm_functions(hidden: int, device: torch.device, dtype: torch.dtype, compile: bool) -> dict[str, Callable]:
+def norm_functions(hidden: int, device: torch.device, dtype: torch.dtype,
+                   compile: bool) -> dict[str, Callable]:
     """The norms to compare, each ``(x, weight, bias) -> y``: LayerNorm, RMSNorm eager / native / compiled,
     and on a GPU with Triton our two-kernel RMSNorm (``rmsnorm_triton``)."""
     eps = 1e-5
@@ -97,9 +98,23 @@ def norm_functions(hidden: int, device: torch.device, dtype: torch.dtype, compil
         "RMSNorm (F.rms_norm)": lambda x, w, b: F.rms_norm(x, (hidden,), w, eps),
     }
     if compile:
-        functions["RMSNorm (compiled)"] = torch.compile(lambda x, w, b: rms_norm_reference(x, w, eps), dynamic=False)
+        functions["RMSNorm (compiled)"] = torch.compile(lambda x, w, b: rms_norm_reference(x, w, eps),
+                                                        dynamic=False)
     if device.type == "cuda" and rmsnorm_triton.available():
         functions["RMSNorm (Triton)"] = lambda x, w, b: rmsnorm_triton.rms_norm(x, w, eps)
     return functions
 
 
+def triton_errors(hidden: int, device: torch.device, dtype: torch.dtype, rows: int = 4096,
+                  eps: float = 1e-5) -> dict[str, float]:
+    """Largest errors of ``rmsnorm_triton`` against the formula in fp64: ``y``, ``dx``, ``dw`` (relative)."""
+    x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
+    dy = torch.randn_like(x)
+    rmsnorm_triton.rms_norm(x, w, eps).backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = rms_norm_reference(x64, w64, eps)
+    y64.backward(dy.double())
+    return {"y": (rmsnorm_triton.rms_norm(x, w, eps).double() - y64).abs().max().item(),
+            "dx": (x.grad.double() - x64.grad).abs().max().item(),
+            "dw (relative)": ((w.grad.double() - w64.grad).abs().max() / w64.grad.abs().max()).item()}

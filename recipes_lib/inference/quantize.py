@@ -108,11 +108,6 @@ def _replace_linears(module: nn.Module) -> None:
             _replace_linears(child)
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (each storage once; quantized data and their scales)."""
-    return tensor_bytes(list(model.parameters()) + list(model.buffers()))
-
-
 def linear_weight_bytes(model: nn.Module, quantized_only: bool = False) -> tuple[int, int]:
     """(bytes, values) of the linear layers' weights, scales counted.
 

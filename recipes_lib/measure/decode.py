@@ -21,7 +21,8 @@ import torch
 
 from ..core.hardware import Hardware, raise_recompile_limit
 from ..inference.generate import decode_step, static_cache
-from . import timing
+from . import memory, timing
+from .report import report
 
 
 @torch.no_grad()
@@ -99,5 +100,50 @@ def describe(row: dict) -> str:
     how = "torch.compile + CUDA graph decode step" if row["compiled"] else "eager decode step"
     if row.get("tuned"):
         how += " (coordinate-descent tuned)"
-    return (f"batch {row['batch']}, prompt {row['prompt_len']} tokens, {row['new_tokens']} new tokens, static KV "
-            f"cache, {how}, median of {row['repeats']} after warm-up")
+    return (f"batch {row['batch']}, prompt {row['prompt_len']} tokens, {row['new_tokens']} new tokens, "
+            f"static KV cache, {how}, median of {row['repeats']} after warm-up")
+
+
+def report_row(row: dict) -> dict:
+    """Print one benchmark row in the one report format; returns it."""
+    report(row["name"], **{"batch": row["batch"], "prompt": row["prompt_len"], "new": row["new_tokens"],
+                           "prefill tok/s": row["prefill_tokens_per_s"],
+                           "decode tok/s": row["decode_tokens_per_s"], "ms/step": row["ms_per_decode_step"],
+                           "graph": row["compiled"], "tuned": row["tuned"]})
+    return row
+
+
+def sweep(model, hw: Hardware, batches: list[int], prompt_len: int, new_tokens: int, repeats: int,
+          compile: bool | None = None, name: str = "") -> list[dict]:
+    """``benchmark`` at each batch size (batch 1 tuned); rows printed, with the model's ``weight_bytes``."""
+    weights = memory.tensor_bytes([*model.parameters(), *model.buffers()])
+    return [report_row({**benchmark(model, hw, batch, prompt_len, new_tokens, compile=compile,
+                                    repeats=repeats, warmup=1 if compile is False else 2, name=name,
+                                    tune=batch == 1),
+                        "weight_bytes": weights}) for batch in batches]
+
+
+def table(rows: list[dict]) -> list[dict]:
+    """Benchmark rows as table records: method, batch, weights, prefill and decode tokens/s, protocol."""
+    return [{"method": r["name"], "batch": r["batch"],
+             "weights (GiB)": round(r.get("weight_bytes", 0) / memory.GiB, 3),
+             "prefill tok/s": round(r["prefill_tokens_per_s"]),
+             "decode tok/s": round(r["decode_tokens_per_s"], 1),
+             "CUDA graph": r["compiled"], "tuned": r["tuned"]} for r in rows]
+
+
+def slower(rows: list[dict], baselines: list[dict], below: float = 0.95) -> list[str]:
+    """Where a row's prefill or decode tokens/s falls under ``below`` times its baseline row's, in words."""
+    return [f"slower than its baseline: {r['name']} {phase} at batch {r['batch']}: "
+            f"{r[f'{phase}_tokens_per_s'] / b[f'{phase}_tokens_per_s']:.2f}x"
+            for r, b in zip(rows, baselines) for phase in ("prefill", "decode")
+            if r[f"{phase}_tokens_per_s"] / b[f"{phase}_tokens_per_s"] < below]
+
+
+def step_split(deep: dict, shallow: dict, depths: tuple[int, int]) -> dict:
+    """A decode step as a fixed part plus a part per layer, from two depths' ms per step; and the
+    depth at which the step would take half the deep model's time."""
+    per_layer = (deep["ms_per_decode_step"] - shallow["ms_per_decode_step"]) / (depths[0] - depths[1])
+    fixed = deep["ms_per_decode_step"] - depths[0] * per_layer
+    return {"fixed_ms": fixed, "ms_per_layer": per_layer,
+            "layers_for_2x": (deep["ms_per_decode_step"] / 2 - fixed) / per_layer}

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..core import train
 from . import timing
 
 
@@ -31,16 +32,20 @@ def bytes_moved(rows: int, hidden: int, dtype: torch.dtype) -> int:
 
 def train_step_seconds(model: torch.nn.Module, batch: int, seq_len: int, repeats: int = 5, warmup: int = 2,
                        autocast_dtype: torch.dtype | None = None) -> float:
-    """Median time of one forward + backward of ``model`` on random tokens (the end-to-end cost of its norms)."""
+    """Median time of one forward + backward of ``model`` on random tokens (the end-to-end cost of its norms).
+
+    The step is the training loop's own ``accumulate_gradients`` (full logits, summed cross-entropy),
+    without the optimizer update, so the norms' share of the step is not diluted.
+    """
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    micro_batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
     model.train()
 
     def step():
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        train.accumulate_gradients(model, [micro_batch], autocast_dtype, fused_head=False,
+                                   total_targets=batch * (seq_len - 1))
         model.zero_grad(set_to_none=True)
 
     return timing.time_it(step, device, repeats, warmup).median

@@ -70,7 +70,8 @@ def forced_exact_match(model, tokenizer, examples: Sequence[Example], batch_size
     model.eval()
     device = next(model.parameters()).device
     docs = [d.input_ids for d in encode(tokenizer, examples)]
-    answer_lengths = [len(tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"]) + 1 for ex in examples]
+    answer_lengths = [len(tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"]) + 1
+                      for ex in examples]
     scores: list[float] = []
     for start in range(0, len(docs), batch_size):
         chunk = docs[start:start + batch_size]
@@ -81,3 +82,10 @@ def forced_exact_match(model, tokenizer, examples: Sequence[Example], batch_size
             targets = torch.tensor(doc[-n:], device=device)
             scores.append(float(torch.equal(row[len(doc) - n - 1:len(doc) - 1], targets)))
     return scores
+
+
+def summary(model, tokenizer, examples: Sequence[Example], docs: Sequence[Document]) -> dict:
+    """Perplexity on ``docs`` and the mean task score on ``examples`` (and each task's), in one dict."""
+    scores = task_scores(model, tokenizer, examples)
+    return {"perplexity": perplexity(model, docs, tokenizer.pad_token_id), "accuracy": scores["mean"],
+            "per_task": scores}
