@@ -8,6 +8,7 @@ import functools
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .errors import RecipeError
 
@@ -22,8 +23,6 @@ def enable_checkpointing(model, every: int = 1, offload: bool = False) -> list[i
             offloading): frees ``layers * tokens * hidden`` bytes of device memory for two copies
             over PCIe per layer and step.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise RecipeError(f"every={every!r}: checkpoint every k-th layer with k a positive whole number")
     kwargs = {"use_reentrant": False}
@@ -47,7 +46,6 @@ def _offloaded_checkpoint(function, *args, **kwargs):
 
 def disable_checkpointing(model) -> None:
     """Keep every activation again (undo ``enable_checkpointing``)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
     for layer in model.modules():
         if isinstance(layer, GradientCheckpointingLayer):
             layer.gradient_checkpointing = False
