@@ -1,6 +1,7 @@
 """bench: one configuration measured end to end on CPU, OOM as a result, and the table."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -31,8 +32,14 @@ def row(docs):
 
 def test_run_row(row):
     assert row["name"] == "base" and row["oom"] is False
-    assert row["tokens_per_s"] > 0 and row["step_s"] > 0
-    assert row["loss"] > 0
+    # the spread: median between the fastest and the slowest step, tokens/s the same tokens over each
+    assert row["step_s_min"] <= row["step_s"] <= row["step_s_max"]
+    assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+    tokens_per_step = row["tokens_per_s"] * row["step_s"]
+    assert row["tokens_per_s_min"] * row["step_s_max"] == pytest.approx(tokens_per_step)
+    assert row["tokens_per_s_max"] * row["step_s_min"] == pytest.approx(tokens_per_step)
+    assert 0 < tokens_per_step <= 2 * SEQ_LEN  # real tokens of one micro-batch of 2 packed rows
+    assert row["loss"] == pytest.approx(math.log(VOCAB), rel=0.2)  # a fresh model: near uniform
     assert (row["micro_batch"], row["accum_steps"], row["seq_len"]) == (2, 1, SEQ_LEN)
     model = tiny_model(VOCAB)
     n_params = sum(p.numel() for p in model.parameters())
@@ -52,9 +59,10 @@ def test_run_memory(row):
 
 def test_run_accumulation_and_mfu(docs):
     hw = dataclasses.replace(hardware.detect("cpu"), peak_flops=1e12)
-    row = bench.run(_config("accum", micro_batch=1, accum_steps=2), lambda mb: batches.packed_batches(docs, SEQ_LEN, mb),
-                    hw, steps=1, warmup=1, seq_len=SEQ_LEN,
-                    flops_per_token=lambda m: flops.training_flops_per_token(m.config, SEQ_LEN))
+    row = bench.run(_config("accum", micro_batch=1, accum_steps=2),
+                    lambda mb: batches.packed_batches(docs, SEQ_LEN, mb), hw, steps=1, warmup=1,
+                    seq_len=SEQ_LEN,
+                    flops_per_token=bench.flops_counter(tiny_model(VOCAB).config, SEQ_LEN))
     assert row["accum_steps"] == 2 and not row["oom"]
     expected = row["tokens_per_s"] * flops.training_flops_per_token(tiny_model(VOCAB).config, SEQ_LEN) / 1e12
     assert row["mfu"] == pytest.approx(expected)
@@ -67,8 +75,8 @@ def _raises(error):
 
 
 def test_run_oom_is_a_row():
-    config = bench.Config("huge", _raises(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB\n"
-                                                                 "details")), lambda m: None, micro_batch=8, accum_steps=4)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB\ndetails")
+    config = bench.Config("huge", _raises(oom), lambda m: None, micro_batch=8, accum_steps=4)
     row = bench.run(config, lambda mb: iter(()), hardware.detect("cpu"), seq_len=4096)
     assert row["oom"] is True and row["name"] == "huge"
     assert row["error"] == "CUDA out of memory. Tried to allocate 80 GiB"  # first line only
@@ -109,3 +117,40 @@ def test_to_json(row):
     assert set(out["memory_bytes"]) == {"parameters", "gradients", "optimizer", "activations", "peak"}
     oom = {"name": "x", "oom": True, "error": "e"}
     assert bench.to_json(oom) == oom
+
+
+def test_show_prints_the_row_with_its_range(row, capsys):
+    assert bench.show(row) is row
+    out = capsys.readouterr().out
+    assert out.startswith("base") and f"tokens/s range: {bench.spread(row)}" in out
+    assert bench.spread(row) == f"{row['tokens_per_s_min']:,.0f}-{row['tokens_per_s_max']:,.0f}"
+    bench.show({"name": "huge", "oom": True})
+    assert "peak: OOM" in capsys.readouterr().out
+
+
+def test_table_shows_the_range(row):
+    assert bench.table([row]).loc["base", "tokens/s range"] == bench.spread(row)
+
+
+def test_fits():
+    assert bench.fits({"oom": False}, {"oom": False}) and bench.fits()
+    assert not bench.fits({"oom": False}, {"oom": True})
+
+
+def test_check_states(row, capsys):
+    measured = {part: getattr(row["memory"], part) for part in ("parameters", "gradients", "optimizer")}
+    assert bench.check_states(row, measured)
+    assert "match: True" in capsys.readouterr().out
+    assert not bench.check_states(row, dict(measured, optimizer=2 * measured["optimizer"] + 2**21))
+    assert "match: False" in capsys.readouterr().out
+
+
+def test_flops_counter_counts_frozen_weights_as_4n():
+    model = tiny_model(VOCAB)
+    per_token = bench.flops_counter(model.config, SEQ_LEN)
+    assert per_token(model) == flops.training_flops_per_token(model.config, SEQ_LEN, 1.0)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    expected = flops.training_flops_per_token(model.config, SEQ_LEN, trainable / total)
+    assert per_token(model) == pytest.approx(expected) and per_token(model) < per_token(tiny_model(VOCAB))

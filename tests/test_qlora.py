@@ -1,6 +1,7 @@
 """qlora: NF4 base + LoRA on every decoder linear layer, and the documented baseline set-up."""
 
 import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from conftest import checkpointing_on
@@ -70,6 +71,32 @@ def test_qlora_keeps_non_quantized_weights_in_model_dtype(qlora_tiny):
 def test_qlora_gradient_checkpointing_option(tiny_model_dir):
     model = qlora.qlora_model(tiny_model_dir, r=2, gradient_checkpointing=True)
     assert checkpointing_on(model.get_base_model())
+
+
+def _dequantized_reference(peft_model, plain):
+    """``plain`` with each NF4 linear of ``peft_model`` replaced by its dequantized weight (an nn.Linear)."""
+    quantized = 0
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            plain.get_submodule(name.removesuffix(".base_layer")).weight.data = weight.to(torch.float32)
+            quantized += 1
+    assert quantized == 7 * plain.config.num_hidden_layers
+    return plain
+
+
+@torch.no_grad()
+def test_qlora_at_init_gives_the_dequantized_base_logits(tiny_model_dir, tokenizer):
+    """LoRA's B starts at zero, so the QLoRA model computes exactly the dequantized base model."""
+    input_ids = batches.pad_batch(batches.encode(tokenizer, tasks.make_examples(3, seed=5)),
+                                  pad_id=tokenizer.pad_token_id)["input_ids"]
+    model = qlora.qlora_model(tiny_model_dir, r=2, alpha=4)  # fresh: other tests train the shared one
+    plain = models.load_model(tiny_model_dir)
+    original = plain(input_ids=input_ids).logits
+    expected = _dequantized_reference(model, plain)(input_ids=input_ids).logits
+    logits = model(input_ids=input_ids).logits
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, original, atol=1e-3)  # the base really is quantized
 
 
 def test_qlora_trains_one_step(qlora_tiny, tokenizer):

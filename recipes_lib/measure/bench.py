@@ -16,6 +16,8 @@ import torch
 from ..core import models, train
 from ..core.hardware import Hardware
 from . import flops, memory, timing
+from .memory import GiB
+from .report import report
 
 
 @dataclass
@@ -70,8 +72,53 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
     return row
 
 
+def flops_counter(config, seq_len: int) -> Callable[[torch.nn.Module], float]:
+    """``(model) -> training FLOPs per token`` for ``run``'s MFU: frozen weights 4N, trainable ones 6N."""
+    def per_token(model: torch.nn.Module) -> float:
+        trainable, total = models.count_parameters(model)
+        return flops.training_flops_per_token(config, seq_len, trainable / total)
+    return per_token
+
+
+def fits(*rows: dict) -> bool:
+    """False if any row ran out of memory: comparisons with it are skipped, not crashed."""
+    return all(not r["oom"] for r in rows)
+
+
+def show(row: dict) -> dict:
+    """Print a row in the one report format (peak, states, activations, tokens/s and range); returns it."""
+    if row["oom"]:
+        report(row["name"], peak="OOM")
+        return row
+    m = row["memory"]
+    report(row["name"], **{"peak GiB": m.peak / GiB, "states GiB": m.states / GiB,
+                           "activations GiB": m.activations / GiB, "tokens/s": row["tokens_per_s"],
+                           "tokens/s range": spread(row)})
+    return row
+
+
+def spread(row: dict) -> str:
+    """A row's tokens/s range over its timed steps, ``"min-max"``."""
+    return f"{row['tokens_per_s_min']:,.0f}-{row['tokens_per_s_max']:,.0f}"
+
+
+def check_states(row: dict, predicted: dict[str, float], tolerance: float = 0.05) -> bool:
+    """Print predicted against measured weights, gradients and optimizer state; True if all agree.
+
+    Agreement: within ``tolerance`` of the prediction plus 1 MiB (allocator rounding, small buffers).
+    """
+    agree = True
+    for part in ("parameters", "gradients", "optimizer"):
+        measured = getattr(row["memory"], part)
+        match = abs(measured - predicted[part]) <= tolerance * predicted[part] + 2**20
+        report(f"{row['name']}: {part}",
+               **{"predicted GiB": predicted[part] / GiB, "measured GiB": measured / GiB, "match": match})
+        agree = agree and match
+    return agree
+
+
 def table(rows: list[dict], reference: str | None = None):
-    """A pandas table of rows: GiB per part, tokens/s, MFU, and peak relative to ``reference``."""
+    """A pandas table of rows: GiB per part, tokens/s with its range, MFU, peak relative to ``reference``."""
     import pandas as pd
 
     ref = next((r for r in rows if r["name"] == reference and not r["oom"]), None)
@@ -83,6 +130,7 @@ def table(rows: list[dict], reference: str | None = None):
         else:
             rec.update({f"{k} (GiB)": round(v, 3) for k, v in r["memory"].gib().items()})
             rec["tokens/s"] = round(r["tokens_per_s"], 1)
+            rec["tokens/s range"] = spread(r)
             if r.get("mfu") is not None:
                 rec["MFU (%)"] = round(100 * r["mfu"], 1)
             if ref is not None:

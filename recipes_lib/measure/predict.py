@@ -94,3 +94,27 @@ def predicted_run_state(result: dict, config, lora_r: int = 16) -> dict[str, flo
     weight_bytes = 2 if result.get("bf16") else 4  # embeddings and norms stay in the model's dtype
     state = {k: v / world for k, v in qlora_state_bytes(config, lora_r, weight_bytes).items()}
     return state | {"total": sum(state.values()), "on device": sum(state.values())}
+
+
+def layer_activation_elements(config) -> int:
+    """Elements per token one decoder layer saves for backward (bf16-sized, fused attention).
+
+    Two norms (input and output each), q and k after RoPE, v, the attention output, and the MLP:
+    gate, up, their SiLU and product for a gated MLP (``hidden_act`` silu), else up and its activation.
+    """
+    d_in, q = linear_shapes(config)[0]
+    kv = linear_shapes(config)[1][1]
+    ffn = config.intermediate_size
+    mlp = 4 * ffn if getattr(config, "hidden_act", "") in ("silu", "swish") else 2 * ffn
+    return 4 * d_in + 2 * q + 2 * kv + mlp
+
+
+def checkpointing_activation_cut(config) -> float:
+    """Share of the layers' activations full checkpointing removes, predicted from the shape.
+
+    Without it, ``L`` layers keep ``A`` elements per token each; with it each keeps its input (``d``) and
+    one layer at a time is recomputed in backward: ``1 - (L * d + A) / (L * A)``. The LM head's and
+    the loss's activations are not counted: they make the measured cut a little smaller.
+    """
+    layers, per_layer = config.num_hidden_layers, layer_activation_elements(config)
+    return 1 - (layers * config.hidden_size + per_layer) / (layers * per_layer)
