@@ -23,15 +23,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import train_distributed
 
 from recipes_lib.core import losses, models, train
 from recipes_lib.core.errors import RecipeError
 from recipes_lib.measure import predict
-from recipes_lib.parallel import context, launcher, model_parallel, zero
+from recipes_lib.parallel import batches, context, launcher, model_parallel, run, step, zero
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "train_distributed.py"
+CPU = torch.device("cpu")
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-5
 
@@ -45,16 +45,16 @@ def _script_args(model_dir: str, strategy: str, out: Path) -> list[str]:
 def single_run(tiny_model_dir, tmp_path_factory):
     """The one-process reference, run in this process on the same global batches."""
     out = tmp_path_factory.mktemp("single") / "params.pt"
-    result = train_distributed.run(train_distributed.parse_args(_script_args(tiny_model_dir, "single", out)))
+    result = run.main(run.parse_args(_script_args(tiny_model_dir, "single", out)))
     return result, torch.load(out)
 
 
 def test_ranks_hold_different_numbers_of_target_tokens(tiny_model_dir):
     """The equivalence below is only a test of token normalisation if the ranks' token counts differ."""
-    args = train_distributed.parse_args(_script_args(tiny_model_dir, "fsdp2", Path("unused")))
-    for batch in train_distributed.global_batches(args, vocab_size=64):
+    args = run.parse_args(_script_args(tiny_model_dir, "fsdp2", Path("unused")))
+    for batch in batches.global_batches(args.steps, args.global_batch, args.seq_len, vocab_size=64):
         counts = [sum(losses.count_targets(mb["labels"]) for mb in
-                      train_distributed.rank_micro_batches(batch, rank, 2, args.micro_batch)) for rank in (0, 1)]
+                      batches.rank_micro_batches(batch, rank, 2, args.micro_batch)) for rank in (0, 1)]
         assert counts[0] != counts[1]
 
 
@@ -78,6 +78,11 @@ def test_two_processes_match_single_process(strategy, port, single_run, tiny_mod
     if strategy.startswith("fsdp2"):  # each rank holds half of every parameter, and of Adam's state
         assert results[0]["param_bytes"] == pytest.approx(reference["param_bytes"] / 2, rel=0.01)
         assert results[0]["optimizer_bytes"] == pytest.approx(reference["optimizer_bytes"] / 2, rel=0.01)
+    for measured in (reference, results[0]):  # the state the notebook predicts before anything runs
+        predicted = predict.strategy_state_bytes(measured["n_params"], measured["strategy"],
+                                                 measured["world_size"])
+        assert measured["param_bytes"] == pytest.approx(predicted["parameters"], rel=0.01)
+        assert measured["optimizer_bytes"] == pytest.approx(predicted["optimizer"], rel=0.01)
 
 
 def _write(tmp_path: Path, body: str) -> Path:
@@ -125,7 +130,7 @@ def test_failure_reason_is_the_workers_recipe_error_line(tmp_path):
         raise RecipeError("DeepSpeed needs a GPU")
     """)
     with pytest.raises(RecipeError) as error:
-        launcher.launch(script, 1, timeout_s=60, echo=False, env={"PYTHONPATH": str(Path(__file__).parents[1])})
+        launcher.launch(script, 1, timeout_s=60, echo=False, env={"PYTHONPATH": str(REPO_ROOT)})
     assert launcher.failure_reason(error.value) == "RecipeError: DeepSpeed needs a GPU"
     assert launcher.failure_reason(RecipeError("plain\nlast line")) == "last line"
     assert launcher.failure_reason(RecipeError("[rank1]:RecipeError: a[0]: b")) == "RecipeError: a[0]: b"
@@ -156,8 +161,6 @@ def test_failure_reason_names_a_worker_killed_by_a_signal(tmp_path, capsys):
 
 def test_launcher_reads_results_and_rank_prefixes(tmp_path, capsys):
     script = _write(tmp_path, """
-        from recipes_lib.core import models, train
-        from recipes_lib.measure import predict
         from recipes_lib.parallel import context
         ctx = context.setup()
         print("hello", flush=True)
@@ -208,21 +211,39 @@ def test_setup_outside_torchrun_says_how_to_launch(monkeypatch):
         context.setup()
 
 
-def test_predicted_state_bytes():
-    n = 1_000_000
-    ddp = predict.strategy_state_bytes(n, "ddp", 2)
-    assert ddp == {"parameters": 4 * n, "gradients": 8 * n, "optimizer": 8 * n, "total": 20 * n, "on device": 20 * n}
-    fsdp = predict.strategy_state_bytes(n, "fsdp2", 4)
-    assert fsdp["total"] == 4 * n and fsdp["on device"] == 4 * n
-    assert predict.strategy_state_bytes(n, "fsdp2-offload", 4)["on device"] == 0
-    zero2, zero3 = (predict.strategy_state_bytes(n, f"deepspeed-zero{k}", 2) for k in (2, 3))
-    assert zero2["parameters"] == 2 * n and zero3["parameters"] == n and zero2["optimizer"] == 6 * n
+def test_predicted_state_bytes_refuses_an_unknown_strategy():
+    assert predict.strategy_state_bytes(10, "fsdp2-offload", 2)["on device"] == 0  # shards live on the host
     with pytest.raises(RecipeError, match="strategy"):
-        predict.strategy_state_bytes(n, "zero9", 2)
+        predict.strategy_state_bytes(10, "zero9", 2)
+
+
+class FakeEngine:
+    """Records what ``train_step`` asks of a DeepSpeed engine: boundaries and the losses backpropagated."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        self.calls.append(("boundary", is_boundary))
+
+    def backward(self, loss):
+        self.calls.append(("backward", loss.item()))
+        loss.backward()
+
+
+def test_deepspeed_backward_sets_the_boundary_on_the_last_micro_batch_only():
+    """DeepSpeed's engine (GPU only) through the loop's backward hook: the scaled loss, the boundary last."""
+    engine = FakeEngine()
+    weight = torch.ones(2, requires_grad=True)
+    micro = [{"labels": torch.ones(1, 2, dtype=torch.long)}] * 3
+    train.accumulate_gradients(weight, micro, loss_fn=lambda w, mb: w.sum(), total_targets=4, device=CPU,
+                               backward=step.deepspeed_backward(engine, 3, scale=6.0))
+    assert engine.calls == [("boundary", False), ("backward", 3.0), ("boundary", False), ("backward", 3.0),
+                            ("boundary", True), ("backward", 3.0)]
+    torch.testing.assert_close(weight.grad, torch.full((2,), 3 * 6 / 4))
 
 
 def test_predicted_run_state_by_strategy(tiny_model_dir):
-    from recipes_lib.measure import predict
     config = models.load_model(tiny_model_dir, dtype=torch.float32).config
     n = 1_000_000
     run = {"n_params": n, "world_size": 2, "gpus": 2, "bf16": True}
@@ -254,7 +275,8 @@ def test_naive_model_parallel_split_keeps_the_loss(tiny_model_dir):
 
 
 def test_deepspeed_config_checks():
-    config = zero.deepspeed_config(3, micro_batch=2, accum_steps=2, world_size=2, max_grad_norm=1.0, bf16=True)
+    config = zero.deepspeed_config(3, micro_batch=2, accum_steps=2, world_size=2, max_grad_norm=1.0,
+                                   bf16=True)
     zero.check_deepspeed_config(config, 2, 2, 2)
     assert config["train_batch_size"] == 8 and config["zero_optimization"]["stage"] == 3
     with pytest.raises(RecipeError, match="zero_optimization.stage=1"):
@@ -294,8 +316,8 @@ def test_naive_mp_share_counts_the_first_devices_parameters(tiny_model_dir):
     assert predict.naive_mp_share(model.config, 1) == pytest.approx(1.0)
     layers = models.decoder_layers(model)
     first = sum(p.numel() for layer in layers[:-(-len(layers) // 2)] for p in layer.parameters())
-    rest = sum(p.numel() for p in model.parameters()) - sum(p.numel() for layer in layers for p in layer.parameters())
     total = sum(p.numel() for p in model.parameters())
+    rest = total - sum(p.numel() for layer in layers for p in layer.parameters())
     assert predict.naive_mp_share(model.config, 2) == pytest.approx((first + rest) / total, rel=1e-6)
 
 
@@ -308,12 +330,14 @@ def test_slurm_script_in_single_node_form(tiny_model_dir, tmp_path):
     (stubs / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     for stub in stubs.iterdir():
         stub.chmod(0o755)
-    env = os.environ | {"PATH": os.pathsep.join([str(stubs), str(Path(sys.executable).parent), os.environ["PATH"]]),
+    path = os.pathsep.join([str(stubs), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = os.environ | {"PATH": path,
                         "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
                         "SLURM_JOB_ID": "1", "PORT": str(launcher.free_port()), "PYTHONPATH": str(REPO_ROOT)}
     args = ["--strategy", "fsdp2", "--steps", "2", "--model", tiny_model_dir, "--seq-len", "32"]
-    proc = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / "train_distributed.sbatch"), *args], cwd=REPO_ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(["bash", str(REPO_ROOT / "scripts" / "train_distributed.sbatch"), *args],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=180)
     finally:
