@@ -1,4 +1,4 @@
-"""Input pipelines that starve the accelerator or keep it fed, and a timer that tells them apart.
+"""Input pipelines that starve the accelerator or keep it fed.
 
 - ``naive_loader``: a ``Dataset`` that tokenises raw text in ``__getitem__`` (every row, every epoch)
   and a ``DataLoader`` with no workers, so the training loop waits while the host tokenises.
@@ -8,8 +8,8 @@
   accelerator computes, and the copy to the device does not block the host.
 
 Both yield ``{"input_ids": [B, T] long, "labels": [B, T] long}`` with ``labels == input_ids`` (the
-model shifts them), so one training step consumes either. ``time_pipeline`` measures how much of
-the wall time the accelerator sat idle waiting for input.
+model shifts them), so one training step consumes either. ``measure.pipeline.time_pipeline``
+measures how much of the wall time the accelerator sat idle waiting for input.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -66,7 +63,7 @@ def document_ids(tokens: list[int], tokenizer) -> list[int]:
 
 
 class OnTheFlyRows(Dataset):
-    """Row ``i``: documents ``i, i+1, ...`` (wrapping round) tokenised on each access and cut to ``seq_len``."""
+    """Row ``i``: documents ``i, i+1, ...`` (wrapping round), tokenised on each access, cut to ``seq_len``."""
 
     def __init__(self, texts: Sequence[str], tokenizer, seq_len: int):
         self.texts, self.tokenizer, self.seq_len = list(texts), tokenizer, seq_len
@@ -188,87 +185,3 @@ def efficient_loader(dataset: datasets.Dataset, batch_size: int, device: torch.d
 def to_device(batch: dict, device: torch.device) -> dict:
     """Copy a batch to ``device`` without blocking the host (asynchronous from pinned memory)."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-@dataclass
-class PipelineTiming:
-    """What ``time_pipeline`` measured over the timed steps (warm-up excluded)."""
-
-    steps: int
-    step_s: float  # median time from the end of one step's compute to the end of the next
-    wait_s: float  # total time the accelerator sat idle waiting for input
-    total_s: float
-    wait_fraction: float  # wait_s / total_s
-    tokens_per_s: float
-
-
-def _cycle(loader: Iterable[dict]) -> Iterator[dict]:
-    """Batches from ``loader``, epoch after epoch."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise RecipeError("the loader yields no batches: use more documents or a smaller batch")
-
-
-def _clock(device: torch.device) -> Callable[[], object]:
-    """A timestamp taker: a CUDA event recorded on the current stream, or the host's perf_counter."""
-    if device.type == "cuda":
-        def record() -> torch.cuda.Event:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return record
-    return time.perf_counter
-
-
-def _seconds_since(origin, stamps: list, device: torch.device) -> list[float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return [origin.elapsed_time(stamp) / 1e3 for stamp in stamps]
-    return [stamp - origin for stamp in stamps]
-
-
-def time_pipeline(loader: Iterable[dict], step_fn: Callable[[dict], object], device: torch.device,
-                  steps: int = 20, warmup: int = 3) -> PipelineTiming:
-    """Run ``warmup + steps`` training steps fed by ``loader`` and time the accelerator's wait for input.
-
-    Each step takes a timestamp right before ``step_fn(batch)`` is called (compute start) and right
-    after it returns (compute end). The wait of step ``i`` is compute start ``i`` minus compute end
-    ``i-1``: the time in ``next(loader)`` and in the host-to-device copy, during which no compute of
-    this loop is queued. On CUDA the timestamps are CUDA events on the current stream, so they mark
-    when the GPU reaches that point of its queue: while the host is ahead (the queue still holds
-    earlier steps' kernels) the wait is zero, and only the time the GPU really sat idle counts. On
-    CPU they are host ``perf_counter`` readings. ``step_s`` is the median time between consecutive
-    compute ends; ``wait_fraction`` is the summed wait over the timed steps' total time.
-
-    Args:
-        step_fn: one training step on a batch already on ``device`` (forward, backward, optimizer).
-        warmup: steps run first and left out (worker start-up, allocator, autotuning).
-    """
-    if steps < 1 or warmup < 0:
-        raise RecipeError(f"steps={steps}, warmup={warmup}: time at least 1 step after 0 or more warm-up steps")
-    clock, batches = _clock(device), _cycle(loader)
-    starts, ends, tokens = [], [], []
-    origin = clock()
-    for _ in range(warmup + steps):
-        batch = to_device(next(batches), device)
-        starts.append(clock())
-        step_fn(batch)
-        ends.append(clock())
-        tokens.append(batch["input_ids"].numel())
-    return _summarise(_seconds_since(origin, starts, device), _seconds_since(origin, ends, device),
-                      tokens, warmup)
-
-
-def _summarise(start_s: list[float], end_s: list[float], tokens: list[int], warmup: int) -> PipelineTiming:
-    """Waits and step times from compute start and end times (seconds since the first step began)."""
-    previous_end = [0.0, *end_s[:-1]]
-    waits = [max(s - e, 0.0) for s, e in zip(start_s[warmup:], previous_end[warmup:])]
-    step_times = [e - p for e, p in zip(end_s[warmup:], previous_end[warmup:])]
-    total = sum(step_times)
-    return PipelineTiming(steps=len(step_times), step_s=statistics.median(step_times), wait_s=sum(waits),
-                          total_s=total, wait_fraction=min(sum(waits) / total, 1.0) if total > 0 else 0.0,
-                          tokens_per_s=sum(tokens[warmup:]) / total if total > 0 else 0.0)

@@ -2,7 +2,8 @@
 
 ``seconds(fn, device)`` times one call. ``time_it(fn, device)`` warms up, times ``repeats`` calls and
 returns a ``Timing`` (median, min, max, every sample). ``Timing.of(samples)`` summarises times
-taken elsewhere (the training loop's steps), dropping warm-up samples.
+taken elsewhere (the training loop's steps), dropping warm-up samples. ``stamp``/``seconds_since``
+take timestamps inside a loop without waiting for the GPU (the input pipeline's wait for data).
 """
 
 from __future__ import annotations
@@ -56,6 +57,24 @@ def seconds(fn: Callable[[], object], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def stamp(device: torch.device):
+    """A timestamp on ``device``'s timeline, taken without waiting: a CUDA event recorded on the current
+    stream (it marks when the GPU reaches this point of its queue), or ``perf_counter`` on CPU."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_since(origin, stamps: Sequence, device: torch.device) -> list[float]:
+    """Seconds from the ``stamp`` ``origin`` to each of ``stamps`` (waits for the GPU once, at the end)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return [origin.elapsed_time(mark) / 1e3 for mark in stamps]
+    return [mark - origin for mark in stamps]
 
 
 def time_it(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 2) -> Timing:
