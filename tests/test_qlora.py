@@ -130,3 +130,15 @@ def test_predicted_state_bytes_qlora(qlora_tiny):
     predicted = predict.qlora_state_bytes(qlora_tiny.get_base_model().config, 2, 4)
     assert predicted["gradients"] == 4 * trainable
     assert predicted["optimizer"] == 8 * trainable
+
+
+def test_predicted_state_bytes_qlora_gpt_neox(tmp_path):
+    """A plain (not gated) MLP: the prediction counts up and down only, as the adapters do."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64)
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
+    model = qlora.qlora_model(str(tmp_path), r=2)
+    trainable, _ = models.count_parameters(model)
+    assert predict.qlora_state_bytes(config, 2, 4)["gradients"] == 4 * trainable

@@ -3,16 +3,33 @@
 
 from __future__ import annotations
 
+NON_GATED_MLP = ("gpt_neox", "gpt2", "gptj", "gpt_bigcode", "phi", "opt", "falcon", "bloom", "mpt",
+                 "starcoder2")
+FUSED_QKV = ("gpt_neox", "gpt_bigcode", "falcon", "bloom", "mpt")  # one query_key_value linear
 
-def linear_shapes(config) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every decoder linear layer of a Llama-style config: q, k, v, o, gate, up, down."""
-    d, ffn = config.hidden_size, config.intermediate_size
+
+def gated_mlp(config) -> bool:
+    """True for a gated MLP (Llama's SwiGLU: gate, up, down), False for a plain up-activation-down one."""
+    return config.model_type not in NON_GATED_MLP
+
+
+def widths(config) -> tuple[int, int, int, int]:
+    """``(hidden, query, key/value, ffn)`` output widths of a decoder layer's projections."""
+    d = config.hidden_size
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or d // n_heads
-    q, kv = n_heads * head_dim, n_kv * head_dim
-    per_layer = [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
-    return per_layer * config.num_hidden_layers
+    ffn = getattr(config, "intermediate_size", None) or 4 * d
+    return d, n_heads * head_dim, n_kv * head_dim, ffn
+
+
+def linear_shapes(config) -> list[tuple[int, int]]:
+    """(d_in, d_out) of each decoder linear layer: q, k, v (or one fused qkv), o, then gate, up, down
+    (up, down if not gated)."""
+    d, q, kv, ffn = widths(config)
+    attention = [(d, q + 2 * kv)] if config.model_type in FUSED_QKV else [(d, q), (d, kv), (d, kv)]
+    mlp = [(d, ffn), (d, ffn), (ffn, d)] if gated_mlp(config) else [(d, ffn), (ffn, d)]
+    return [*attention, (q, d), *mlp] * config.num_hidden_layers
 
 
 def training_flops_per_token(config, seq_len: int, trainable_fraction: float = 1.0) -> float:

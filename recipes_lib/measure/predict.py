@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..core.errors import RecipeError
-from .flops import linear_shapes
+from .flops import gated_mlp, linear_shapes, widths
 
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks
 
@@ -22,7 +22,8 @@ def qlora_state_bytes(config, r: int | None, weight_bytes: int) -> dict[str, flo
     n_norm = config.hidden_size * (2 * config.num_hidden_layers + 1)
     if r is None:
         n = n_linear + n_embed + n_norm
-        return {"parameters": n * weight_bytes, "gradients": n * weight_bytes, "optimizer": 2 * n * weight_bytes}
+        return {"parameters": n * weight_bytes, "gradients": n * weight_bytes,
+                "optimizer": 2 * n * weight_bytes}
     n_lora = r * sum(i + o for i, o in shapes)
     params = n_linear * NF4_BYTES_PER_PARAM + (n_embed + n_norm) * weight_bytes + n_lora * 4
     return {"parameters": params, "gradients": n_lora * 4, "optimizer": n_lora * 8}
@@ -100,13 +101,10 @@ def layer_activation_elements(config) -> int:
     """Elements per token one decoder layer saves for backward (bf16-sized, fused attention).
 
     Two norms (input and output each), q and k after RoPE, v, the attention output, and the MLP:
-    gate, up, their SiLU and product for a gated MLP (``hidden_act`` silu), else up and its activation.
+    gate, up, their activation and product for a gated MLP, else up and its activation.
     """
-    d_in, q = linear_shapes(config)[0]
-    kv = linear_shapes(config)[1][1]
-    ffn = config.intermediate_size
-    mlp = 4 * ffn if getattr(config, "hidden_act", "") in ("silu", "swish") else 2 * ffn
-    return 4 * d_in + 2 * q + 2 * kv + mlp
+    d, q, kv, ffn = widths(config)
+    return 4 * d + 2 * q + 2 * kv + (4 if gated_mlp(config) else 2) * ffn
 
 
 def checkpointing_activation_cut(config) -> float:
