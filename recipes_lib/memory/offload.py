@@ -40,7 +40,8 @@ def offloaded_adamw(params, device: torch.device, lr: float = 1e-4, **kwargs):
     if device.type not in ("cuda", "xpu"):
         warnings.warn(f"torchao offloads from CUDA/XPU only; {device.type} keeps a plain AdamW", stacklevel=2)
         return torch.optim.AdamW(params, lr=lr, **kwargs)
-    return CPUOffloadOptimizer(params, torch.optim.AdamW, offload_gradients=False, lr=lr, fused=True, **kwargs)
+    return CPUOffloadOptimizer(params, torch.optim.AdamW, offload_gradients=False, lr=lr, fused=True,
+                               **kwargs)
 
 
 def optimizer_state_bytes(optimizer) -> dict[str, int]:
@@ -50,4 +51,5 @@ def optimizer_state_bytes(optimizer) -> dict[str, int]:
     the device: a sliver next to the rest.
     """
     tensors = optimizer_tensors(optimizer)
-    return {kind: tensor_bytes(tensors, torch.device(kind)) for kind in sorted({t.device.type for t in tensors})}
+    kinds = sorted({t.device.type for t in tensors})
+    return {kind: tensor_bytes(tensors, torch.device(kind)) for kind in kinds}

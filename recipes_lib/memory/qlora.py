@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-pass
 from ..core.models import DEFAULT_MODEL, load_model
 
 
@@ -49,5 +48,3 @@ def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dr
     model = load_model(name, quantization="nf4", hw=hw)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     return get_peft_model(model, lora_config(r, alpha, dropout))
-
-
