@@ -27,7 +27,7 @@ import torch
 from recipes_lib.core import losses, models, train
 from recipes_lib.core.errors import RecipeError
 from recipes_lib.measure import predict
-from recipes_lib.parallel import batches, context, launcher, model_parallel, run, step, zero
+from recipes_lib.parallel import batches, context, launcher, model_parallel, run, runs, step, zero
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "train_distributed.py"
@@ -272,6 +272,23 @@ def test_naive_model_parallel_split_keeps_the_loss(tiny_model_dir):
     n = len(models.decoder_layers(split))
     assert len(placed) == n
     torch.testing.assert_close(split(**batch), expected)
+
+
+def test_script_args_are_what_the_script_parses():
+    """The notebook's option dicts reach the training script as they were meant (flags, values, left-outs)."""
+    values = {"strategy": "ddp", "global-batch": 16, "bf16": True, "compile": False, "save-params": None}
+    args = run.parse_args(runs.script_args(values))
+    parsed = (args.strategy, args.global_batch, args.bf16, args.compile, args.save_params)
+    assert parsed == ("ddp", 16, True, False, None)
+
+
+def test_rank0_refuses_missing_ranks_and_disagreeing_losses():
+    results = [{"rank": 0, "world_size": 2, "losses": [1.0]}, {"rank": 1, "world_size": 2, "losses": [1.0]}]
+    assert runs.rank0(results, 2) is results[0]
+    with pytest.raises(RecipeError, match="each of 2 ranks"):
+        runs.rank0(results[:1], 2)
+    with pytest.raises(RecipeError, match="different global losses"):
+        runs.rank0([results[0], results[1] | {"losses": [2.0]}], 2)
 
 
 def test_deepspeed_config_checks():

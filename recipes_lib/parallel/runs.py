@@ -1,0 +1,95 @@
+"""Runs of the training script seen from the launching side: command lines, result rows, comparisons.
+
+``script_args`` turns a dict into the script's options; ``launch_row`` launches it and returns rank
+0's result (or the reason it could not run here); ``agreement`` compares a run with the one-process
+reference; ``throughput`` adds tokens/s per GPU and MFU; ``memory_row`` is one line of the memory
+table, predicted against measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..core.errors import RecipeError
+from ..measure import flops, memory
+from . import launcher
+
+
+def script_args(values: dict) -> list[str]:
+    """The training script's command line from a dict: ``True`` a bare flag, ``False``/None left out."""
+    args = []
+    for key, value in values.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not False and value is not None:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def rank0(results: list[dict], nproc: int) -> dict:
+    """Rank 0's result; RecipeError unless each of the ``nproc`` ranks reported the same global losses."""
+    ranks = [(r["rank"], r["world_size"]) for r in results]
+    if ranks != [(rank, nproc) for rank in range(nproc)]:
+        raise RecipeError(f"expected one result from each of {nproc} ranks, got (rank, world size) {ranks}")
+    if any(r["losses"] != results[0]["losses"] for r in results):
+        raise RecipeError("the ranks report different global losses: " + str([r["losses"] for r in results]))
+    return results[0]
+
+
+def launch_row(script: str, nproc: int, values: dict, gpus: int, **launch) -> dict:
+    """Rank 0's result of the script run with ``values`` on ``nproc`` processes, ``gpus`` added; a run this
+    machine cannot make comes back as ``{"strategy", "error"}`` (``launcher.failure_reason``)."""
+    try:
+        results = launcher.launch(script, nproc, script_args(values), echo=False, **launch)
+    except RecipeError as error:
+        return {"strategy": values.get("strategy"), "error": launcher.failure_reason(error)}
+    return rank0(results, nproc) | {"gpus": gpus}
+
+
+def throughput(result: dict, config, peak_flops: float | None) -> dict:
+    """``result`` with tokens/s per GPU and MFU (of ``peak_flops``; None where the peak is unknown)."""
+    per_token = flops.training_flops_per_token(config, result["seq_len"],
+                                               result["trainable_params"] / result["n_params"])
+    per_gpu = result["tokens_per_s"] / max(result["gpus"], 1)
+    return result | {"tokens_per_s_per_gpu": per_gpu, "mfu": flops.mfu(per_gpu, per_token, peak_flops)}
+
+
+def agreement(result: dict, params: dict, reference: dict, reference_params: dict) -> dict:
+    """How far a run's losses, gradient norms and final weights are from the one-process reference's."""
+    def worst_rel(key):
+        return max(abs(a - b) / abs(b) for a, b in zip(result[key], reference[key]))
+    worst = max((params[k] - reference_params[k]).abs().max().item() for k in reference_params)
+    return {"strategy": result["strategy"], "processes": result["world_size"],
+            "max loss rel. diff": worst_rel("losses"), "max grad-norm rel. diff": worst_rel("grad_norms"),
+            "max parameter diff": worst, "param bytes / rank": result["param_bytes"],
+            "optimizer bytes / rank": result["optimizer_bytes"]}
+
+
+def memory_row(strategy: str, result: dict, predicted: dict | None, unit: float, unit_name: str) -> dict:
+    """One line of the memory table: predicted state, measured state and breakdown (CUDA), tokens/s, MFU."""
+    if "error" in result:
+        return {"strategy": strategy, "note": result["error"][:90]}
+    row = {"strategy": strategy, "GPUs": result["gpus"],
+           f"state predicted ({unit_name})": predicted["on device"] / unit}
+    parts = memory.memory_breakdown(result)
+    if parts is not None:  # CUDA readings
+        state = parts.parameters + parts.gradients + parts.optimizer
+        row |= {f"state measured ({unit_name})": state / unit}
+        row |= {f"{k} ({unit_name})": v / unit for k, v in vars(parts).items()}
+    else:
+        row |= {f"weights measured ({unit_name})": result["param_bytes"] / unit,
+                f"AdamW measured ({unit_name})": result["optimizer_bytes"] / unit}
+    row["tokens/s per GPU"] = result["tokens_per_s_per_gpu"]
+    if result["mfu"] is not None:  # a GPU with a known peak
+        row["MFU (% of datasheet)"] = 100 * result["mfu"]
+    return row
+
+
+def recipe_error(fn: Callable[[], object]) -> RecipeError | str:
+    """The ``RecipeError`` that ``fn()`` raised, or ``"no error"``."""
+    try:
+        fn()
+    except RecipeError as error:
+        return error
+    return "no error"
+
