@@ -36,7 +36,7 @@ def setup(backend: str | None = None) -> Context:
     missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
     if missing:
         raise RecipeError(f"no torchrun environment ({', '.join(missing)} unset): start this script with "
-                          f"`torchrun --nproc-per-node N script.py` or recipes_lib.launcher.launch")
+                          f"`torchrun --nproc-per-node N script.py` or recipes_lib.parallel.launcher.launch")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     launcher.check_backend(backend)
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -9,6 +9,7 @@ from torch.distributed.tensor import DTensor
 
 from ..core.errors import RecipeError
 from ..core.models import decoder_layers
+from . import zero
 
 
 def shard_fsdp2(model: torch.nn.Module, reshard_after_forward: bool = True, mixed_precision: bool = False,
@@ -55,7 +56,7 @@ def compile_layers(model: torch.nn.Module) -> None:
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as a whole tensor on the CPU (all ranks must call it: it gathers)."""
-    if getattr(model, "_recipes_accelerator", None) is not None:
+    if zero.accelerator_of(model) is not None:
         raise RecipeError("full weights of a DeepSpeed run: its ZeRO partitions (and fp32 masters) are not "
                           "gathered here; save with accelerator.get_state_dict(model) instead")
     state = model.module.state_dict() if hasattr(model, "module") else model.state_dict()

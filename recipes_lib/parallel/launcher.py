@@ -2,7 +2,7 @@
 
 ``launch(script, nproc, args)`` runs ``python -m torch.distributed.run`` as a subprocess, prints
 each worker's lines as they come (prefixed ``[rank<r>]:``), and returns the values each rank
-printed with ``distributed.report_result``. A run past its timeout, or interrupted, is stopped
+printed with ``context.report_result``. A run past its timeout, or interrupted, is stopped
 with all its processes; a failing run raises RecipeError with the workers' last lines and torchrun's
 account of which worker failed how. A run whose every rank reported its results before a process
 failed on the way out returns those results and prints the failure.
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ..core.errors import RecipeError
 
 RESULT_PREFIX = "RESULT "
-# The folder where ``distributed.report_result`` also writes each rank's result as a file.
+# The folder where ``context.report_result`` also writes each rank's result as a file.
 RESULT_DIR_ENV = "RECIPES_RESULT_DIR"
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..core import losses, train
+from . import zero
 from .context import all_ranks_sum
 from .ddp import sync_on_last
 
@@ -63,7 +64,7 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
     """
     local_targets = sum(losses.count_targets(mb["labels"]) for mb in micro_batches)
     total_targets = int(all_ranks_sum(local_targets, device, torch.int64))
-    accelerator = getattr(model, "_recipes_accelerator", None)
+    accelerator = zero.accelerator_of(model)
     backward = None
     if accelerator is not None:
         # DeepSpeed's backward divides the loss by its accumulation steps and averages gradients over

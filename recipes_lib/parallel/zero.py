@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2/3 through Accelerate: the config, its checks, and wrapping a model and optimizer.
 
 DeepSpeed is imported only by ``wrap_deepspeed``, so the config checks run (and CI tests them) where
-DeepSpeed is not installed. ``distributed.train_step`` drives the wrapped model like the others.
+DeepSpeed is not installed. ``step.train_step`` drives the wrapped model like the others.
 """
 
 from __future__ import annotations
@@ -85,3 +85,8 @@ def wrap_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, con
     model, optimizer = accelerator.prepare(model, optimizer)
     model._recipes_accelerator = accelerator
     return model, optimizer
+
+
+def accelerator_of(model: torch.nn.Module):
+    """The Accelerate ``Accelerator`` that ``wrap_deepspeed`` handed ``model`` to; None for other models."""
+    return getattr(model, "_recipes_accelerator", None)
