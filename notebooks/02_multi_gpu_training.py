@@ -306,10 +306,10 @@ if bars:
 #   chunk loop costs time: on one H100 it was about 15% of the step (`results/history/02_mfu_probe.H100.log`).
 #   With 141 GB per GPU, memory is not what limits this run, so it spends memory on speed.
 #
-# MFU counts the model's FLOPs per token (`6N + 12·L·d·T`, `flops.training_flops_per_token`) times
-# tokens/s per GPU, over a peak: the datasheet's dense bf16 figure, and the bf16 matmul rate measured
-# on this GPU (`timing.matmul_peak`, an 8192³ product), which is what the GPU can actually give a
-# large matmul.
+# MFU counts the model's FLOPs per token (`6N + 6·L·d·(T+1)`: causal attention computes about half
+# of the `T²` query-key pairs; `flops.training_flops_per_token`) times tokens/s per GPU, over a peak:
+# the datasheet's dense bf16 figure, and the bf16 matmul rate measured on this GPU
+# (`timing.matmul_peak`, an 8192³ product), which is what the GPU can actually give a large matmul.
 
 # %%
 measured_peak = timing.matmul_peak(hw.device, repeats=50) if hw.cuda else None
