@@ -104,10 +104,12 @@ def test_launcher_stops_a_hung_run(tmp_path):
         open(os.path.join({str(tmp_path)!r}, "pid" + os.environ["RANK"]), "w").write(str(os.getpid()))
         time.sleep(600)
     """)
+    # 12 s: both workers must have started (and written their pids) before the launcher stops them; on a
+    # loaded 2-core machine torchrun took more than 6 s to get there.
     start = time.perf_counter()
-    with pytest.raises(RecipeError, match="timeout_s=6"):
-        launcher.launch(script, 2, timeout_s=6, echo=False)
-    assert time.perf_counter() - start < 20
+    with pytest.raises(RecipeError, match="timeout_s=12"):
+        launcher.launch(script, 2, timeout_s=12, echo=False)
+    assert time.perf_counter() - start < 30
     pids = [int((tmp_path / f"pid{rank}").read_text()) for rank in (0, 1)]
     assert all(_gone(pid) for pid in pids), "a worker outlived the launcher's timeout"
 
