@@ -51,7 +51,8 @@ STATE_LAYOUT = {
     "fsdp2": ((4, 4, 8), (True, True, True)),
     "fsdp2-no-reshard": ((4, 4, 8), (True, True, True)),
     "fsdp2-offload": ((4, 4, 8), (True, True, True)),
-    # Measured on 2 H200s (DeepSpeed 0.19.8, bf16): ZeRO-2 keeps its gradient partitions in bf16, ZeRO-3 in fp32.
+    # Measured on 2 H200s (DeepSpeed 0.19.8, bf16): ZeRO-2 keeps its gradient partitions in bf16, ZeRO-3
+    # in fp32.
     "deepspeed-zero2": ((2, 2, 12), (False, True, True)),
     "deepspeed-zero3": ((2, 4, 12), (True, True, True)),
     "naive-mp": ((4, 4, 8), (False, False, False)),  # per GPU: times naive_mp_share
@@ -68,7 +69,8 @@ def strategy_state_bytes(n_params: int, strategy: str, world_size: int) -> dict[
         raise RecipeError(f"strategy={strategy!r}; one of {', '.join(STATE_LAYOUT)}")
     (weight, grad, opt), sharded = STATE_LAYOUT[strategy]
     shares = [1 / world_size if s else 1.0 for s in sharded]
-    state = {"parameters": round(n_params * weight * shares[0]), "gradients": round(n_params * grad * shares[1]),
+    state = {"parameters": round(n_params * weight * shares[0]),
+             "gradients": round(n_params * grad * shares[1]),
              "optimizer": round(n_params * opt * shares[2])}
     state["total"] = sum(state.values())
     state["on device"] = 0 if strategy == "fsdp2-offload" else state["total"]
