@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,9 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from recipes_lib.core import tasks
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from recipes_lib.core.tokenizer import build_tokenizer
 
 # One thread: these models are tiny, and with 2 cores shared with other work, more threads only spin.
 torch.set_num_threads(1)
@@ -39,8 +35,6 @@ def tiny_model(vocab_size: int = 64, seed: int = 0, **overrides) -> LlamaForCaus
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from build_default_model import build_tokenizer
-
     texts = [ex.text for ex in tasks.make_examples(300, seed=1)]
     return build_tokenizer(texts, vocab_size=300)
 
