@@ -20,11 +20,12 @@
 # plain training step allows, and to know which wall you will hit next. Memory at long lengths has
 # three growing terms, and each recipe removes one:
 #
-# | what grows with the length `L` | per layer / step | recipe |
-# | --- | --- | --- |
-# | attention scores and probabilities | `heads × L²` | **flash attention** (SDPA) never stores them; **sparse attention** (FlexAttention block masks, **sliding windows**) skips most of them |
-# | layer activations | `≈ 20 × L × hidden` | **gradient checkpointing** keeps one tensor per layer and recomputes the rest |
-# | logits for the loss | `L × vocab` (fp32: 1 GiB at 2k tokens × 128k vocab) | **chunked cross-entropy** never materialises them |
+# - **attention scores and probabilities**, `heads × L²` per layer: **flash attention** (SDPA) never
+#   stores them; **sparse attention** (FlexAttention block masks, **sliding windows**) skips most of them;
+# - **layer activations**, `≈ 20 × L × hidden` per layer: **gradient checkpointing** keeps one tensor
+#   per layer and recomputes the rest;
+# - **logits for the loss**, `L × vocab` per step (fp32: 1 GiB at 2k tokens × 128k vocab):
+#   **chunked cross-entropy** never materialises them.
 #
 # And one recipe saves time rather than memory: a **sequence-length curriculum** trains short first,
 # where attention is cheap. On a GPU the notebook uses a Llama-3.2-1B-shaped model (random weights:
@@ -38,12 +39,11 @@
 
 # %%
 import importlib.util
-import os
 import sys
 
 if "google.colab" in sys.modules and importlib.util.find_spec("recipes_lib") is None:
-    !git clone -q https://github.com/llm-acceleration-recipes/recipes /content/recipes  # noqa
-    !pip install -q -e /content/recipes  # noqa
+    # !git clone -q https://github.com/llm-acceleration-recipes/recipes /content/recipes  # noqa
+    # !pip install -q -e /content/recipes  # noqa
     sys.path.insert(0, "/content/recipes")
 
 # %% tags=["parameters"]
@@ -51,73 +51,59 @@ PROFILE = "auto"  # "cpu": CI-sized, under a memory budget; "gpu": Llama-3.2-1B 
 MODEL = None      # override the profile's model: a hub id, a local path, or random:<shape>
 PROFILES = {
     "cpu": dict(model="random:llama-mini", budget_mib=128, ladder_start=256, ladder_limit=4096,
-                attn_lengths=[256, 512, 1024, 2048], flex_lengths=[2048], slide_at=2048, attn_heads=4, head_dim=32, window=256,
-                ce_tokens=2048, ce_vocab=32768, ce_hidden=64, ckpt_lengths=[512, 1024, 2048],
-                curriculum=dict(target=512, start=64, steps=32, tokens_per_step=2048, lr=3e-3, eval_every=4, model={}),
+                attn_lengths=[256, 512, 1024, 2048], flex_lengths=[2048], slide_at=2048, attn_heads=4,
+                head_dim=32, window=256, ce_tokens=2048, ce_vocab=32768, ce_hidden=64,
+                ckpt_lengths=[512, 1024, 2048],
+                curriculum=dict(target=512, start=64, steps=32, tokens_per_step=2048, lr=3e-3, eval_every=4,
+                                model={}),
                 tradeoff_examples=24),
     "gpu": dict(model="random:llama-3.2-1b", budget_mib=None, ladder_start=1024, ladder_limit=131072,
                 attn_lengths=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
                 flex_lengths=[8192, 32768], slide_at=32768, attn_heads=32, head_dim=64,
-                window=4096, ce_tokens=8192, ce_vocab=128256, ce_hidden=2048, ckpt_lengths=[4096, 8192, 16384],
-                curriculum=dict(target=16384, start=2048, steps=240, tokens_per_step=65536, lr=1e-3, eval_every=8,
+                window=4096, ce_tokens=8192, ce_vocab=128256, ce_hidden=2048,
+                ckpt_lengths=[4096, 8192, 16384],
+                curriculum=dict(target=16384, start=2048, steps=240, tokens_per_step=65536, lr=1e-3,
+                                eval_every=8,
                                 model=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                                            num_attention_heads=8, num_key_value_heads=8, head_dim=64)),
                 tradeoff_examples=200),
 }
-QUALITY_MODEL = "data/tiny-llama"     # knows the kv retrieval task: the sliding-window trade-off is measured on it
+QUALITY_MODEL = "data/tiny-llama"     # knows the kv retrieval task: the window trade-off is measured on it
 WINDOWS = [16, 32, 64, 128]           # sliding windows (tokens) for the trade-off
-SINKS = 4                             # first tokens kept visible to every query (StreamingLLM's attention sinks)
-DISTANCES = [0, 2, 4, 8, 12, 16, 23]  # facts between the asked fact and the question (24 facts, ~8 tokens each)
+SINKS = 4                             # first tokens visible to every query (StreamingLLM's attention sinks)
+DISTANCES = [0, 2, 4, 8, 12, 16, 23]  # facts between the asked fact and the question (24 facts, ~8 tokens)
 
 # %%
-import json
+from recipes_lib import notebook
+
+hw, P, targets = notebook.setup(PROFILES, MODEL, PROFILE, benchmark_gpu="H100")
+
+# %%
+import itertools
 import random
 import warnings
-
-import recipes_lib
-
-recipes_lib.quiet()  # before the libraries load: their load-time warnings and bars stay out of the outputs
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from IPython.display import display
-from transformers import AutoConfig
 
-from recipes_lib import plots
+from recipes_lib import plots, results
 from recipes_lib.attention import kernels, masks, sliding
-from recipes_lib.core import batches, checkpointing, errors, hardware, losses, models
+from recipes_lib.core import batches, checkpointing, errors, losses, models, tasks, train
 from recipes_lib.long_context import curriculum, ladder
-from recipes_lib.measure import attention_bench, flops, memory, quality
-from recipes_lib import results
-from recipes_lib.core import tasks
+from recipes_lib.measure import attention_bench, flops, ladder_bench, loss_bench, quality
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
 
-torch.manual_seed(0)
-hw = hardware.detect()
-profile = os.environ.get("RECIPES_PROFILE", PROFILE)
-profile = ("gpu" if hw.cuda else "cpu") if profile == "auto" else profile
-P = PROFILES[profile]
-MODEL_NAME = MODEL or os.environ.get("RECIPES_MODEL") or P["model"]
-BUDGET = P["budget_mib"] * 2**20 if P["budget_mib"] else None
-print(hw.summary())
-print(f"profile: {profile} | model: {MODEL_NAME} | memory budget: "
-      f"{'the whole device' if BUDGET is None else f'{BUDGET / 2**20:.0f} MiB (CPU stand-in for a small device)'}")
-BENCHMARK_GPU = "H100"  # the GPU the targets below were set for: asserted there, printed elsewhere
-
-
-TARGETS = {}  # name -> (measured, met): printed where measured, asserted together at the end
-
-
-def check_target(name, value, ok):
-    """Record and print a GPU target's outcome; on the benchmark GPU the last cell fails on any miss."""
-    TARGETS[name] = (value, bool(ok))
-    print(f"target ({BENCHMARK_GPU}): {name}: {value} -> {'met' if ok else 'MISSED'}")
+BUDGET = P["budget_mib"] * 2**20 if P["budget_mib"] else None  # the CPU's stand-in for a small device
+print("memory budget:", "the whole device" if BUDGET is None else f"{P['budget_mib']} MiB")
 
 
 def rel_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
 
 # %% [markdown]
 # ## 1 · Efficient attention: flash (SDPA) and sparse (FlexAttention)
@@ -134,39 +120,41 @@ def rel_error(a, b):
 # equivalent dense boolean mask (causal, and a sliding window).
 
 # %%
-def attention_inputs(seq_len, heads, kv_heads, head_dim, dtype):
-    gen = torch.Generator(device=hw.device).manual_seed(0)
-    shapes = [(1, heads, seq_len, head_dim), (1, kv_heads, seq_len, head_dim), (1, kv_heads, seq_len, head_dim)]
-    return [torch.randn(s, device=hw.device, dtype=dtype, generator=gen) for s in shapes]
-
-
 CHECK_LEN, CHECK_WINDOW = 640, 100  # not multiples of the 128-token tiles, on purpose
-q, k, v = attention_inputs(CHECK_LEN, 4, 4, 64, hw.model_dtype)
+q, k, v = kernels.random_qkv(1, 4, CHECK_LEN, 64, hw.device, hw.model_dtype)
 tolerance = 2e-2 if hw.model_dtype == torch.bfloat16 else 1e-5
-agreement = {}
-for window in (None, CHECK_WINDOW):
-    reference = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=masks.dense_mask(CHECK_LEN, window, hw.device))
-    flex_name = "flex-causal" if window is None else "flex-sliding"
-    for impl in ["eager", *(f"sdpa-{b}" for b in hw.sdpa_backends), flex_name]:
-        label = f"{impl} ({'causal' if window is None else f'window {window}'})"
-        try:
-            agreement[(impl, window)] = rel_error(kernels.attend(impl, q, k, v, window), reference)
-        except RuntimeError as error:  # flash-style kernels take causal masks only, not arbitrary ones
-            report(label, **{"result": f"no kernel for a custom mask ({str(error).splitlines()[0][:40]})"})
-            continue
-        report(label, **{"rel. error vs dense-mask SDPA (fp32)": agreement[(impl, window)]})
-q_gqa, k_gqa, v_gqa = attention_inputs(CHECK_LEN, 8, 2, 64, hw.model_dtype)  # grouped-query attention, as in Llama
-gqa_reference = torch.nn.functional.scaled_dot_product_attention(
-    q_gqa.float(), k_gqa.float().repeat_interleave(4, 1), v_gqa.float().repeat_interleave(4, 1),
+
+
+references = {window: F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                     attn_mask=masks.dense_mask(CHECK_LEN, window, hw.device))
+              for window in (None, CHECK_WINDOW)}
+
+
+def error_vs_dense_mask(impl, window):
+    try:
+        return rel_error(kernels.attend(impl, q, k, v, window), references[window])
+    except RuntimeError:  # flash-style kernels take causal masks only, not arbitrary ones
+        return None
+
+
+checked = [*itertools.product(["eager", *(f"sdpa-{b}" for b in hw.sdpa_backends)], [None, CHECK_WINDOW]),
+           ("flex-causal", None), ("flex-sliding", CHECK_WINDOW)]
+agreement = {(impl, window): error_vs_dense_mask(impl, window) for impl, window in checked}
+gqa = [torch.randn(1, h, CHECK_LEN, 64, device=hw.device, dtype=hw.model_dtype) for h in (8, 2, 2)]
+gqa_reference = F.scaled_dot_product_attention(  # grouped-query attention, as in Llama: 8 query heads, 2 kv
+    gqa[0].float(), gqa[1].float().repeat_interleave(4, 1), gqa[2].float().repeat_interleave(4, 1),
     attn_mask=masks.dense_mask(CHECK_LEN, CHECK_WINDOW, hw.device))
-agreement[("flex-sliding GQA", CHECK_WINDOW)] = rel_error(kernels.flex(q_gqa, k_gqa, v_gqa, CHECK_WINDOW), gqa_reference)
-report("flex-sliding, GQA 8q/2kv", **{"rel. error": agreement[("flex-sliding GQA", CHECK_WINDOW)]})
+agreement[("flex-sliding GQA", CHECK_WINDOW)] = rel_error(kernels.flex(*gqa, CHECK_WINDOW), gqa_reference)
+display(pd.Series({f"{impl} ({'causal' if w is None else f'window {w}'})": "no kernel for a custom mask"
+                   if e is None else f"{e:.2e}" for (impl, w), e in agreement.items()},
+                  name="rel. error vs dense-mask SDPA (fp32)").to_frame())
 
 # %%
-assert all(err < tolerance for err in agreement.values()), f"an implementation disagrees beyond {tolerance}"
+assert all(e < tolerance for e in agreement.values() if e is not None), f"a kernel disagrees > {tolerance}"
+assert None not in (agreement[("eager", CHECK_WINDOW)], agreement[("flex-sliding", CHECK_WINDOW)])
 assert rel_error(kernels.flex(q, k, v, CHECK_WINDOW), kernels.flex(q, k, v, None)) > 0.01, \
     "the sliding window should change the output (it hides keys further than the window)"
+
 
 # %% [markdown]
 # ### Time and memory against sequence length
@@ -178,77 +166,78 @@ assert rel_error(kernels.flex(q, k, v, CHECK_WINDOW), kernels.flex(q, k, v, None
 
 # %%
 BACKWARD = hw.cuda
-print("timing", "forward + backward" if BACKWARD else "forward only (CPU)")
 impls = ["eager", *(f"sdpa-{b}" for b in hw.sdpa_backends if b != "math"), "flex-causal", "flex-sliding"]
+
+
+def timed_here(impl, n):  # Flex at fewer lengths (compile time), the window only where it is shorter
+    return not impl.startswith("flex") or n in P["flex_lengths"] and (impl[5:] == "causal" or P["window"] < n)
+
+
+planned = [(impl, n) for n, impl in itertools.product(P["attn_lengths"], impls) if timed_here(impl, n)]
+
+
+def attention_row(impl, seq_len):
+    window = P["window"] if impl == "flex-sliding" else None
+    if any(r["oom"] for r in attn_rows if r["implementation"] == impl):  # longer runs out of memory too
+        return {"implementation": impl, "seq_len": seq_len, "window": window, "oom": True, "skipped": True}
+    return attention_bench.time_attention(impl, seq_len, P["attn_heads"], P["head_dim"], hw, window, BACKWARD)
+
+
+def attention_table(key, scale):
+    cells = [{"implementation": r["implementation"], "L": r["seq_len"], key: "OOM" if r["oom"] else "n/a"
+              if r[key] is None else round(r[key] * scale, 1)} for r in attn_rows]
+    table = pd.DataFrame(cells).pivot(index="implementation", columns="L", values=key).loc[impls]
+    return table.astype(object).fillna("-")
+
+
+print("timing", "forward + backward" if BACKWARD else "forward only (CPU)")
 attn_rows = []
-for seq_len in P["attn_lengths"]:
-    for impl in impls:
-        earlier = [r for r in attn_rows if r["implementation"] == impl]
-        if earlier and earlier[-1]["oom"]:
-            attn_rows.append({"implementation": impl, "seq_len": seq_len, "oom": True, "skipped": True})
-            continue  # a longer sequence runs out of memory too
-        window = P["window"] if impl == "flex-sliding" else None
-        if impl.startswith("flex") and (seq_len not in P["flex_lengths"] or (window or 0) >= seq_len):
-            continue  # not timed here (compile time), or a window that covers the sequence: plain causal
-        row = attention_bench.time_attention(impl, seq_len, P["attn_heads"], P["head_dim"], hw, window=window,
-                                       backward=BACKWARD)
-        attn_rows.append(row)
-        report(f"{impl} @ {seq_len}", **({"result": "OOM"} if row["oom"] else
-               {"ms": 1e3 * row["seconds"], "TFLOP/s": row["tflops"],
-                "peak MiB": "n/a" if row["peak_bytes"] is None else row["peak_bytes"] / 2**20}))
-
-
-def attn_table(rows, key, scale):
-    table = pd.DataFrame([{"implementation": r["implementation"], "L": r["seq_len"],
-                           key: "OOM" if r["oom"] else "n/a" if r[key] is None else round(r[key] * scale, 1)}
-                          for r in rows])
-    return table.pivot(index="implementation", columns="L", values=key).loc[impls].fillna("-")
-
-
-display(attn_table(attn_rows, "seconds", 1e3).rename_axis(columns="ms at L ="))
-display(attn_table(attn_rows, "peak_bytes", 2**-20).rename_axis(columns="peak MiB at L ="))
+for impl, seq_len in planned:
+    attn_rows.append(attention_row(impl, seq_len))
+display(attention_table("seconds", 1e3).rename_axis(columns="ms at L ="))
+display(attention_table("peak_bytes", 2**-20).rename_axis(columns="peak MiB at L ="))
 
 # %%
-def series(key, scale):
-    return {impl: ([r["seq_len"] for r in attn_rows if r["implementation"] == impl],
-                   [None if r["oom"] or r[key] is None else r[key] * scale
-                    for r in attn_rows if r["implementation"] == impl])
-            for impl in impls}
+time_axis = "forward + backward (ms)" if BACKWARD else "forward (ms)"
+log_axes = dict(xlabel="sequence length (tokens)", logx=True, logy=True)
 
 
-fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-plots.curves(series("seconds", 1e3), "sequence length (tokens)", "forward + backward (ms)" if BACKWARD else "forward (ms)",
-             "time: eager and causal kernels grow as L², the window as L", ax=left, logx=True, logy=True)
-plots.curves(series("peak_bytes", 2**-20), "sequence length (tokens)", "peak memory above inputs (MiB)",
-             "memory: eager grows as L² until it runs out", ax=right, logx=True, logy=True)
-fig.tight_layout()
+def by_impl(key, scale):
+    return plots.series_of(attn_rows, "implementation", "seq_len", key, scale, impls)
+
+
+plots.side_by_side([
+    (plots.curves, dict(series=by_impl("seconds", 1e3), ylabel=time_axis, **log_axes,
+                        title="time: eager and causal kernels grow as L², a window as L")),
+    (plots.curves, dict(series=by_impl("peak_bytes", 2**-20), ylabel="peak above inputs (MiB)", **log_axes,
+                        title="memory: eager grows as L² until it runs out"))])
 plt.show()
 
 # %%
-def timing(impl, seq_len):
-    found = [r for r in attn_rows if r["implementation"] == impl and r["seq_len"] == seq_len and not r["oom"]]
-    return found[0]["seconds"] if found else None
-
-
 longest = P["slide_at"]
-sliding_s, flex_causal_s = timing("flex-sliding", longest), timing("flex-causal", longest)
-fastest_causal = min((timing(f"sdpa-{b}", longest), b) for b in hw.sdpa_backends if b != "math"
-                     and timing(f"sdpa-{b}", longest))
+timed = {(r["implementation"], r["seq_len"]): r["seconds"] for r in attn_rows if not r["oom"]}
+sliding_s, flex_causal_s = timed[("flex-sliding", longest)], timed[("flex-causal", longest)]
+fastest_causal = min((timed[(f"sdpa-{b}", longest)], b) for b in hw.sdpa_backends
+                     if b != "math" and timed.get((f"sdpa-{b}", longest)))
 sliding_speedup = flex_causal_s / sliding_s
 report(f"window {P['window']} @ {longest}", **{"x vs flex causal": sliding_speedup,
        f"x vs sdpa-{fastest_causal[1]} causal": fastest_causal[0] / sliding_s,
-       "ideal (pairs ratio)": flops.attention_flops(longest, 1, 1) / flops.attention_flops(longest, 1, 1, P["window"])})
+       "ideal (pairs ratio)": flops.attention_flops(longest, 1, 1) / flops.attention_flops(longest, 1, 1,
+                                                                                         P["window"])})
 eager_rows = [r for r in attn_rows if r["implementation"] == "eager"]
+eager_fit = [r for r in eager_rows if not r["oom"]][-1]
+tiled = f"sdpa-{hw.sdpa_backends[0]}"
+tiled_peak = {r["seq_len"]: r.get("peak_bytes") for r in attn_rows if r["implementation"] == tiled}
 if hw.cuda:
     assert eager_rows[-1]["oom"], "eager attention should run out of memory at the longest length"
-flash_peak = [r for r in attn_rows if r["implementation"] == f"sdpa-{hw.sdpa_backends[0]}" and not r["oom"]]
-eager_ok = [r for r in eager_rows if not r["oom"]]
-assert eager_ok[-1]["peak_bytes"] > 4 * next(r for r in flash_peak if r["seq_len"] == eager_ok[-1]["seq_len"])["peak_bytes"], \
+assert eager_fit["peak_bytes"] > 4 * tiled_peak[eager_fit["seq_len"]], \
     "eager attention should need several times the memory of the tiled kernel"
-assert sliding_s < flex_causal_s, "the sliding window should be faster than full causal attention in the same kernel"
+assert sliding_s < flex_causal_s, "the sliding window should beat full causal attention in the same kernel"
 if hw.cuda:
-    check_target(f"window 4k at {longest // 1024}k tokens >= 3x faster than full causal (fwd+bwd, same kernel)",
-                 f"{sliding_speedup:.2f}x", longest == 32768 and P["window"] == 4096 and sliding_speedup >= 3)
+    targets.check(f"window 4k at {longest // 1024}k tokens >= 3x faster than full causal (fwd+bwd, same "
+                  "kernel)", f"{sliding_speedup:.2f}x",
+                  longest == 32768 and P["window"] == 4096 and sliding_speedup >= 3)
+
 
 # %% [markdown]
 # ## 2 · Chunked cross-entropy
@@ -267,17 +256,18 @@ hidden = torch.randn(1, T_CHECK, D_CHECK, generator=gen, requires_grad=True)
 weight = (torch.randn(V_CHECK, D_CHECK, generator=gen) * 0.1).requires_grad_()
 labels = torch.randint(V_CHECK, (1, T_CHECK), generator=gen)
 labels[0, ::7] = losses.IGNORE_INDEX  # masked targets too
-
 reference_loss = losses.cross_entropy_sum(hidden @ weight.T, labels)
 reference_grads = torch.autograd.grad(reference_loss, [hidden, weight])
 chunked_loss = losses.linear_cross_entropy(hidden, weight, labels, chunk_size=256)
 chunked_grads = torch.autograd.grad(chunked_loss, [hidden, weight])
-ce_errors = {"loss": rel_error(chunked_loss, reference_loss), "d hidden": rel_error(chunked_grads[0], reference_grads[0]),
+ce_errors = {"loss": rel_error(chunked_loss, reference_loss),
+             "d hidden": rel_error(chunked_grads[0], reference_grads[0]),
              "d weight": rel_error(chunked_grads[1], reference_grads[1])}
 report("chunked vs standard (fp32)", **{f"rel. error {k}": v for k, v in ce_errors.items()})
 
 # %%
 assert all(err < 1e-5 for err in ce_errors.values()), ce_errors
+
 
 # %% [markdown]
 # ### The loss step's peak memory
@@ -286,35 +276,23 @@ assert all(err < 1e-5 for err in ce_errors.values()), ce_errors
 # way, included in both).
 
 # %%
-def loss_step_peak(chunked, tokens, vocab, hidden_size):
-    gen = torch.Generator(device=hw.device).manual_seed(0)
-    h = torch.randn(1, tokens, hidden_size, device=hw.device, dtype=hw.model_dtype, generator=gen).requires_grad_()
-    w = (torch.randn(vocab, hidden_size, device=hw.device, dtype=hw.model_dtype, generator=gen) * 0.02).requires_grad_()
-    y = torch.randint(vocab, (1, tokens), device=hw.device, generator=gen)
-    memory.free_memory()
-    with memory.peak_memory(hw.device, [h, w, y]) as peak:
-        loss = losses.linear_cross_entropy(h, w, y) if chunked else losses.cross_entropy_sum(h @ w.T, y)
-        loss.backward()
-    inputs = memory.tensor_bytes([h, w, y])
-    del h, w, y, loss
-    memory.free_memory()
-    return peak["peak"] - inputs
-
-
-ce_shape = (P["ce_tokens"], P["ce_vocab"], P["ce_hidden"])
-ce_standard, ce_chunked = loss_step_peak(False, *ce_shape), loss_step_peak(True, *ce_shape)
+ce_shape = dict(tokens=P["ce_tokens"], vocab=P["ce_vocab"], hidden=P["ce_hidden"])
+ce_standard = loss_bench.loss_step_peak(hw, **ce_shape, chunked=False)
+ce_chunked = loss_bench.loss_step_peak(hw, **ce_shape, chunked=True)
 ce_cut = 1 - ce_chunked / ce_standard
-report(f"loss step, {ce_shape[0]} tokens x {ce_shape[1]:,} vocab",
+report(f"loss step, {ce_shape['tokens']} tokens x {ce_shape['vocab']:,} vocab",
        **{"standard GiB": ce_standard / GiB, "chunked GiB": ce_chunked / GiB, "cut %": 100 * ce_cut})
 
 # %%
 assert ce_cut > 0.5, "the chunked loss should need far less memory than full logits"
 if hw.cuda:
-    check_target("chunked cross-entropy cuts the loss step's peak >= 80% (8k tokens, 128k vocab)",
-                 f"{ce_cut:.1%}", ce_shape[:2] == (8192, 128256) and ce_cut >= 0.80)
-plots.value_bars(["full logits", "chunked (1024 tokens)"], [ce_standard / GiB, ce_chunked / GiB], "peak above inputs (GiB)",
-                 f"loss step at {ce_shape[0]} tokens x {ce_shape[1]:,} vocab: {ce_cut:.0%} less memory", fmt="{:.2f}")
+    targets.check("chunked cross-entropy cuts the loss step's peak >= 80% (8k tokens, 128k vocab)",
+                  f"{ce_cut:.1%}", (P["ce_tokens"], P["ce_vocab"]) == (8192, 128256) and ce_cut >= 0.8)
+plots.value_bars(["full logits", "chunked (1024 tokens)"], [ce_standard / GiB, ce_chunked / GiB],
+                 "peak above inputs (GiB)", fmt="{:.2f}",
+                 title=f"{P['ce_tokens']} tokens x {P['ce_vocab']:,} vocab: {ce_cut:.0%} less memory")
 plt.show()
+
 
 # %% [markdown]
 # ## 3 · Gradient checkpointing, full and selective
@@ -325,37 +303,29 @@ plt.show()
 # need. First, the claim: the gradients are the same, on the model itself.
 
 # %%
-config = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
-model = models.load_model(MODEL_NAME)
-small = ladder.random_batch(config.vocab_size, 256, hw.device, seed=1)
+model = models.load_model(P["model"])
+config = model.config
+small = ladder_bench.random_batch(config.vocab_size, 256, hw.device, seed=1)
 
 
 def gradients(every):
-    checkpointing.disable_checkpointing(model) if every is None else checkpointing.enable_checkpointing(model, every=every)
-    model.train()
-    model.zero_grad(set_to_none=True)
-    losses.cross_entropy_sum(model(input_ids=small["input_ids"], use_cache=False).logits, small["labels"]).backward()
+    checkpointing.enable_checkpointing(model, every) if every else checkpointing.disable_checkpointing(model)
+    model.train().zero_grad(set_to_none=True)
+    logits = model(input_ids=small["input_ids"], use_cache=False).logits
+    losses.cross_entropy_sum(logits, small["labels"]).backward()
     return torch.cat([p.grad.float().flatten() for p in model.parameters()])
 
 
 plain_grads = gradients(None)
 ckpt_errors = {every: rel_error(gradients(every), plain_grads) for every in (1, 2)}
 model.zero_grad(set_to_none=True)
-for every, err in ckpt_errors.items():
-    report(f"checkpoint every {every} layer(s)", **{"grad rel. error vs none": err})
-
-# %%
-assert all(err < (1e-2 if hw.model_dtype == torch.bfloat16 else 1e-5) for err in ckpt_errors.values()), ckpt_errors
-
-# %% [markdown]
-# *Erratum for the committed H100 outputs:* the cell below was added after that run. Without it the fp32
-# copy of every gradient taken above (4.6 GiB for the 1.24B-parameter model) stayed alive, so every
-# peak measured on the GPU in sections 3 and 4 includes those 4.6 GiB, and the ladder's rungs had 4.6 GiB
-# less room than they could have. The comparisons between settings and the ladder's targets hold (the
-# extra memory only made them harder); the absolute peaks are 4.6 GiB high until the next GPU run.
-
-# %%
 del plain_grads  # a float32 copy of every gradient: it must not sit in the measurements below
+report("checkpointing", **{f"every {every}: grad rel. error vs none": e for every, e in ckpt_errors.items()})
+
+# %%
+grad_tolerance = 1e-2 if hw.model_dtype == torch.bfloat16 else 1e-5
+assert all(e < grad_tolerance for e in ckpt_errors.values()), ckpt_errors
+
 
 # %% [markdown]
 # ### Memory and throughput against length
@@ -364,36 +334,44 @@ del plain_grads  # a float32 copy of every gradient: it must not sit in the meas
 
 # %%
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-ladder.train_step(model, optimizer, ladder.Rung("warm-up"), 128, hw)  # the AdamW state exists from here on
+ladder_bench.train_step(model, optimizer, 128, hw)  # the AdamW state exists from here on
 ckpt_settings = {"none": None, "every 2nd layer": 2, "every layer": 1}
-ckpt_rows = []
-for seq_len in P["ckpt_lengths"]:
-    for name, every in ckpt_settings.items():
-        rung = ladder.Rung(name, "sdpa", every, chunked_loss=True)
-        ladder.apply(model, rung)
-        ladder.train_step(model, optimizer, rung, seq_len, hw)  # warm-up at this shape
-        row = ladder.train_step(model, optimizer, rung, seq_len, hw)
-        ckpt_rows.append(row)
-        report(f"{name} @ {seq_len}", **({"result": "OOM"} if row["oom"] else
-               {"peak GiB": row["peak_bytes"] / GiB, "tokens/s": row["tokens_per_s"]}))
 
-fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-by_setting = lambda key, scale: {n: (P["ckpt_lengths"], [None if r["oom"] else r[key] * scale for r in ckpt_rows
-                                                         if r["name"] == n]) for n in ckpt_settings}
-plots.curves(by_setting("peak_bytes", 1 / GiB), "sequence length (tokens)", "peak memory (GiB)",
-             "checkpointing: memory", ax=left, logx=True)
-plots.curves(by_setting("tokens_per_s", 1), "sequence length (tokens)", "tokens/s", "checkpointing: throughput",
-             ax=right, logx=True)
-fig.tight_layout()
+
+def step(rung, seq_len, budget=None):
+    return ladder_bench.train_step(model, optimizer, seq_len, hw, rung.chunked_loss, budget, rung.name)
+
+
+def checkpointing_row(seq_len, name, every):
+    rung = ladder.Rung(name, "sdpa", every, chunked_loss=True)
+    ladder.apply(model, rung)
+    step(rung, seq_len)  # warm-up at this shape
+    return step(rung, seq_len)
+
+
+length_axis = dict(xlabel="sequence length (tokens)", logx=True)
+ckpt_plan = itertools.product(P["ckpt_lengths"], ckpt_settings.items())
+ckpt_rows = [checkpointing_row(n, *setting) for n, setting in ckpt_plan]
+ckpt_table = pd.DataFrame(ckpt_rows).assign(peak_GiB=lambda t: t["peak_bytes"] / GiB)
+display(ckpt_table.pivot(index="name", columns="seq_len", values=["peak_GiB", "tokens_per_s"])
+        .loc[list(ckpt_settings)].round(2))
+plots.side_by_side([
+    (plots.curves, dict(series=plots.series_of(ckpt_rows, "name", "seq_len", "peak_bytes", 1 / GiB),
+                        ylabel="peak memory (GiB)", title="checkpointing: memory", **length_axis)),
+    (plots.curves, dict(series=plots.series_of(ckpt_rows, "name", "seq_len", "tokens_per_s"), **length_axis,
+                        ylabel="tokens/s", title="checkpointing: throughput"))])
 plt.show()
 
 # %%
 at_longest = {r["name"]: r for r in ckpt_rows if r["seq_len"] == P["ckpt_lengths"][-1]}
 if not any(r["oom"] for r in at_longest.values()):
-    peaks = [at_longest[n]["peak_bytes"] for n in ckpt_settings]
-    assert peaks[0] > peaks[1] > peaks[2], "more checkpointing should mean less peak memory"
-    report("at the longest length", **{"every-layer peak %": 100 * peaks[2] / peaks[0],
-           "every-layer tokens/s %": 100 * at_longest["every layer"]["tokens_per_s"] / at_longest["none"]["tokens_per_s"]})
+    none, half, every = (at_longest[n]["peak_bytes"] for n in ckpt_settings)
+    assert none > half >= every, "more checkpointing should mean less peak memory"
+    assert config.num_hidden_layers < 2 or half > every, "every layer checkpointed saves more than every 2nd"
+    speeds = [at_longest[n]["tokens_per_s"] for n in ckpt_settings]
+    report("at the longest length", **{"every-layer peak %": 100 * every / none,
+                                       "every-layer tokens/s %": 100 * speeds[2] / speeds[0]})
+
 
 # %% [markdown]
 # ## 4 · The long-context ladder
@@ -411,43 +389,41 @@ rungs = [ladder.Rung("baseline: eager, full logits", "eager"),
          ladder.Rung("+ chunked cross-entropy", "sdpa", 1, chunked_loss=True),
          ladder.Rung("+ activation offloading", "sdpa", 1, chunked_loss=True, offload_activations=True)]
 limit = min(P["ladder_limit"], config.max_position_embeddings)
-ladder_rows, probes = [], []
-for rung in rungs:
-    ladder.apply(model, rung)
-    best, rows = ladder.longest_trainable(lambda n: ladder.train_step(model, optimizer, rung, n, hw, BUDGET),
-                                           P["ladder_start"], limit, refine=2, multiple=P["ladder_start"])
-    probes += rows
-    timed = ladder.train_step(model, optimizer, rung, best, hw, BUDGET) if best else {"oom": True}
-    ladder_rows.append({"name": rung.name, "longest": best, "at limit": best == limit,
-                        "peak GiB": None if timed["oom"] else timed["peak_bytes"] / GiB,
-                        "step s": None if timed["oom"] else timed["seconds"],
-                        "tokens/s": None if timed["oom"] else timed["tokens_per_s"]})
-    report(rung.name, **{"longest": best, "probes": len(rows),
-                         "peak GiB": ladder_rows[-1]["peak GiB"] or "OOM", "step s": ladder_rows[-1]["step s"] or "-"})
-ladder = pd.DataFrame(ladder_rows).set_index("name")
-ladder["x baseline"] = ladder["longest"] / ladder["longest"].iloc[0]
-display(ladder.round(2))
+ladder_rows, probes = ladder.climb(model, rungs, lambda rung, n: step(rung, n, BUDGET),
+                                   min(P["ladder_start"], limit), limit)
+ladder_table = pd.DataFrame(ladder_rows).set_index("name")
+ladder_table["peak GiB"] = ladder_table.pop("peak_bytes") / GiB
+ladder_table["x baseline"] = ladder_table["longest"] / ladder_table["longest"].iloc[0]
+display(ladder_table.round(2))
 
 # %%
-fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-plots.value_bars(list(ladder.index), list(ladder["longest"]), "longest trainable sequence (tokens)",
-                 f"longest sequence at batch 1 (limit {limit:,})", ax=left)
-plots.value_bars(list(ladder.index), list(ladder["peak GiB"]), "peak memory at that length (GiB)",
-                 "peak memory of that step", ax=right, fmt="{:.1f}")
-fig.suptitle(f"{config.num_hidden_layers} layers x {config.hidden_size} hidden, vocab {config.vocab_size:,}: "
-             f"{ladder['x baseline'].iloc[-2]:.0f}x longer sequences with the full recipe")
-fig.tight_layout()
+lengths = [r["longest"] or 0 for r in ladder_rows]
+plots.side_by_side([
+    (plots.value_bars, dict(names=list(ladder_table.index), values=[r["longest"] for r in ladder_rows],
+                            ylabel="longest trainable sequence (tokens)",
+                            title=f"longest sequence at batch 1 (limit {limit:,})")),
+    (plots.value_bars, dict(names=list(ladder_table.index), values=[r["peak_bytes"] and r["peak_bytes"] / GiB
+                                                                      for r in ladder_rows],
+                            fmt="{:.1f}", ylabel="peak memory at that length (GiB)",
+                            title="peak memory of that step"))],
+    title=f"{config.num_hidden_layers} layers x {config.hidden_size} hidden, vocab {config.vocab_size:,}: "
+          f"{lengths[3] / max(lengths[0], 1):.0f}x longer sequences with the full recipe")
 plt.show()
 
+# %% [markdown]
+# The full recipe should train several times the baseline's length, unless the search stopped at
+# the model's position limit first: then reaching the limit is all a memory recipe can show.
+
 # %%
-lengths = list(ladder["longest"])
 assert all(b >= a for a, b in zip(lengths, lengths[1:])), "each rung should train at least as long a sequence"
 full_recipe = lengths[3]
-assert full_recipe >= 4 * lengths[0], "the full recipe should train several times the baseline's length"
+assert full_recipe >= min(4 * lengths[0], limit), "the full recipe: 4x the baseline's length, or the limit"
 if hw.cuda:
-    check_target("full recipe >= 16x the baseline's length and >= 64k tokens",
-                 f"{full_recipe:,} vs {lengths[0]:,} ({full_recipe / lengths[0]:.0f}x)",
-                 full_recipe >= 16 * lengths[0] and full_recipe >= 65536)
+    targets.check("full recipe >= 16x the baseline's length and >= 64k tokens (or the position limit)",
+                  f"{full_recipe:,} vs {lengths[0]:,} ({full_recipe / max(lengths[0], 1):.0f}x), "
+                  f"limit {limit:,}",
+                  full_recipe >= min(16 * lengths[0], limit) and full_recipe >= min(65536, limit))
+
 
 # %% [markdown]
 # ## 5 · Sequence-length curriculum
@@ -463,7 +439,8 @@ if hw.cuda:
 # %%
 C = P["curriculum"]
 tokenizer = models.load_tokenizer(QUALITY_MODEL)
-stream = batches.token_stream(tokenizer, tasks.make_examples(C["tokens_per_step"] * C["steps"] // 40, seed=11)).to(hw.device)
+stream_examples = tasks.make_examples(C["tokens_per_step"] * C["steps"] // 40, seed=11)
+stream = batches.token_stream(tokenizer, stream_examples).to(hw.device)
 held_rows = batches.token_stream(tokenizer, tasks.make_examples(C["target"], seed=12))[: 8 * C["target"]]
 held_rows = held_rows.view(8, C["target"]).to(hw.device)  # ~40 tokens per example: 8 full rows
 print(f"stream: {stream.numel():,} tokens for a budget of {C['steps'] * C['tokens_per_step']:,}; "
@@ -474,49 +451,58 @@ def fresh():
     """The embedded model's architecture, randomly initialised (seed 0), with AdamW and a cosine schedule."""
     net = models.fresh_model(QUALITY_MODEL, max_position_embeddings=max(C["target"], 2048), **C["model"])
     opt = torch.optim.AdamW(net.parameters(), lr=C["lr"], weight_decay=0.01)
-    return net, opt, recipes_lib.train.cosine_schedule(opt, C["steps"], warmup=C["steps"] // 20)
+    return net, opt, train.cosine_schedule(opt, C["steps"], warmup=C["steps"] // 20)
+
+
+def warm_up(schedule):  # three steps on a throwaway copy: kernels and allocator ready before timing
+    net, opt, _ = fresh()
+    curriculum.run(net, opt, schedule[:3], stream, C["tokens_per_step"], lambda: 0.0, 10**9, desc="warm-up")
 
 
 def curriculum_run(start):
     schedule = curriculum.length_schedule(C["target"], C["steps"], start=start)
-    net, opt, _ = fresh()  # warm-up steps on a throwaway copy: kernels and allocator ready before timing
-    curriculum.run(net, opt, schedule[:3], stream, C["tokens_per_step"], lambda: 0.0, 10**9, desc="warm-up")
+    warm_up(schedule)
     net, opt, sched = fresh()
-    return curriculum.run(net, opt, schedule, stream, C["tokens_per_step"],
-                          lambda: curriculum.eval_loss(net, held_rows, hw.amp_dtype), C["eval_every"],
-                          scheduler=sched, autocast_dtype=hw.amp_dtype, desc=f"start {start or C['target']}")
+    return curriculum.run(net, opt, schedule, stream, C["tokens_per_step"], lambda: curriculum.eval_loss(
+        net, held_rows, hw.amp_dtype), C["eval_every"], sched, hw.amp_dtype, desc=f"start {schedule[0]}")
 
 
 fixed, curric = curriculum_run(None), curriculum_run(C["start"])
-print(f"{sum(p.numel() for p in fresh()[0].parameters()) / 1e6:.1f}M parameters")
-for name, h in [("fixed length", fixed), ("curriculum", curric)]:
-    report(name, **{"train s": h.seconds[-1], "final eval loss": h.eval_loss[-1],
-                    **{f"ms/step @{n}": 1e3 * t for n, t in h.step_seconds_by_length().items()}})
+runs = {"fixed length": fixed, "curriculum": curric}
+print(f"{models.count_parameters(fresh()[0])[1] / 1e6:.1f}M parameters")
+
+
+def summary(h):
+    per_length = {f"ms/step @{n}": 1e3 * t for n, t in h.step_seconds_by_length().items()}
+    return {"train s": h.seconds[-1], "final eval loss": h.eval_loss[-1], **per_length}
+
+
+display(pd.DataFrame({name: summary(h) for name, h in runs.items()}).round(3))
 
 # %%
-fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-runs = {"fixed length": fixed, "curriculum": curric}
-plots.curves({n: (h.eval_tokens, h.eval_loss) for n, h in runs.items()}, "tokens trained",
-             f"held-out loss at {C['target']} tokens (nats)", "loss against tokens", ax=left)
-plots.curves({n: (h.eval_seconds, h.eval_loss) for n, h in runs.items()}, "training time (s)",
-             f"held-out loss at {C['target']} tokens (nats)", "loss against wall time", ax=right)
-for ax in (left, right):
-    ax.axhline(fixed.eval_loss[-1], color="grey", lw=0.8, ls="--")
-fig.tight_layout()
+final = dict(ylabel=f"held-out loss at {C['target']} tokens (nats)", line=fixed.eval_loss[-1],
+             line_label="fixed run's final loss")
+plots.side_by_side([
+    (plots.curves_with_line, dict(series={n: (h.eval_tokens, h.eval_loss) for n, h in runs.items()},
+                                  xlabel="tokens trained", title="loss against tokens", **final)),
+    (plots.curves_with_line, dict(series={n: (h.eval_seconds, h.eval_loss) for n, h in runs.items()},
+                                  xlabel="training time (s)", title="loss against wall time", **final))])
 plt.show()
 
 # %%
 reach = curric.time_to_reach(fixed.eval_loss[-1])
 time_saved = None if reach is None else 1 - reach / fixed.seconds[-1]
 report("curriculum", **{"reaches fixed run's final loss at s": reach if reach is not None else "never",
-                        "fixed run s": fixed.seconds[-1], "time saved %": 100 * time_saved if time_saved is not None else "-",
+                        "fixed run s": fixed.seconds[-1],
+                        "time saved %": "-" if reach is None else 100 * time_saved,
                         "whole run faster %": 100 * (1 - curric.seconds[-1] / fixed.seconds[-1])})
 assert all(h.eval_loss[-1] < h.eval_loss[0] for h in runs.values()), "both runs should learn"
 assert curric.tokens[-1] == fixed.tokens[-1], "the same token budget"
 if hw.cuda:
-    check_target("the curriculum reaches the fixed-length run's final loss in less wall time",
-                 f"{reach if reach is None else round(reach, 1)} s vs {fixed.seconds[-1]:.1f} s",
-                 reach is not None and reach < fixed.seconds[-1])
+    targets.check("the curriculum reaches the fixed-length run's final loss in less wall time",
+                  f"{reach if reach is None else round(reach, 1)} s vs {fixed.seconds[-1]:.1f} s",
+                  reach is not None and reach < fixed.seconds[-1])
+
 
 # %% [markdown]
 # **Reading the curriculum.** Two figures, of different strength. The whole run at the same token
@@ -527,6 +513,7 @@ if hw.cuda:
 # The curriculum can only pay where attention is a large share of the step, which is why the GPU run
 # uses a wider and deeper model than the tiny one: compare the `ms/step` at each length on your model
 # before adopting it.
+
 
 # %% [markdown]
 # ## 6 · Sliding windows and what they cost in accuracy
@@ -542,13 +529,15 @@ if hw.cuda:
 # `sliding.as_mistral` loads the same weights with transformers' own windowed mask. First, they agree.
 
 # %%
-quality = models.load_model(QUALITY_MODEL).eval()
-probe_ids = torch.tensor([batches.encode(tokenizer, [tasks.kv_example(random.Random(0), 24, 20)])[0].input_ids],
-                         device=hw.device)
+full_model = models.load_model(QUALITY_MODEL).eval()
+probe = batches.encode(tokenizer, [tasks.kv_example(random.Random(0), 24, 20)])[0]
+probe_ids = torch.tensor([probe.input_ids], device=hw.device)
 with torch.no_grad():
-    flex_logits = sliding.use_sliding_window(models.load_model(QUALITY_MODEL).eval(), 32, compiled=False)(probe_ids).logits
-    mistral_logits = sliding.as_mistral(QUALITY_MODEL, 32, dtype=hw.model_dtype).to(hw.device).eval()(probe_ids).logits
-    full_logits = quality(probe_ids).logits
+    flex_logits = sliding.use_sliding_window(models.load_model(QUALITY_MODEL).eval(), 32, compiled=False)(
+        probe_ids).logits
+    mistral = sliding.as_mistral(QUALITY_MODEL, 32, dtype=hw.model_dtype).to(hw.device).eval()
+    mistral_logits = mistral(probe_ids).logits
+    full_logits = full_model(probe_ids).logits
 window_agreement = rel_error(flex_logits, mistral_logits)
 report("window 32: FlexAttention vs Mistral's own", **{"rel. error": window_agreement,
        "vs full attention": rel_error(flex_logits, full_logits)})
@@ -557,35 +546,50 @@ assert rel_error(flex_logits, full_logits) > 0.01, "a window shorter than the pr
 
 # %%
 rng = random.Random(5)
-kv_sets = {d: [tasks.kv_example(rng, 24, d) for _ in range(P["tradeoff_examples"])] for d in DISTANCES}
+
+
+def examples_at(distance):
+    return [tasks.kv_example(rng, 24, distance) for _ in range(P["tradeoff_examples"])]
+
+
+kv_sets = {d: examples_at(d) for d in DISTANCES}
 
 
 def token_span(example):
     """Tokens from the asked fact to the end of the question: how far back the answer lies."""
     key = example.prompt.split(" ask ")[1].split()[0]
-    return len(tokenizer(example.prompt[example.prompt.index(f"{key} = "):], add_special_tokens=False)["input_ids"])
+    asked_on = example.prompt[example.prompt.index(f"{key} = "):]
+    return len(tokenizer(asked_on, add_special_tokens=False)["input_ids"])
+
+
+def windowed(window, sinks):  # rows of varying length: eager Flex (compiling each length would take longer)
+    net = models.load_model(QUALITY_MODEL).eval()
+    return net if window is None else sliding.use_sliding_window(net, window, compiled=False, sinks=sinks)
+
+
+def exact_match(net):
+    return [sum(quality.forced_exact_match(net, tokenizer, kv_sets[d])) / len(kv_sets[d]) for d in DISTANCES]
 
 
 spans = [sum(map(token_span, kv_sets[d])) / len(kv_sets[d]) for d in DISTANCES]
 print("mean tokens from the asked fact to the question:", dict(zip(DISTANCES, [round(s) for s in spans])))
-accuracy = {}
-for window, sinks in [(None, 0), *((w, 0) for w in WINDOWS), *((w, SINKS) for w in WINDOWS)]:
-    net = models.load_model(QUALITY_MODEL).eval()
-    if window is not None:
-        sliding.use_sliding_window(net, window, compiled=False, sinks=sinks)  # rows of varying length: eager Flex
-    name = "full attention" if window is None else f"window {window}" + (f" + {sinks} sinks" if sinks else "")
-    accuracy[name] = [sum(quality.forced_exact_match(net, tokenizer, kv_sets[d])) / len(kv_sets[d]) for d in DISTANCES]
-    report(name, **{f"d={d}": a for d, a in zip(DISTANCES, accuracy[name])})
+settings = {"full attention": (None, 0), **{f"window {w}": (w, 0) for w in WINDOWS},
+            **{f"window {w} + {SINKS} sinks": (w, SINKS) for w in WINDOWS}}
+accuracy = {name: exact_match(windowed(*setting)) for name, setting in settings.items()}
+display(pd.DataFrame(accuracy, index=[f"d={d}" for d in DISTANCES]).T.round(2))
 
 # %%
-fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
-for ax, with_sinks in [(left, False), (right, True)]:
-    shown = {n: (spans, a) for n, a in accuracy.items() if n == "full attention" or ("sinks" in n) == with_sinks}
-    plots.curves(shown, "tokens from the asked fact to the question", "exact match",
-                 f"window + {SINKS} attention sinks: exact up to the window, then nothing" if with_sinks else
-                 "window alone: the model loses its attention sink", ax=ax)
-fig.tight_layout()
+def shown(sinks):
+    return {n: (spans, a) for n, a in accuracy.items() if n == "full attention" or ("sinks" in n) == sinks}
+
+
+axes = dict(xlabel="tokens from the asked fact to the question", ylabel="exact match")
+plots.side_by_side([
+    (plots.curves, dict(series=shown(False), title="window alone: the model loses its sink", **axes)),
+    (plots.curves, dict(series=shown(True), **axes,
+                        title=f"window + {SINKS} attention sinks: exact up to the window, then nothing"))])
 plt.show()
+
 
 # %% [markdown]
 # **Reading the trade-off.** A bare window loses accuracy even for facts inside it. Keeping the first
@@ -598,16 +602,20 @@ plt.show()
 # choice: train with the window you will serve with, and size it to the dependencies your data has.
 
 # %%
-full_acc = accuracy["full attention"]
-assert min(full_acc) > 0.8, "the embedded model should retrieve at every distance with full attention"
-for window in WINDOWS:
+def window_claims(window):  # the answer's own tokens and the separator: 8 tokens of margin either side
     with_sinks, bare = accuracy[f"window {window} + {SINKS} sinks"], accuracy[f"window {window}"]
-    # The answer's own tokens and the separator sit between the question and the value: 8 tokens of margin.
-    inside = [a for a, span in zip(with_sinks, spans) if span + 8 <= window]
-    beyond = [a for a, span in zip(with_sinks, spans) if span > window + 8]
-    assert all(a >= 0.8 for a in inside), f"window {window} + sinks should answer facts inside the window"
-    assert all(a <= 0.2 for a in beyond), f"window {window} should not answer facts beyond it"
-    assert sum(with_sinks) > sum(bare), f"attention sinks should help window {window}"
+    inside = all(a >= 0.8 for a, span in zip(with_sinks, spans) if span + 8 <= window)
+    beyond = all(a <= 0.2 for a, span in zip(with_sinks, spans) if span > window + 8)
+    return {"answers inside": inside, "not beyond": beyond, "sinks help": sum(with_sinks) > sum(bare)}
+
+
+claims = pd.DataFrame({f"window {w}": window_claims(w) for w in WINDOWS})
+display(claims)
+assert min(accuracy["full attention"]) > 0.8, "the embedded model should retrieve at every distance"
+assert claims.loc["answers inside"].all(), "a window + sinks should answer the facts inside the window"
+assert claims.loc["not beyond"].all(), "a window should not answer the facts beyond it"
+assert claims.loc["sinks help"].all(), "attention sinks should help every window"
+
 
 # %% [markdown]
 # ## Bad input gives one clear message
@@ -636,39 +644,38 @@ assert rel_error(odd, reference_loss) < 1e-5
 # ## Save the figures
 
 # %%
-board = [results.scoreboard_row("04", "chunked cross-entropy (loss step)", "full logits", ce_chunked, ce_standard,
-                                None, None)]
-figures = {"attention": attn_rows, "sliding_speedup_vs_flex_causal": sliding_speedup, "chunked_ce_cut": ce_cut,
-           "chunked_ce_errors": ce_errors, "checkpointing_grad_errors": ckpt_errors, "checkpointing": ckpt_rows,
-           "ladder": ladder.reset_index().to_dict("records"), "ladder_probes": probes,
-           "curriculum": {"fixed": vars(fixed), "curriculum": vars(curric), "reach_s": reach, "time_saved": time_saved},
+board = [results.scoreboard_row("04", "chunked cross-entropy (loss step)", "full logits", ce_chunked,
+                                ce_standard, None, None)]
+figures = {"attention": attn_rows, "sliding_speedup_vs_flex_causal": sliding_speedup,
+           "chunked_ce_cut": ce_cut, "chunked_ce_errors": ce_errors, "checkpointing_grad_errors": ckpt_errors,
+           "checkpointing": ckpt_rows, "ladder": ladder_rows, "ladder_probes": probes,
+           "curriculum": {"fixed": vars(fixed), "curriculum": vars(curric), "reach_s": reach,
+                          "time_saved": time_saved},
            "sliding_window_accuracy": {"distances": DISTANCES, "token_spans": spans, **accuracy},
-           "targets": {name: {"measured": value, "met": met} for name, (value, met) in TARGETS.items()}}
-env = results.environment(hw, **{**P, "model": MODEL_NAME, "profile": profile})
-publish = hw.cuda and profile == "gpu" and MODEL_NAME == P["model"]  # results/ holds the reference runs only
-for path in results.save("04_training_long_sequences", hw, env, figures, board, publish=publish):
+           "targets": targets.rows}
+publish = hw.cuda and P["profile"] == "gpu" and P["model"] == PROFILES["gpu"]["model"]  # reference runs only
+environment = results.environment(hw, **P)
+for path in results.save("04_training_long_sequences", hw, environment, figures, board, publish):
     print("wrote", path.relative_to(models.REPO_ROOT) if path.is_relative_to(models.REPO_ROOT) else path)
+
 
 # %% [markdown]
 # ## The targets
 # Measured above and saved with the figures; on the GPU they were set for, a miss fails here.
 
 # %%
-for name, (value, met) in TARGETS.items():
-    print(f"{'met   ' if met else 'MISSED'} | {name}: {value}")
-if BENCHMARK_GPU in hw.name:
-    assert TARGETS and all(met for _, met in TARGETS.values()), "a benchmark target was missed (listed above)"
+targets.assert_all()
 
 # %% [markdown]
 # ## Use it in your own code
 #
 # ```python
-# import torch
-# from recipes_lib import attention, losses, models, train
+# from recipes_lib.attention import sliding
+# from recipes_lib.core import checkpointing, losses, models, train
 #
 # model = models.load_model("meta-llama/Llama-3.2-1B", attn_implementation="sdpa")  # flash/cuDNN kernels
-# checkpointing.enable_checkpointing(model, every=1)                # every=2: half the recompute, half the saving
-# # sliding.use_sliding_window(model, 4096)               # FlexAttention window, O(L x w)
-# loss = train.loss_sum(model, batch, fused_head=True)      # chunked cross-entropy: no [tokens, vocab] logits
+# checkpointing.enable_checkpointing(model, every=1)  # every=2: half the recompute, half the saving
+# # sliding.use_sliding_window(model, 4096)           # FlexAttention window, O(L x w)
+# loss = train.loss_sum(model, batch, fused_head=True)  # chunked cross-entropy: no [tokens, vocab] logits
 # (loss / losses.count_targets(batch["labels"])).backward()
 # ```

@@ -106,3 +106,24 @@ def side_by_side(panels: Sequence[tuple], title: str | None = None, width: float
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def series_of(rows: Sequence[dict], group: str, x: str, y: str, scale: float = 1.0,
+              groups: Sequence[str] | None = None) -> dict[str, tuple[list, list]]:
+    """``curves``' series from result rows: one per value of ``group``, ``y * scale`` against ``x``.
+
+    An OOM row, or one without ``y``, is a gap (None); ``groups`` fixes the order (default: as found).
+    """
+    names = list(groups) if groups is not None else list(dict.fromkeys(r[group] for r in rows))
+    picked = {name: [r for r in rows if r[group] == name] for name in names}
+    return {name: ([r[x] for r in found], [None if r.get("oom") or r.get(y) is None else r[y] * scale
+                                           for r in found]) for name, found in picked.items()}
+
+
+def curves_with_line(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], xlabel: str,
+                     ylabel: str, title: str, line: float, line_label: str, ax=None, **kwargs):
+    """``curves`` with a dashed horizontal reference line at ``line`` (a level to read the curves against)."""
+    ax = curves(series, xlabel, ylabel, title, ax=ax, **kwargs)
+    ax.axhline(line, color="grey", lw=0.8, ls="--", label=line_label)
+    ax.legend(fontsize=8)
+    return ax
