@@ -5,7 +5,7 @@ import torch
 
 from recipes_lib.core import checkpointing, errors, hardware, losses, models, train
 from recipes_lib.long_context import curriculum, ladder
-from recipes_lib.measure import ladder_bench, memory
+from recipes_lib.measure import ladder_bench, loss_bench, memory
 
 
 def _grads(model, ids):
@@ -140,3 +140,13 @@ def test_lengths_past_the_position_limit_are_refused():
                        progress=False)
     with pytest.raises(errors.RecipeError, match="no step"):
         curriculum.length_schedule(4096, 2, start=512)
+
+
+def test_loss_step_peak_chunked_never_holds_the_logits():
+    hw = hardware.detect("cpu")
+    tokens, vocab, hidden = 4096, 2048, 32
+    logits, chunk = tokens * vocab * 4, 1024 * vocab * 4  # fp32 [tokens, vocab], and one 1024-token chunk
+    standard = loss_bench.loss_step_peak(hw, tokens, vocab, hidden, chunked=False)
+    chunked = loss_bench.loss_step_peak(hw, tokens, vocab, hidden, chunked=True)
+    assert standard >= 2 * logits  # the logits and the log-softmax (or its gradient) at once
+    assert chunk <= chunked < 2 * chunk  # one chunk's logits (and its gradient), never the whole
