@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import RecipeError
+from ..core.models import resolve
 from .kernels import compile_flex, flex_kernel
 from .masks import block_mask, check_window
 
@@ -77,7 +78,6 @@ def as_mistral(name: str, sliding_window: int | None, **kwargs):
     """
     from transformers import AutoConfig, MistralConfig, MistralForCausalLM
 
-    from ..core.models import resolve
     path = resolve(name)
     llama = AutoConfig.from_pretrained(path)
     if llama.model_type not in ("llama", "mistral"):
