@@ -3,7 +3,8 @@
     python scripts/compare_results.py results/history/OLD.json results/NEW.json [--time 0.10] [--memory 0.02]
 
 Every number found at the same place in both files (``figures`` and ``scoreboard``, nested dicts
-and lists, list entries matched by their ``name`` where they have one) is compared. Keys that hold
+and lists, list entries matched by their ``name`` or benchmark keys where they have them) is
+compared. Keys that hold
 bytes (``*bytes*``, ``*peak*``, ``*gib*``) use the memory tolerance, the rest the time tolerance.
 Prints a Markdown table of the figures outside their tolerance, then a count of those within it.
 """
@@ -17,6 +18,14 @@ from pathlib import Path
 MEMORY_WORDS = ("bytes", "peak", "gib", "memory")
 
 
+def label(item, index: int) -> str:
+    """A list entry's name: its ``name``, else what identifies a benchmark row, else its position."""
+    if not isinstance(item, dict):
+        return str(index)
+    keys = [str(item[k]) for k in ("implementation", "seq_len", "batch", "window") if item.get(k) is not None]
+    return str(item.get("name") or "/".join(keys) or index)
+
+
 def flatten(value, prefix: str = "") -> dict[str, float]:
     """``{"a.b[name].c": number}`` for every number in ``value`` (booleans left out)."""
     if isinstance(value, bool):
@@ -26,7 +35,7 @@ def flatten(value, prefix: str = "") -> dict[str, float]:
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
-        items = ((item.get("name", i) if isinstance(item, dict) else i, item) for i, item in enumerate(value))
+        items = ((label(item, i), item) for i, item in enumerate(value))
     else:
         return {}
     flat = {}

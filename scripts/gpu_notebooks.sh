@@ -24,7 +24,7 @@ for notebook in "$@"; do
   python3 scripts/run_notebooks.py --inplace --timeout 1500 "$notebook" 2>&1 | tail -n 40 >> "$out/run.log"
   echo "$notebook: $(( $(date +%s) - start )) s" >> "$out/run.log"
 done
-python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_rmsnorm_triton.py tests/test_measure.py \
+python3 -m pytest -q -rs -p no:cacheprovider tests/test_offload.py tests/test_rmsnorm_triton.py tests/test_measure.py \
   > "$out/gpu_tests.log" 2>&1
-tar czf "$out/gpu_run.tgz" "$@" results/*.json outputs/*.partial.ipynb "$out"/*.txt "$out"/*.log 2>/dev/null
+tar czf "$out/gpu_run.tgz" "$@" results/*.json outputs/*.json outputs/*.partial.ipynb "$out"/*.txt "$out"/*.log 2>/dev/null
 echo done > "$out/DONE"
