@@ -1,5 +1,6 @@
 """The notebooks' structure: paired twins in sync, one parameters cell, asserts; the scoreboard."""
 
+import ast
 import importlib.util
 import json
 import re
@@ -33,6 +34,21 @@ def test_one_parameters_cell_and_asserts(path):
     tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
     assert sum("assert " in c.source for c in cells) >= 4
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_twin_reads_like_a_recipe(path):
+    """The twin parses; under 400 lines of code; no function over 5 lines; no loop inside a loop."""
+    source = path.with_suffix(".py").read_text()
+    tree = ast.parse(source)
+    code = [line for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(code) < 400, f"{len(code)} lines of code: move logic into recipes_lib"
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert node.end_lineno - node.lineno <= 5, f"{node.name} is longer than 5 lines"
+        if isinstance(node, (ast.For, ast.While)):
+            inner = [n for n in ast.walk(node) if n is not node and isinstance(n, (ast.For, ast.While))]
+            assert not inner, f"a nested loop at line {node.lineno}"
 
 
 def _stale() -> dict[str, str]:
