@@ -235,3 +235,26 @@ def memory_breakdown(result: dict, device_index: int | None = None):
     opt = result["optimizer_bytes"] if i is None else result["device_optimizer_bytes"][i]
     grads = max(after - params - opt, 0)
     return MemoryBreakdown(params, grads, opt, max(peak - params - grads - opt, 0), peak)
+
+
+class DeviceMemory:
+    """CUDA memory of the rank's devices: peaks after warm-up, and the most allocated after a backward."""
+
+    def __init__(self, devices: list[torch.device]):
+        self.devices = devices
+        self.on_gpu = devices[0].type == "cuda"
+        self.after_backward = [0] * len(devices)
+
+    def reset_peaks(self) -> None:
+        """Start the peaks afresh (warm-up done: optimizer state exists, kernels chosen)."""
+        for d in self.devices:
+            torch.cuda.synchronize(d)
+            torch.cuda.reset_peak_memory_stats(d)
+
+    def read_after_backward(self) -> None:
+        """Record what is allocated now: gradients alive, activations gone."""
+        for i, d in enumerate(self.devices):
+            self.after_backward[i] = max(self.after_backward[i], torch.cuda.memory_allocated(d))
+
+    def peaks(self) -> list[int | None]:
+        return [torch.cuda.max_memory_allocated(d) for d in self.devices] if self.on_gpu else [None]

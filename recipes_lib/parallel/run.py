@@ -55,29 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class DeviceMemory:
-    """CUDA memory of the rank's devices: peaks after warm-up, and the most allocated after a backward."""
-
-    def __init__(self, devices: list[torch.device]):
-        self.devices = devices
-        self.on_gpu = devices[0].type == "cuda"
-        self.after_backward = [0] * len(devices)
-
-    def reset_peaks(self) -> None:
-        """Start the peaks afresh (warm-up done: optimizer state exists, kernels chosen)."""
-        for d in self.devices:
-            torch.cuda.synchronize(d)
-            torch.cuda.reset_peak_memory_stats(d)
-
-    def read_after_backward(self) -> None:
-        """Record what is allocated now: gradients alive, activations gone."""
-        for i, d in enumerate(self.devices):
-            self.after_backward[i] = max(self.after_backward[i], torch.cuda.memory_allocated(d))
-
-    def peaks(self) -> list[int | None]:
-        return [torch.cuda.max_memory_allocated(d) for d in self.devices] if self.on_gpu else [None]
-
-
 def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock] | None = None,
                on_step: Callable[[int, float, float | None, int], None] | None = None
                ) -> tuple[dict, torch.nn.Module]:
@@ -91,7 +68,7 @@ def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock
     model, optimizer, (trainable, n_params) = strategies.build(args, ctx, ds_config)
     vocab = models.unwrap(model).config.vocab_size
     devices = strategies.devices_of(args, ctx)
-    mem = DeviceMemory(devices)
+    mem = memory.DeviceMemory(devices)
     clock = timer(devices[0]) if timer else None
     autocast = strategies.autocast_dtype(args)
     losses, grad_norms, step_seconds, step_tokens = [], [], [], []
