@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -270,27 +272,49 @@ assert all(err < 1e-5 for err in ce_errors.values()), ce_errors
 
 
 # %% [markdown]
-# ### The loss step's peak memory
+# ### The loss step against the maintained fused losses
 # Hidden states `[tokens, hidden]` and the head `[vocab, hidden]` in the model's dtype; one loss
 # forward + backward, its peak above those inputs (the weight gradient, which training needs either
-# way, included in both).
+# way, included in all) and its time, the median of 5 calls with the fastest and slowest. Beside our
+# chunked loss, the two maintained fused kernels a user can install instead: **Liger Kernel**'s fused
+# linear cross-entropy and Apple's **Cut Cross-Entropy** (its documented default, which skips the
+# gradient of vocabulary entries whose softmax is negligible). Both are Triton kernels: on a CPU
+# their rows say so.
 
 # %%
 ce_shape = dict(tokens=P["ce_tokens"], vocab=P["ce_vocab"], hidden=P["ce_hidden"])
-ce_standard = loss_bench.loss_step_peak(hw, **ce_shape, chunked=False)
-ce_chunked = loss_bench.loss_step_peak(hw, **ce_shape, chunked=True)
+ce_rows = [loss_bench.loss_step(hw, **ce_shape, name=name) for name in loss_bench.LOSSES]
+
+
+def loss_cells(row):
+    if row.get("unavailable") or row.get("oom"):
+        return {"peak above inputs (GiB)": row.get("unavailable") or "OOM"}
+    t = row["timing"]
+    return {"peak above inputs (GiB)": round(row["peak_bytes"] / GiB, 3), "ms": round(1e3 * t.median, 2),
+            "ms range": f"{1e3 * t.low:.2f}-{1e3 * t.high:.2f}"}
+
+
+print(f"loss step, {ce_shape['tokens']} tokens x {ce_shape['vocab']:,} vocab x {ce_shape['hidden']} hidden")
+display(pd.DataFrame({r["loss"]: loss_cells(r) for r in ce_rows}).T.fillna("-"))
+ce_standard, ce_chunked = (r["peak_bytes"] for r in ce_rows[:2])
 ce_cut = 1 - ce_chunked / ce_standard
-report(f"loss step, {ce_shape['tokens']} tokens x {ce_shape['vocab']:,} vocab",
-       **{"standard GiB": ce_standard / GiB, "chunked GiB": ce_chunked / GiB, "cut %": 100 * ce_cut})
+measured_ce = [r for r in ce_rows if r.get("timing")]
+report("chunked vs full logits", **{"cut %": 100 * ce_cut,
+       "time ratio": ce_rows[1]["timing"].median / ce_rows[0]["timing"].median})
 
 # %%
 assert ce_cut > 0.5, "the chunked loss should need far less memory than full logits"
 if hw.cuda:
     targets.check("chunked cross-entropy cuts the loss step's peak >= 80% (8k tokens, 128k vocab)",
                   f"{ce_cut:.1%}", (P["ce_tokens"], P["ce_vocab"]) == (8192, 128256) and ce_cut >= 0.8)
-plots.value_bars(["full logits", "chunked (1024 tokens)"], [ce_standard / GiB, ce_chunked / GiB],
-                 "peak above inputs (GiB)", fmt="{:.2f}",
-                 title=f"{P['ce_tokens']} tokens x {P['ce_vocab']:,} vocab: {ce_cut:.0%} less memory")
+plots.side_by_side([
+    (plots.value_bars, dict(names=[r["loss"] for r in measured_ce], fmt="{:.2f}",
+                            values=[r["peak_bytes"] / GiB for r in measured_ce],
+                            ylabel="peak above inputs (GiB)", title="memory of the loss step")),
+    (plots.value_bars, dict(names=[r["loss"] for r in measured_ce], fmt="{:.1f}",
+                            values=[1e3 * r["timing"].median for r in measured_ce],
+                            ylabel="forward + backward (ms, median of 5)", title="time of the loss step"))],
+    title=f"{P['ce_tokens']} tokens x {P['ce_vocab']:,} vocab")
 plt.show()
 
 
@@ -330,7 +354,8 @@ assert all(e < grad_tolerance for e in ckpt_errors.values()), ckpt_errors
 # %% [markdown]
 # ### Memory and throughput against length
 # One training step at batch 1 (SDPA attention, chunked loss, AdamW), for no checkpointing, every
-# 2nd layer, and every layer.
+# 2nd layer, and every layer: the peak of one step, and tokens/s as the median of 5 timed steps
+# after a warm-up (the range is the fastest and slowest).
 
 # %%
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -338,23 +363,26 @@ ladder_bench.train_step(model, optimizer, 128, hw)  # the AdamW state exists fro
 ckpt_settings = {"none": None, "every 2nd layer": 2, "every layer": 1}
 
 
-def step(rung, seq_len, budget=None):
-    return ladder_bench.train_step(model, optimizer, seq_len, hw, rung.chunked_loss, budget, rung.name)
+def step(rung, seq_len, budget=None, repeats=1):
+    return ladder_bench.train_step(model, optimizer, seq_len, hw, rung.chunked_loss, budget, rung.name,
+                                   repeats)
 
 
 def checkpointing_row(seq_len, name, every):
     rung = ladder.Rung(name, "sdpa", every, chunked_loss=True)
     ladder.apply(model, rung)
     step(rung, seq_len)  # warm-up at this shape
-    return step(rung, seq_len)
+    return step(rung, seq_len, repeats=5)
 
 
 length_axis = dict(xlabel="sequence length (tokens)", logx=True)
 ckpt_plan = itertools.product(P["ckpt_lengths"], ckpt_settings.items())
 ckpt_rows = [checkpointing_row(n, *setting) for n, setting in ckpt_plan]
 ckpt_table = pd.DataFrame(ckpt_rows).assign(peak_GiB=lambda t: t["peak_bytes"] / GiB)
-display(ckpt_table.pivot(index="name", columns="seq_len", values=["peak_GiB", "tokens_per_s"])
-        .loc[list(ckpt_settings)].round(2))
+ckpt_table["tokens/s range"] = [f"{r.get('tokens_per_s_min', 0):,.0f}-{r.get('tokens_per_s_max', 0):,.0f}"
+                                for r in ckpt_rows]
+shown = ["peak_GiB", "tokens_per_s", "tokens/s range"]
+display(ckpt_table.pivot(index="name", columns="seq_len", values=shown).loc[list(ckpt_settings)].round(2))
 plots.side_by_side([
     (plots.curves, dict(series=plots.series_of(ckpt_rows, "name", "seq_len", "peak_bytes", 1 / GiB),
                         ylabel="peak memory (GiB)", title="checkpointing: memory", **length_axis)),
@@ -381,19 +409,26 @@ if not any(r["oom"] for r in at_longest.values()):
 # full AdamW step), by doubling the length until a step runs out of memory and then bisecting. The
 # search stops at the model's position limit (`max_position_embeddings`): beyond it RoPE has to be
 # extended, which is a modelling change, not a memory one.
+#
+# **The baseline is what a user gets from the docs**: transformers' default attention (SDPA) with
+# `model.gradient_checkpointing_enable()`, its own settings. Eager attention with full logits, and SDPA
+# without checkpointing, are extra, earlier rungs: how far plain defaults get. Our recipes start from
+# the baseline; "x baseline" compares with it. The table shows lengths and peaks only: a single step at
+# each rung's longest length is no throughput measurement (section 3 times the steps).
 
 # %%
-rungs = [ladder.Rung("baseline: eager, full logits", "eager"),
-         ladder.Rung("+ SDPA flash", "sdpa"),
-         ladder.Rung("+ checkpointing", "sdpa", 1),
+rungs = [ladder.Rung("eager attention, full logits", "eager"),
+         ladder.Rung("SDPA (transformers' default)", "sdpa"),
+         ladder.Rung("baseline: SDPA + gradient_checkpointing_enable()", documented_checkpointing=True),
          ladder.Rung("+ chunked cross-entropy", "sdpa", 1, chunked_loss=True),
          ladder.Rung("+ activation offloading", "sdpa", 1, chunked_loss=True, offload_activations=True)]
 limit = min(P["ladder_limit"], config.max_position_embeddings)
 ladder_rows, probes = ladder.climb(model, rungs, lambda rung, n: step(rung, n, BUDGET),
                                    min(P["ladder_start"], limit), limit)
-ladder_table = pd.DataFrame(ladder_rows).set_index("name")
+BASELINE = 2  # the documented set-up's rung
+ladder_table = pd.DataFrame(ladder_rows).set_index("name").drop(columns=["seconds", "tokens_per_s"])
 ladder_table["peak GiB"] = ladder_table.pop("peak_bytes") / GiB
-ladder_table["x baseline"] = ladder_table["longest"] / ladder_table["longest"].iloc[0]
+ladder_table["x baseline"] = ladder_table["longest"] / ladder_table["longest"].iloc[BASELINE]
 display(ladder_table.round(2))
 
 # %%
@@ -407,22 +442,24 @@ plots.side_by_side([
                             fmt="{:.1f}", ylabel="peak memory at that length (GiB)",
                             title="peak memory of that step"))],
     title=f"{config.num_hidden_layers} layers x {config.hidden_size} hidden, vocab {config.vocab_size:,}: "
-          f"{lengths[3] / max(lengths[0], 1):.0f}x longer sequences with the full recipe")
+          f"full recipe: {lengths[3] / max(lengths[BASELINE], 1):.1f}x the documented baseline's length")
 plt.show()
 
 # %% [markdown]
-# The full recipe should train several times the baseline's length, unless the search stopped at
-# the model's position limit first: then reaching the limit is all a memory recipe can show.
+# The full recipe should train longer sequences than the documented baseline, unless both reach the
+# model's position limit: then reaching the limit is all a memory recipe can show. Its ratio against
+# the baseline is reported here, not asserted as a target: the long-context issue, which goes past the
+# position limit, sets that target.
 
 # %%
 assert all(b >= a for a, b in zip(lengths, lengths[1:])), "each rung should train at least as long a sequence"
 full_recipe = lengths[3]
-assert full_recipe >= min(4 * lengths[0], limit), "the full recipe: 4x the baseline's length, or the limit"
+assert full_recipe >= min(4 * lengths[0], limit), "the full recipe: 4x eager attention's length, or the limit"
+report("full recipe's longest sequence", **{"tokens": full_recipe, "x documented baseline": full_recipe / max(
+    lengths[BASELINE], 1), "x eager, full logits": full_recipe / max(lengths[0], 1), "position limit": limit})
 if hw.cuda:
-    targets.check("full recipe >= 16x the baseline's length and >= 64k tokens (or the position limit)",
-                  f"{full_recipe:,} vs {lengths[0]:,} ({full_recipe / max(lengths[0], 1):.0f}x), "
-                  f"limit {limit:,}",
-                  full_recipe >= min(16 * lengths[0], limit) and full_recipe >= min(65536, limit))
+    targets.check("full recipe trains >= 64k tokens at batch 1 (or the position limit)", f"{full_recipe:,}",
+                  full_recipe >= min(65536, limit))
 
 
 # %% [markdown]
@@ -646,8 +683,11 @@ assert rel_error(odd, reference_loss) < 1e-5
 # %%
 board = [results.scoreboard_row("04", "chunked cross-entropy (loss step)", "full logits", ce_chunked,
                                 ce_standard, None, None)]
+loss_steps = [{"loss": r["loss"], "peak_bytes": r["peak_bytes"], "unavailable": r.get("unavailable"),
+               "seconds": r["timing"] and r["timing"].samples} for r in ce_rows]
 figures = {"attention": attn_rows, "sliding_speedup_vs_flex_causal": sliding_speedup,
-           "chunked_ce_cut": ce_cut, "chunked_ce_errors": ce_errors, "checkpointing_grad_errors": ckpt_errors,
+           "chunked_ce_cut": ce_cut, "loss_steps": loss_steps, "chunked_ce_errors": ce_errors,
+           "ladder_baseline": rungs[BASELINE].name, "checkpointing_grad_errors": ckpt_errors,
            "checkpointing": ckpt_rows, "ladder": ladder_rows, "ladder_probes": probes,
            "curriculum": {"fixed": vars(fixed), "curriculum": vars(curric), "reach_s": reach,
                           "time_saved": time_saved},

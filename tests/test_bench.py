@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from recipes_lib.core import batches, hardware
+from recipes_lib.core import batches, hardware, train
 from recipes_lib.measure import bench, flops, memory
 
 VOCAB, SEQ_LEN = 64, 32
@@ -101,7 +101,7 @@ def test_table_renders_oom_rows(row):
     assert table.loc["base", "peak (GiB)"] == pytest.approx(row["memory"].peak / 2**30, abs=1e-3)
     assert table.loc["base", "tokens/s"] == pytest.approx(row["tokens_per_s"], abs=0.1)
     assert table.loc["base", "peak vs base"] == "100.0%"
-    assert "MFU (%)" not in table.columns
+    assert not any(c.startswith("MFU") for c in table.columns)  # no peak known on CPU
 
 
 def test_table_relative_peak(row):
@@ -154,3 +154,31 @@ def test_flops_counter_counts_frozen_weights_as_4n():
     total = sum(p.numel() for p in model.parameters())
     expected = flops.training_flops_per_token(model.config, SEQ_LEN, trainable / total)
     assert per_token(model) == pytest.approx(expected) and per_token(model) < per_token(tiny_model(VOCAB))
+
+
+def test_speed_ratio_spread_and_wording():
+    ref = {"tokens_per_s": 100.0, "tokens_per_s_min": 95.0, "tokens_per_s_max": 105.0}
+    faster = {"tokens_per_s": 130.0, "tokens_per_s_min": 120.0, "tokens_per_s_max": 140.0}
+    ratio, low, high = bench.speed_ratio(faster, ref)
+    assert (ratio, low, high) == pytest.approx((1.3, 120 / 105, 140 / 95))
+    assert bench.describe_ratio(ratio, low, high) == "1.30x [1.14-1.47]"
+    same = {"tokens_per_s": 102.0, "tokens_per_s_min": 97.0, "tokens_per_s_max": 108.0}
+    assert bench.describe_ratio(*bench.speed_ratio(same, ref)).startswith("no measurable difference (1.02x")
+    slower = {"tokens_per_s": 80.0, "tokens_per_s_min": 78.0, "tokens_per_s_max": 82.0}
+    assert bench.describe_ratio(*bench.speed_ratio(slower, ref)) == "0.80x [0.74-0.86]"
+
+
+def test_mfu_against_datasheet_and_measured_peak(row):
+    with_peak = dict(row, mfu=0.25, model_flops_per_s=1e12)
+    table = bench.table([with_peak], matmul_peak=4e12)
+    assert table.loc["base", "MFU (% datasheet)"] == 25.0
+    assert table.loc["base", "MFU (% measured matmul)"] == 25.0
+    assert row["model_flops_per_s"] == pytest.approx(
+        row["tokens_per_s"] * flops.training_flops_per_token(tiny_model(VOCAB).config, SEQ_LEN))
+
+
+def test_plain_step_runs_through_the_loop(docs):
+    config = dataclasses.replace(_config("plain"), step_fn=train.plain_step)
+    plain = bench.run(config, lambda mb: batches.packed_batches(docs, SEQ_LEN, mb), hardware.detect("cpu"),
+                      steps=2, warmup=1, seq_len=SEQ_LEN)
+    assert plain["oom"] is False and plain["loss"] == pytest.approx(math.log(VOCAB), rel=0.2)

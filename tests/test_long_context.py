@@ -150,3 +150,32 @@ def test_loss_step_peak_chunked_never_holds_the_logits():
     chunked = loss_bench.loss_step_peak(hw, tokens, vocab, hidden, chunked=True)
     assert standard >= 2 * logits  # the logits and the log-softmax (or its gradient) at once
     assert chunk <= chunked < 2 * chunk  # one chunk's logits (and its gradient), never the whole
+
+
+def test_loss_step_rows_time_each_loss_and_name_missing_kernels():
+    hw = hardware.detect("cpu")
+    rows = {name: loss_bench.loss_step(hw, 512, 256, 16, name, repeats=2) for name in loss_bench.LOSSES}
+    full, chunked = rows["full logits (fp32 cross-entropy)"], rows["chunked, ours (1024 tokens)"]
+    for row in (full, chunked):
+        assert row["oom"] is False and row["peak_bytes"] > 0
+        assert len(row["timing"].samples) == 2 and row["timing"].low <= row["timing"].median
+    # no Triton kernel on a CPU: the maintained fused losses say why instead of giving a number
+    for name in ("Liger Kernel fused linear CE", "Cut Cross-Entropy (Apple)"):
+        assert rows[name]["peak_bytes"] is None and "pip install" in rows[name]["unavailable"] or \
+            "GPUs only" in rows[name]["unavailable"]
+
+
+def test_documented_checkpointing_rung_and_timed_repeats():
+    hw = hardware.detect("cpu")
+    model = models.load_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ladder.apply(model, ladder.Rung("docs", documented_checkpointing=True))
+    layers = models.decoder_layers(model)
+    assert layers and all(layer.gradient_checkpointing for layer in layers)  # every layer, as the docs do
+    row = ladder_bench.train_step(model, optimizer, 64, hw, name="docs", repeats=3)
+    assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+    assert row["seconds_min"] <= row["seconds"] <= row["seconds_max"]
+    ladder.apply(model, ladder.Rung("none"))
+    assert not any(layer.gradient_checkpointing for layer in layers)
+    with pytest.raises(errors.RecipeError, match="every-layer"):
+        ladder.apply(model, ladder.Rung("bad", checkpoint_every=2, documented_checkpointing=True))

@@ -116,6 +116,23 @@ def test_docs_qlora_model(tiny_model_dir, tokenizer):
     _train_one_step(model, tokenizer)
 
 
+def test_docs_qlora_ablation_switches(tiny_model_dir, tokenizer):
+    """Each switch undoes one documented choice and nothing else: the ablation rows differ by one change."""
+    model = qlora.docs_qlora_model(tiny_model_dir, r=2, alpha=4, dropout=0.0, use_reentrant=False,
+                                   upcast_fp32=False)
+    base = model.get_base_model()
+    assert checkpointing_on(base)
+    layers = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and all(m._gradient_checkpointing_func.keywords["use_reentrant"] is False for m in layers)
+    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout")]
+    assert dropouts and all(isinstance(d["default"], torch.nn.Identity) for d in dropouts)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    _train_one_step(model, tokenizer)
+    documented = qlora.docs_qlora_model(tiny_model_dir, r=2, alpha=4)
+    dropouts = [m for n, m in documented.named_modules() if n.endswith("lora_dropout")]
+    assert all(d["default"].p == 0.05 for d in dropouts)
+
+
 def test_predicted_state_bytes_full_fine_tuning(tokenizer):
     from conftest import tiny_model
 

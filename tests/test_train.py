@@ -206,3 +206,19 @@ def test_train_does_not_consume_extra_batches(docs):
     stream = iter(micro_batches(docs) * 2)  # 8 micro-batches
     train.train(model, optimizer, stream, steps=3, progress=False)
     assert len(list(stream)) == 5
+
+
+def test_plain_step_matches_our_step_on_one_unpadded_micro_batch():
+    """The plain transformers step (model's mean loss, clip, step) and ours (summed loss over the step's
+    targets, clip, step) make the same update when nothing is padded: the benchmarks compare like for like."""
+    ids = torch.randint(VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "labels": ids}
+    models_ = [tiny_model(VOCAB) for _ in range(2)]
+    models_[1].load_state_dict(models_[0].state_dict())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in models_]
+    plain = train.train(models_[0], optimizers[0], [batch], steps=1, progress=False, step_fn=train.plain_step)
+    ours = train.train(models_[1], optimizers[1], [batch], steps=1, progress=False, fused_head=False)
+    assert plain.losses[0] == pytest.approx(ours.losses[0], rel=1e-5)
+    moved = [(p, q) for p, q in zip(models_[0].parameters(), models_[1].parameters())]
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in moved)
+    assert not torch.allclose(next(models_[0].parameters()), next(tiny_model(VOCAB).parameters()))

@@ -13,6 +13,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .errors import RecipeError
+
 IGNORE_INDEX = -100
 
 
@@ -128,3 +130,33 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         return _chunked_loss_only(flat, weight, targets, chunk_size)
     return _LinearCrossEntropy.apply(flat, weight, targets, chunk_size)
+
+
+def _shifted(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return hidden.reshape(-1, hidden.shape[-1]), shift_labels(labels).reshape(-1)
+
+
+def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                               labels: torch.Tensor) -> torch.Tensor:
+    """``linear_cross_entropy`` by Liger Kernel's fused Triton kernel (``pip install liger-kernel``; CUDA)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as error:
+        raise RecipeError("Liger Kernel's fused linear cross-entropy: pip install liger-kernel") from error
+    if hidden.device.type != "cuda":
+        raise RecipeError("Liger Kernel's Triton kernels run on GPUs only")
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, *_shifted(hidden, labels))
+
+
+def cce_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                             labels: torch.Tensor) -> torch.Tensor:
+    """``linear_cross_entropy`` by Apple's Cut Cross-Entropy kernel (``pip install cut-cross-entropy``; CUDA),
+    with its documented default gradient filtering (``filter_eps="high"``)."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError as error:
+        raise RecipeError("Cut Cross-Entropy: pip install cut-cross-entropy") from error
+    if hidden.device.type != "cuda":
+        raise RecipeError("Cut Cross-Entropy's Triton kernels run on GPUs only")
+    flat, targets = _shifted(hidden, labels)
+    return cce(flat, weight, targets, reduction="sum")

@@ -150,6 +150,31 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mic
     return loss.item()
 
 
+def plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict],
+               max_grad_norm: float | None = 1.0) -> float:
+    """The step of a plain transformers loop, the reference ours is measured against.
+
+    What ``Trainer`` does with its defaults, less its bookkeeping: the model's own loss (full logits,
+    upcast to fp32, mean per micro-batch divided by the number of micro-batches), no autocast (the
+    weights' dtype), gradient clipping at 1.0, the optimizer's step; one ``.item()`` per step.
+    """
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    for mb in micro_batches:
+        inputs = {k: mb[k].to(device) for k in _MODEL_INPUTS if k in mb}
+        loss = model(**inputs, labels=mb["labels"].to(device), use_cache=False).loss / len(micro_batches)
+        loss.backward()
+        total += loss.detach().float()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total.item()
+
+
+StepFn = Callable[[torch.nn.Module, torch.optim.Optimizer, Sequence[dict]], float]
+
+
 def show_progress(progress: bool | None) -> bool:
     """Whether to draw a progress bar: the caller's choice, else yes unless ``RECIPES_PROGRESS=0``
     (set for headless notebook runs, where a bar would be saved in its first state)."""
@@ -161,7 +186,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
           max_grad_norm: float | None = 1.0, fused_head: bool = True, scheduler=None,
           progress: bool | None = None, desc: str = "train", loss_fn: LossFn | None = None,
           clock: Callable[[Callable[[], object]], float] | None = None,
-          on_step: Callable[[int, float], None] | None = None) -> TrainStats:
+          on_step: Callable[[int, float], None] | None = None, step_fn: StepFn | None = None) -> TrainStats:
     """Run ``steps`` optimizer steps of ``accum_steps`` micro-batches each: the one training loop.
 
     Args:
@@ -174,6 +199,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         clock: ``fn -> seconds`` that runs and times one optimizer step (``measure.timing.stepper``);
             None leaves ``step_seconds`` empty.
         on_step: ``(step_index, loss) -> None`` after every optimizer step (evaluation, logging).
+        step_fn: ``(model, optimizer, micro_batches) -> loss`` in place of ``optimizer_step`` (the
+            benchmarks time ``plain_step``, the plain transformers step, through the same loop).
         progress: show a progress bar; None means yes unless ``RECIPES_PROGRESS=0``.
     """
     if max_grad_norm is not None and hasattr(optimizer, "optim_dict"):  # torchao CPUOffloadOptimizer
@@ -182,14 +209,16 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    step_fn = step_fn or functools.partial(optimizer_step, autocast_dtype=autocast_dtype,
+                                           max_grad_norm=max_grad_norm, fused_head=fused_head, scaler=scaler,
+                                           loss_fn=loss_fn)
     stats = TrainStats()
     bar = tqdm(total=steps, desc=desc, disable=not show_progress(progress), leave=False)
     for index, micro_batches in enumerate(itertools.islice(_chunks(batches, accum_steps), steps)):
         result = []
 
         def one_step(micro_batches=micro_batches, result=result):
-            result.append(optimizer_step(model, optimizer, micro_batches, autocast_dtype, max_grad_norm,
-                                         fused_head, scaler, loss_fn))
+            result.append(step_fn(model, optimizer, micro_batches))
 
         if clock is not None:
             stats.step_seconds.append(clock(one_step))

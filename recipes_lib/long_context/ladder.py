@@ -27,12 +27,19 @@ class Rung:
     checkpoint_every: int | None = None   # None: keep all activations; k: recompute every k-th layer
     chunked_loss: bool = False            # fused chunked LM head + cross-entropy instead of full logits
     offload_activations: bool = False     # checkpointed layers' saved inputs in pinned host memory
+    documented_checkpointing: bool = False  # transformers' own ``gradient_checkpointing_enable()``, as
+                                            # its docs show it (every layer, its default settings)
 
 
 def apply(model, rung: Rung) -> None:
     """Switch ``model`` to ``rung``'s attention and checkpointing, in place."""
     model.set_attn_implementation(models.attention_implementation(rung.attention))
-    if rung.checkpoint_every:
+    if rung.documented_checkpointing:
+        if rung.checkpoint_every not in (None, 1) or rung.offload_activations:
+            raise RecipeError("documented_checkpointing is transformers' every-layer checkpointing: "
+                              "leave checkpoint_every and offload_activations unset")
+        model.gradient_checkpointing_enable()
+    elif rung.checkpoint_every:
         checkpointing.enable_checkpointing(model, every=rung.checkpoint_every,
                                            offload=rung.offload_activations)
     elif rung.offload_activations:

@@ -31,6 +31,7 @@ class Config:
     accum_steps: int = 1
     max_grad_norm: float | None = 1.0
     fused_head: bool = True  # False: the model's own logits + cross-entropy, as plain transformers does
+    step_fn: train.StepFn | None = None  # replaces our optimizer step (``train.plain_step``: the reference)
 
 
 def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardware, steps: int = 3,
@@ -52,7 +53,8 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
     optimizer = config.optimizer_fn(model)
     batches = batches_fn(config.micro_batch)
     kwargs = dict(accum_steps=config.accum_steps, autocast_dtype=hw.amp_dtype,
-                  max_grad_norm=config.max_grad_norm, fused_head=config.fused_head, progress=False)
+                  max_grad_norm=config.max_grad_norm, fused_head=config.fused_head, progress=False,
+                  step_fn=config.step_fn)
     train.train(model, optimizer, batches, steps=warmup, **kwargs)
     timed = train.train(model, optimizer, batches, steps=steps, clock=timing.stepper(hw.device), **kwargs)
     baseline = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
@@ -67,7 +69,8 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
            "step_s": step_time.median, "step_s_min": step_time.low, "step_s_max": step_time.high,
            "tokens_per_s_min": timed.tokens_per_step / step_time.high,
            "tokens_per_s_max": timed.tokens_per_step / step_time.low, "loss": timed.losses[-1],
-           "trainable_params": trainable, "mfu": flops.mfu(tokens_per_s, fpt, hw.peak_flops) if fpt else None}
+           "trainable_params": trainable, "mfu": flops.mfu(tokens_per_s, fpt, hw.peak_flops) if fpt else None,
+           "model_flops_per_s": tokens_per_s * fpt if fpt else None}
     del model, optimizer
     return row
 
@@ -102,6 +105,20 @@ def spread(row: dict) -> str:
     return f"{row['tokens_per_s_min']:,.0f}-{row['tokens_per_s_max']:,.0f}"
 
 
+def speed_ratio(row: dict, reference: dict) -> tuple[float, float, float]:
+    """``row``'s tokens/s over ``reference``'s: the ratio of medians, and its extremes over the timed
+    steps (slowest of ``row`` over fastest of ``reference``, and the other way round)."""
+    return (row["tokens_per_s"] / reference["tokens_per_s"],
+            row["tokens_per_s_min"] / reference["tokens_per_s_max"],
+            row["tokens_per_s_max"] / reference["tokens_per_s_min"])
+
+
+def describe_ratio(ratio: float, low: float, high: float) -> str:
+    """``"1.17x [1.10-1.25]"``, or ``"no measurable difference (...)"`` when the spread takes in 1.0."""
+    text = f"{ratio:.2f}x [{low:.2f}-{high:.2f}]"
+    return f"no measurable difference ({text})" if low <= 1.0 <= high else text
+
+
 def check_states(row: dict, predicted: dict[str, float], tolerance: float = 0.05) -> bool:
     """Print predicted against measured weights, gradients and optimizer state; True if all agree.
 
@@ -117,8 +134,12 @@ def check_states(row: dict, predicted: dict[str, float], tolerance: float = 0.05
     return agree
 
 
-def table(rows: list[dict], reference: str | None = None):
-    """A pandas table of rows: GiB per part, tokens/s with its range, MFU, peak relative to ``reference``."""
+def table(rows: list[dict], reference: str | None = None, matmul_peak: float | None = None):
+    """A pandas table of rows: GiB per part, tokens/s with its range, MFU, peak relative to ``reference``.
+
+    MFU is shown against the datasheet's dense bf16 peak and, given ``matmul_peak`` (FLOP/s measured by
+    ``timing.matmul_peak``), against what a large matmul really reaches on this device, side by side.
+    """
     import pandas as pd
 
     ref = next((r for r in rows if r["name"] == reference and not r["oom"]), None)
@@ -132,7 +153,9 @@ def table(rows: list[dict], reference: str | None = None):
             rec["tokens/s"] = round(r["tokens_per_s"], 1)
             rec["tokens/s range"] = spread(r)
             if r.get("mfu") is not None:
-                rec["MFU (%)"] = round(100 * r["mfu"], 1)
+                rec["MFU (% datasheet)"] = round(100 * r["mfu"], 1)
+            if matmul_peak and r.get("model_flops_per_s"):
+                rec["MFU (% measured matmul)"] = round(100 * r["model_flops_per_s"] / matmul_peak, 1)
             if ref is not None:
                 rec["peak vs " + reference] = f"{r['memory'].peak / ref['memory'].peak:.1%}"
         records.append(rec)

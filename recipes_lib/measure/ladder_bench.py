@@ -22,8 +22,11 @@ def random_batch(vocab_size: int, seq_len: int, device, seed: int = 0) -> dict:
 
 
 def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = False,
-               budget_bytes: int | None = None, name: str = "") -> dict:
+               budget_bytes: int | None = None, name: str = "", repeats: int = 1) -> dict:
     """One optimizer step at batch 1 and ``seq_len`` tokens: peak bytes, seconds and tokens/s, or OOM.
+
+    With ``repeats`` > 1, ``repeats`` more steps are timed after the measured one: ``seconds`` and
+    ``tokens_per_s`` are then their median, with ``_min``/``_max`` over them.
 
     Args:
         fused_head: the chunked LM head + cross-entropy instead of the model's full logits.
@@ -32,15 +35,17 @@ def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = 
     """
     models.check_seq_len(model, seq_len)  # past the position limit RoPE would extrapolate silently
     row = {"name": name, "seq_len": seq_len, "peak_bytes": None, "seconds": None}
-    row |= memory.oom_as_result(lambda: _measure(model, optimizer, seq_len, hw, fused_head))
+    row |= memory.oom_as_result(lambda: _measure(model, optimizer, seq_len, hw, fused_head, repeats))
     if budget_bytes is not None and row["peak_bytes"] is not None and row["peak_bytes"] > budget_bytes:
         row["oom"] = True
     if not row["oom"]:
         row["tokens_per_s"] = seq_len / row["seconds"]
+        row["tokens_per_s_min"] = seq_len / row["seconds_max"]
+        row["tokens_per_s_max"] = seq_len / row["seconds_min"]
     return row
 
 
-def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool) -> dict:
+def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool, repeats: int) -> dict:
     batch = random_batch(model.config.vocab_size, seq_len, hw.device)
     states = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
 
@@ -50,7 +55,10 @@ def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool) -> 
 
     try:
         with memory.peak_memory(hw.device, states) as peak:
-            seconds = timing.seconds(step, hw.device)
+            took = timing.Timing.of([timing.seconds(step, hw.device)])
+        if repeats > 1:
+            took = timing.time_it(step, hw.device, repeats, warmup=0)
     finally:
         optimizer.zero_grad(set_to_none=True)  # a step that ran out of memory leaves gradients behind
-    return {"oom": False, "seconds": seconds, "peak_bytes": peak["peak"]}
+    return {"oom": False, "seconds": took.median, "seconds_min": took.low, "seconds_max": took.high,
+            "peak_bytes": peak["peak"]}

@@ -38,13 +38,29 @@ def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout
     return add_lora(model, r, alpha, dropout)
 
 
-def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.05, hw=None):
+def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.05, hw=None,
+                     upcast_fp32: bool = True, use_reentrant: bool | None = None):
     """The plain transformers + peft + bitsandbytes QLoRA set-up as their documentation shows it.
 
     ``BitsAndBytesConfig`` NF4 + double quantization, ``prepare_model_for_kbit_training`` (fp32
-    upcast of non-quantized weights, gradient checkpointing on), LoRA on all linear layers. The
-    baseline our recipe is measured against.
+    upcast of non-quantized weights, gradient checkpointing on), LoRA on all linear layers with
+    dropout. The baseline our recipe is measured against; the switches undo one documented choice
+    at a time, for the ablation:
+
+    Args:
+        upcast_fp32: False keeps embeddings, norms and the LM head in bf16 (everything else
+            ``prepare_model_for_kbit_training`` does still happens).
+        use_reentrant: passed to gradient checkpointing; None leaves peft's and torch's default.
     """
     model = load_model(name, quantization="nf4", hw=hw)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    kwargs = {} if use_reentrant is None else {"use_reentrant": use_reentrant}
+    if upcast_fp32:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=kwargs)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if kwargs.get("use_reentrant", True):  # reentrant checkpointing needs inputs that require grad
+            model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return get_peft_model(model, lora_config(r, alpha, dropout))
