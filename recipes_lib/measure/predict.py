@@ -45,9 +45,10 @@ def naive_mp_share(config, n_devices: int) -> float:
 # bf16 weights in the model and the fp32 master copy inside its optimizer (ZeRO paper: 2 + 2 + 12).
 STATE_LAYOUT = {
     "single": ((4, 4, 8), (False, False, False)),
-    # DDP's default (gradient_as_bucket_view=False) keeps a second copy of the gradients in its
-    # all-reduce buckets: 4 + 4 bytes of gradients per parameter.
-    "ddp": ((4, 8, 8), (False, False, False)),
+    # DDP as parallel.ddp wraps it (gradient_as_bucket_view=True): each .grad is a view into its
+    # all-reduce bucket, so the gradients are held once. (DDP's default keeps a second copy in the
+    # buckets: 4 + 4 bytes of gradients per parameter.)
+    "ddp": ((4, 4, 8), (False, False, False)),
     "fsdp2": ((4, 4, 8), (True, True, True)),
     "fsdp2-no-reshard": ((4, 4, 8), (True, True, True)),
     "fsdp2-offload": ((4, 4, 8), (True, True, True)),

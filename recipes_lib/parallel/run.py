@@ -23,7 +23,7 @@ from ..core import models, train
 from ..core.hardware import detect
 from ..measure import memory
 from ..measure.timing import Timing
-from . import context, fsdp2, step, strategies
+from . import context, ddp, fsdp2, step, strategies
 from .batches import global_batches, rank_micro_batches
 
 Clock = Callable[[Callable[[], object]], float]
@@ -112,6 +112,8 @@ def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock
                                 if per_device else None),
         step_seconds=seconds, tokens_per_s=tokens / seconds if seconds else None,  # global batch, all ranks
         tokens_per_step=tokens, n_params=n_params, trainable_params=trainable,
+        # the baseline's engine settings: DDP's options, or the DeepSpeed config as DeepSpeed got it
+        engine_config=ddp.settings(model) or ds_config,
         bf16=args.bf16, compiled=args.compile, loss=args.loss, micro_batch=args.micro_batch,
         global_batch=args.global_batch, seq_len=args.seq_len,
     ), model

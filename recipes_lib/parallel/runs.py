@@ -46,12 +46,14 @@ def launch_row(script: str, nproc: int, values: dict, gpus: int, **launch) -> di
     return rank0(results, nproc) | {"gpus": gpus}
 
 
-def throughput(result: dict, config, peak_flops: float | None) -> dict:
-    """``result`` with tokens/s per GPU and MFU (of ``peak_flops``; None where the peak is unknown)."""
+def throughput(result: dict, config, peak_flops: float | None, measured_peak: float | None = None) -> dict:
+    """``result`` with tokens/s per GPU and MFU: ``mfu`` of the datasheet ``peak_flops``, ``mfu_measured``
+    of the ``measured_peak`` matmul rate (``timing.matmul_peak``); None where a peak is unknown."""
     per_token = flops.training_flops_per_token(config, result["seq_len"],
                                                result["trainable_params"] / result["n_params"])
     per_gpu = result["tokens_per_s"] / max(result["gpus"], 1)
-    return result | {"tokens_per_s_per_gpu": per_gpu, "mfu": flops.mfu(per_gpu, per_token, peak_flops)}
+    return result | {"tokens_per_s_per_gpu": per_gpu, "mfu": flops.mfu(per_gpu, per_token, peak_flops),
+                     "mfu_measured": flops.mfu(per_gpu, per_token, measured_peak)}
 
 
 def agreement(result: dict, params: dict, reference: dict, reference_params: dict) -> dict:
@@ -82,6 +84,8 @@ def memory_row(strategy: str, result: dict, predicted: dict | None, unit: float,
     row["tokens/s per GPU"] = result["tokens_per_s_per_gpu"]
     if result["mfu"] is not None:  # a GPU with a known peak
         row["MFU (% of datasheet)"] = 100 * result["mfu"]
+    if result.get("mfu_measured") is not None:  # and its measured matmul peak, side by side
+        row["MFU (% of measured matmul)"] = 100 * result["mfu_measured"]
     return row
 
 

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from ..core import losses, train
 from . import zero
 from .context import all_ranks_sum
-from .ddp import sync_on_last
+from .ddp import grads_are_bucket_views, sync_on_last
 
 
 class StepResult(NamedTuple):
@@ -88,5 +88,7 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Sequence[dict],
             norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # DDP's bucket views are zeroed in place: set to None, they would come back as fresh tensors
+        # (a second copy of the gradients) in the next step's accumulating micro-batches.
+        optimizer.zero_grad(set_to_none=not grads_are_bucket_views(model))
     return StepResult(all_ranks_sum(local_loss.item(), device), grad_norm)

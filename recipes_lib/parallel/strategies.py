@@ -69,7 +69,10 @@ def load(args, device: torch.device) -> torch.nn.Module:
 
 
 def build(args, ctx: Context, ds_config: dict | None):
-    """Load the model and wrap it for the strategy; returns (model, optimizer, (trainable, total) params)."""
+    """Load the model and wrap it for the strategy; returns (model, optimizer, (trainable, total) params).
+
+    ``ds_config`` (from ``check``) is completed in place with the ZeRO-3 keys tuned for the model.
+    """
     if ctx.is_main:
         models.resolve(args.model)  # materialise a random:<shape> once, before every rank reads it
     if dist.is_initialized():
@@ -77,7 +80,8 @@ def build(args, ctx: Context, ds_config: dict | None):
     model = load(args, ctx.device)
     counts = models.count_parameters(model.lm)  # before wrapping: 4-bit weights still know their size
     if args.strategy == "ddp":
-        model = ddp.wrap_ddp(model, ctx)
+        accum = args.global_batch // (ctx.world_size * args.micro_batch)
+        model = ddp.wrap_ddp(model, ctx, micro_batches_per_step=accum)
     elif args.strategy.startswith("fsdp2"):
         model = fsdp2.shard_fsdp2(model, reshard_after_forward=args.strategy != "fsdp2-no-reshard",
                                   mixed_precision=args.bf16, cpu_offload=args.strategy == "fsdp2-offload")
@@ -87,8 +91,8 @@ def build(args, ctx: Context, ds_config: dict | None):
         model_parallel.split_across_devices(model.lm, [f"cuda:{i}" for i in range(torch.cuda.device_count())])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    if ds_config is not None:
-        model, optimizer = zero.wrap_deepspeed(model, optimizer, ds_config)
+    if ds_config is not None:  # ZeRO-3's buckets and persistence fitted to the model (zero.tune)
+        model, optimizer = zero.wrap_deepspeed(model, optimizer, zero.tune(ds_config, model))
     return model, optimizer, counts
 
 

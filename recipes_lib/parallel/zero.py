@@ -2,6 +2,23 @@
 
 DeepSpeed is imported only by ``wrap_deepspeed``, so the config checks run (and CI tests them) where
 DeepSpeed is not installed. ``step.train_step`` drives the wrapped model like the others.
+
+ZeRO-3 is tuned for the model it wraps (``zero3_tuning``), as DeepSpeed's configuration docs advise
+for a model this size, so that it is compared with FSDP2 on equal terms:
+
+- ``stage3_param_persistence_threshold`` / ``stage3_model_persistence_threshold``: DeepSpeed keeps
+  gathered (never partitions) each parameter of at most the first many elements, in
+  ``named_parameters`` order, while the persisted total stays within the second. The first is the
+  input embedding's size, the second that plus the one-dimensional parameters (the norms): so the
+  embedding, which a causal LM lists first and which is also its tied LM head, stays gathered like
+  FSDP2's root unit (the fused loss reads the head's weight outside the head's own forward: a
+  partitioned weight there is gathered on demand, un-prefetched, every micro-batch), and the norms
+  stay gathered as DeepSpeed's default threshold does; no decoder-layer matrix fits in what is left.
+  An untied LM head, listed last, stays partitioned.
+- ``stage3_prefetch_bucket_size``: two decoder layers, so the next layer's all-gather is issued
+  while the current one computes (FSDP2 prefetches one layer ahead); ``reduce_bucket_size``: one
+  decoder layer, one reduce-scatter per layer as FSDP2; ``overlap_comm`` and
+  ``contiguous_gradients`` on.
 """
 
 from __future__ import annotations
@@ -11,25 +28,56 @@ import json
 import torch
 
 from ..core.errors import RecipeError
+from ..core.models import decoder_layers, unwrap
 
 DEEPSPEED_STAGES = (2, 3)
 
 
 def deepspeed_config(stage: int, micro_batch: int, accum_steps: int, world_size: int,
                      max_grad_norm: float | None, bf16: bool) -> dict:
-    """A DeepSpeed ZeRO config for ``stage`` 2 or 3 with the batch sizes this run uses."""
+    """A DeepSpeed ZeRO config for ``stage`` 2 or 3 with the batch sizes this run uses.
+
+    ZeRO-2: DeepSpeed's documented buckets of 5e8 elements, communication overlapped. ZeRO-3: its
+    buckets and persistence depend on the model's shapes: ``tune`` fills them in once it is loaded.
+    """
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if stage == 2:
+        zero |= {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum_steps,
         "train_batch_size": micro_batch * accum_steps * world_size,
         "gradient_clipping": max_grad_norm or 0.0,
         "bf16": {"enabled": bf16},
-        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
+        "zero_optimization": zero,
         # torch.optim.AdamW, the same optimizer every other strategy steps with (no JIT-built DeepSpeed ops)
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+
+
+def zero3_tuning(model: torch.nn.Module, layers_prefetched: int = 2) -> dict:
+    """The ZeRO-3 ``zero_optimization`` keys tuned for ``model`` (module docstring); shapes only, so a
+    model on the meta device will do."""
+    embedding = unwrap(model).get_input_embeddings().weight.numel()
+    small = sum(p.numel() for p in model.parameters() if p.dim() < 2)
+    layer = sum(p.numel() for p in decoder_layers(model)[0].parameters())
+    return {"overlap_comm": True, "contiguous_gradients": True,
+            "stage3_param_persistence_threshold": embedding,
+            "stage3_model_persistence_threshold": embedding + small,
+            "stage3_prefetch_bucket_size": layers_prefetched * layer,
+            "reduce_bucket_size": layer}
+
+
+def tune(config: dict, model: torch.nn.Module) -> dict:
+    """``config`` with ``zero3_tuning(model)`` filled in where a ZeRO-3 config leaves a key out or "auto"
+    (a key the config sets keeps its value); other stages unchanged. Changes ``config`` and returns it."""
+    zero = config["zero_optimization"]
+    if zero.get("stage") == 3:
+        for key, value in zero3_tuning(model).items():
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    return config
 
 
 def load_deepspeed_config(path: str) -> dict:
