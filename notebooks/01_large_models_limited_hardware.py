@@ -450,7 +450,8 @@ if ours_vs_plain is not None:
 # strongest documented option, and it is **the baseline**. Then our set-up's changes one at a time, same
 # micro-batch: weights kept in bf16 (no fp32 upcast, so a bf16 LM head), no adapter dropout,
 # non-reentrant checkpointing, and last our fused chunked LM-head loss (which gives our QLoRA model of
-# section 2). Throughput counts real tokens only; MFU counts `4N` per token for the frozen base plus
+# section 2). Where Liger Kernel is installed (on a GPU), a last row swaps our loss for its fused
+# linear cross-entropy. Throughput counts real tokens only; MFU counts `4N` per token for the frozen base plus
 # causal attention, recomputation excluded.
 
 # %%
@@ -477,10 +478,20 @@ padded_cfg = bench.Config("docs QLoRA, padded", docs_model(), adamw, speed_batch
 speed_rows = [measured(padded_cfg, padded)]
 speed_rows += [measured(bench.Config(name, docs_model(**changes), adamw, speed_batch, fused_head=fused))
                for name, (changes, fused) in ablation.items()]
+
+
+def liger_loss(model, micro_batch):  # Liger Kernel's fused linear cross-entropy in place of our chunked loss
+    return train.loss_sum(model, micro_batch, head_loss=losses.liger_linear_cross_entropy)
+
+
+if hw.cuda and importlib.util.find_spec("liger_kernel"):  # the maintained fused kernel, where installed
+    speed_rows.append(measured(bench.Config("ours with Liger's fused loss instead", docs_model(
+        **ablation["+ fused chunked loss (ours)"][0]), adamw, speed_batch, loss_fn=liger_loss)))
 display(bench.table(speed_rows, matmul_peak=matmul_peak))
 
 # %%
-baseline_row, ours_row = speed_rows[1], speed_rows[-1]
+baseline_row = speed_rows[1]
+ours_row = next(r for r in speed_rows if r["name"] == "+ fused chunked loss (ours)")
 steps_table = [{"row": r["name"], "vs the row above": bench.describe_ratio(*bench.speed_ratio(r, above)),
                 "vs baseline": bench.describe_ratio(*bench.speed_ratio(r, baseline_row))}
                for above, r in zip(speed_rows, speed_rows[1:]) if bench.fits(above, r, baseline_row)]

@@ -222,3 +222,17 @@ def test_plain_step_matches_our_step_on_one_unpadded_micro_batch():
     moved = [(p, q) for p, q in zip(models_[0].parameters(), models_[1].parameters())]
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in moved)
     assert not torch.allclose(next(models_[0].parameters()), next(tiny_model(VOCAB).parameters()))
+
+
+def test_head_loss_hook_replaces_the_chunked_loss(docs):
+    model = tiny_model(VOCAB)
+    batch = micro_batches(docs)[0]
+    calls = []
+
+    def full_logits(hidden, weight, labels):
+        calls.append(hidden.shape)
+        return losses.cross_entropy_sum(hidden @ weight.T, labels)
+
+    hooked = train.loss_sum(model, batch, head_loss=full_logits)
+    assert calls and calls[0][-1] == model.config.hidden_size  # the hook got the final hidden states
+    assert hooked.item() == pytest.approx(train.loss_sum(model, batch).item(), rel=1e-5)

@@ -50,8 +50,12 @@ def _split_lm(model: torch.nn.Module):
 
 
 def loss_sum(model: torch.nn.Module, batch: dict, fused_head: bool = True,
-             chunk_size: int = 1024) -> torch.Tensor:
-    """Summed next-token loss of one micro-batch (fused chunked LM head + CE where possible)."""
+             chunk_size: int = 1024, head_loss: Callable | None = None) -> torch.Tensor:
+    """Summed next-token loss of one micro-batch (fused chunked LM head + CE where possible).
+
+    ``head_loss``: ``(hidden, head_weight, labels) -> summed loss`` in place of our chunked one (e.g.
+    ``losses.liger_linear_cross_entropy``, the maintained fused kernel).
+    """
     # No KV cache: with one, transformers skips the packed-sequence (block-diagonal) mask.
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch} | {"use_cache": False}
     parts = _split_lm(model) if fused_head else None
@@ -59,6 +63,8 @@ def loss_sum(model: torch.nn.Module, batch: dict, fused_head: bool = True,
         return losses.cross_entropy_sum(model(**inputs).logits, batch["labels"])
     decoder, head = parts
     hidden = decoder(**inputs).last_hidden_state
+    if head_loss is not None:
+        return head_loss(hidden, head.weight, batch["labels"])
     return losses.linear_cross_entropy(hidden, head.weight, batch["labels"], chunk_size)
 
 

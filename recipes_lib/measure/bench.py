@@ -32,6 +32,7 @@ class Config:
     max_grad_norm: float | None = 1.0
     fused_head: bool = True  # False: the model's own logits + cross-entropy, as plain transformers does
     step_fn: train.StepFn | None = None  # replaces our optimizer step (``train.plain_step``: the reference)
+    loss_fn: train.LossFn | None = None  # ``(model, micro_batch) -> summed loss`` in place of ours
 
 
 def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardware, steps: int = 3,
@@ -54,7 +55,7 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
     batches = batches_fn(config.micro_batch)
     kwargs = dict(accum_steps=config.accum_steps, autocast_dtype=hw.amp_dtype,
                   max_grad_norm=config.max_grad_norm, fused_head=config.fused_head, progress=False,
-                  step_fn=config.step_fn)
+                  step_fn=config.step_fn, loss_fn=config.loss_fn)
     train.train(model, optimizer, batches, steps=warmup, **kwargs)
     timed = train.train(model, optimizer, batches, steps=steps, clock=timing.stepper(hw.device), **kwargs)
     baseline = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
