@@ -475,8 +475,9 @@ if hw.cuda:
 # recipe trains 25x longer sequences, but nobody following the docs runs eager attention. Against what
 # the docs give (SDPA, which is transformers' default, plus `gradient_checkpointing_enable()`) it is
 # 1.6x: 81,920 -> 131,072 tokens, and 131,072 is the model's position limit, so the search stopped
-# there with over 100 GiB of the GPU to spare. SDPA alone is worth 8x over eager and checkpointing another 2x; the
-# chunked loss is what takes the last step, since at 81,920 tokens the fp32 logits alone are 39 GiB.
+# there with over 100 GiB of the GPU to spare. SDPA alone is worth 8x over eager and checkpointing
+# another 2x; the chunked loss is what takes the last step, since at 81,920 tokens the fp32 logits
+# alone are 39 GiB.
 # Going further is a modelling change (RoPE scaling), the subject of the long-context issue.
 
 # %% [markdown]

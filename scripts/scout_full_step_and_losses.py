@@ -1,105 +1,114 @@
-"""Issue 14 scouting: our full-FT step vs plain transformers; fused losses at 8192 x 128256."""
-import json, os, sys, time, statistics, traceback
+"""Scouting for issue 14 on one GPU: our full fine-tuning step against plain transformers, and the loss step.
+
+Llama-3.2-1B shape (random weights, bf16), 4 rows x 2048 random tokens per step, 3 warm-up and 8 timed
+steps per variant (tokens/s: median [min-max]); then one loss forward + backward at 8,192 tokens x
+128,256 vocabulary for the full logits, our chunked loss, Liger Kernel and Cut Cross-Entropy (peak
+above the inputs, median of 7 calls). ``results/history/issue14_scouting.H200.json`` holds what a first
+draft of this script (the same variants, written inline) printed on an H200; notebooks 01 and 04
+measure the same comparisons in their committed runs.
+
+    python scripts/scout_full_step_and_losses.py OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
 import torch
-sys.path.insert(0, os.getcwd())
-from recipes_lib.core import hardware, models, train, losses, batches
-from recipes_lib.measure import memory, timing
 
-hw = hardware.detect()
-out = {}
-B, T = 4, 2048
+from recipes_lib.core import batches, hardware, losses, models, train
+from recipes_lib.measure import timing
 
-def batch():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(128000, (B, T), generator=g).to(hw.device)
-    return {"input_ids": ids, "labels": ids}
+ROWS, SEQ = 4, 2048
+HW = hardware.detect()
 
-def timed(step, n=8, warm=3):
-    for _ in range(warm): step()
-    t = [timing.seconds(step, hw.device) for _ in range(n)]
-    med = statistics.median(t)
-    return {"tok_s": B*T/med, "lo": B*T/max(t), "hi": B*T/min(t)}
 
-def run(name, fused_adam, fn):
+def tokens_per_s(step, timed: int = 8, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        step()
+    times = [timing.seconds(step, HW.device) for _ in range(timed)]
+    return {"tok_s": ROWS * SEQ / statistics.median(times), "lo": ROWS * SEQ / max(times),
+            "hi": ROWS * SEQ / min(times), "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def plain(model, optimizer, batch):
+    train.plain_step(model, optimizer, [batch])
+
+
+def unclipped_plain(model, optimizer, batch):
+    train.plain_step(model, optimizer, [batch], max_grad_norm=None)
+
+
+def ours(fused_head: bool, autocast: bool = True):
+    def step(model, optimizer, batch):
+        train.optimizer_step(model, optimizer, [batch], HW.amp_dtype if autocast else None, 1.0, fused_head)
+    return step
+
+
+def step_variant(step, fused_adamw: bool, batch: dict) -> dict:
     torch.manual_seed(0)
     model = models.load_model("random:llama-3.2-1b").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adam)
-    b = batch()
-    try:
-        r = timed(lambda: fn(model, opt, b))
-        r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-    except Exception as e:
-        r = {"error": repr(e)[:300]}
-    print(name, r, flush=True); out[name] = r
-    del model, opt; torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw)
+    row = tokens_per_s(lambda: step(model, optimizer, batch))
+    model.to("meta")  # free the weights before the next variant loads its own
+    optimizer.state.clear()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return row
 
-def plain(clip):
-    def f(model, opt, b):
-        loss = model(input_ids=b["input_ids"], labels=b["labels"], use_cache=False).loss
-        loss.backward()
-        if clip: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); opt.zero_grad(set_to_none=True)
-    return f
 
-def ours(fused_head, clip, amp=True):
-    def f(model, opt, b):
-        train.optimizer_step(model, opt, [b], hw.amp_dtype if amp else None, 1.0 if clip else None, fused_head)
-    return f
+def loss_variant(fn, tokens: int = 8192, vocab: int = 128256, hidden: int = 2048) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    w.requires_grad_()
+    y = torch.randint(vocab, (1, tokens), device="cuda", generator=gen)
 
-def ours_packed(fused_head):
-    docs = batches.random_documents(400, 128256, T // 8, T, seed=0)
-    import itertools
-    pk = next(iter(batches.packed_batches(docs, T, B, seed=0)))
-    pk = {k: v.to(hw.device) for k, v in pk.items()}
-    def f(model, opt, b):
-        train.optimizer_step(model, opt, [pk], hw.amp_dtype, 1.0, fused_head)
-    return f
-
-print(torch.__version__, flush=True)
-if "skip" not in sys.argv: run("plain foreach noclip", False, plain(False))
-if "skip" not in sys.argv: run("plain fused clip (Trainer defaults)", True, plain(True))
-if "skip" not in sys.argv: run("ours fusedhead clip foreach", False, ours(True, True))
-if "skip" not in sys.argv: run("ours fusedhead clip fused", True, ours(True, True))
-if "skip" not in sys.argv: run("ours fullhead clip fused", True, ours(False, True))
-if "skip" not in sys.argv: run("ours fullhead clip fused noamp", True, ours(False, True, amp=False))
-if "skip" not in sys.argv: run("ours fusedhead clip fused noamp", True, ours(True, True, amp=False))
-run("ours packed fusedhead", True, ours_packed(True))
-run("ours packed fullhead", True, ours_packed(False))
-
-# losses at 8192 x 128256 x 2048
-N, V, D = 8192, 128256, 2048
-def loss_bench(name, fn):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    w = (torch.randn(V, D, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02).requires_grad_()
-    y = torch.randint(V, (N,), device="cuda", generator=g)
     def step():
-        h.grad = None; w.grad = None
+        h.grad = w.grad = None
         fn(h, w, y).backward()
-    try:
-        for _ in range(2): step()
-        torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        t = [timing.seconds(step, hw.device) for _ in range(7)]
-        r = {"ms": 1e3*statistics.median(t), "lo": 1e3*min(t), "hi": 1e3*max(t),
-             "peak_above_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
-    except Exception as e:
-        r = {"error": traceback.format_exc()[-600:]}
-    print(name, r, flush=True); out["loss " + name] = r
 
-def std(h, w, y):
-    return torch.nn.functional.cross_entropy((h @ w.T).float(), y, reduction="sum")
-def chunked(h, w, y):
-    return losses.linear_cross_entropy(h[None], w, torch.nn.functional.pad(y, (1, 0))[None])
-loss_bench("standard", std)
-loss_bench("ours chunked", chunked)
-try:
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    lg = LigerFusedLinearCrossEntropyLoss(reduction="sum")
-    loss_bench("liger", lambda h, w, y: lg(w, h, y))
-except Exception: print(traceback.format_exc())
-try:
-    from cut_cross_entropy import linear_cross_entropy as cce
-    loss_bench("cce", lambda h, w, y: cce(h, w, y, reduction="sum"))
-except Exception: print(traceback.format_exc())
-json.dump(out, open(os.environ.get("OUT", "/tmp") + "/scout14.json", "w"), indent=1)
+    step()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = [timing.seconds(step, HW.device) for _ in range(7)]
+    return {"ms": 1e3 * statistics.median(times), "lo": 1e3 * min(times), "hi": 1e3 * max(times),
+            "peak_above_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
+
+
+def main(out: str) -> None:
+    ids = torch.randint(128000, (ROWS, SEQ), generator=torch.Generator().manual_seed(0)).to(HW.device)
+    rows_batch = {"input_ids": ids, "labels": ids}
+    docs = batches.random_documents(400, 128256, SEQ // 8, SEQ, seed=0)
+    packed = {k: v.to(HW.device) for k, v in next(iter(batches.packed_batches(docs, SEQ, ROWS))).items()}
+    variants = {
+        "plain foreach noclip": (unclipped_plain, False, rows_batch),
+        "plain fused clip (Trainer defaults)": (plain, True, rows_batch),
+        "ours fusedhead clip foreach": (ours(True), False, rows_batch),
+        "ours fusedhead clip fused": (ours(True), True, rows_batch),
+        "ours fullhead clip fused": (ours(False), True, rows_batch),
+        "ours fullhead clip fused noamp": (ours(False, autocast=False), True, rows_batch),
+        "ours packed fusedhead": (ours(True), True, packed),
+        "ours packed fullhead": (ours(False), True, packed),
+    }
+    results = {}
+    for name, (step, fused_adamw, batch) in variants.items():
+        results[name] = step_variant(step, fused_adamw, batch)
+        print(name, results[name], flush=True)
+    loss_fns = {"standard": lambda h, w, y: losses.cross_entropy_sum(h @ w.T, y),
+                "ours chunked": losses.linear_cross_entropy,
+                "liger": losses.liger_linear_cross_entropy, "cce": losses.cce_linear_cross_entropy}
+    for name, fn in loss_fns.items():
+        results["loss " + name] = loss_variant(fn)
+        print(name, results["loss " + name], flush=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "scout.json")
