@@ -4,6 +4,7 @@ validation split, the error messages, and the resumable micro-batch stream (pack
 from __future__ import annotations
 
 import importlib.util
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -248,7 +249,8 @@ def test_empty_dataset_and_empty_after_filtering(tmp_path, tok):
 
 
 def test_chat_without_template_says_how_to_fix(tok):
-    assert tok.chat_template is None
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None  # the embedded tokenizer ships one: take it away
     with pytest.raises(RecipeError, match="chat template.*set tokenizer.chat_template.*format: prompt_resp"):
         load_documents(cfg(source=str(ROOT / "data/instruct_chat.jsonl"), format="chat"), tok)
 

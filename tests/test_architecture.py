@@ -17,6 +17,8 @@ LAYERS = {
     "attention": {"core", "measure"},
     "long_context": {"core", "measure", "attention"},
     "top": {"core", "measure", "memory", "parallel", "inference", "attention", "long_context", "top"},
+    # the `recipes` command: the application over every layer (nothing imports it)
+    "app": {"core", "measure", "memory", "parallel", "inference", "attention", "long_context", "top"},
 }
 # measure holds the harnesses that time the techniques (decode, attention kernels): they may use them.
 MEASURE_USES = {"attention", "inference"}
@@ -24,6 +26,8 @@ MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 
 def _layer(path: Path) -> str:
+    if path.name == "__main__.py":  # `python -m recipes_lib`: the command line's entry point
+        return "app"
     parts = path.relative_to(PACKAGE).parts
     return parts[0] if len(parts) > 1 else "top"
 

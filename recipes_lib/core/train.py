@@ -140,13 +140,20 @@ def _chunks(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict],
                    autocast_dtype: torch.dtype | None = None, max_grad_norm: float | None = 1.0,
                    fused_head: bool = True, scaler: torch.amp.GradScaler | None = None,
-                   loss_fn: LossFn | None = None) -> float:
-    """One optimizer step: accumulate over ``micro_batches``, clip, step, zero; returns the step's loss."""
+                   loss_fn: LossFn | None = None, grad_norms: list | None = None) -> float:
+    """One optimizer step: accumulate over ``micro_batches``, clip, step, zero; returns the step's loss.
+
+    ``grad_norms``: a list that gets the step's gradient norm before clipping (a device tensor: read it
+    when you log, not every step).
+    """
     loss = accumulate_gradients(model, micro_batches, autocast_dtype, fused_head, scaler, loss_fn)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
+        if grad_norms is not None:
+            grad_norms.append(norm.detach())
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -8,7 +8,7 @@ about 0.5 byte (NF4, 64-value blocks, double-quantized scales: +0.127 bit/param)
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from ..core.models import DEFAULT_MODEL, load_model
 
@@ -64,3 +64,8 @@ def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dr
             model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return get_peft_model(model, lora_config(r, alpha, dropout))
+
+
+def load_adapter(base, path):
+    """``base`` with the adapters saved (``save_pretrained``) in ``path``, for inference or merging."""
+    return PeftModel.from_pretrained(base, str(path))

@@ -1,0 +1,104 @@
+"""Checkpoints a run can resume from exactly, written atomically, the last K kept.
+
+A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding the trained weights (the
+adapters only, for LoRA and QLoRA), the optimizer, scheduler and loss-scaler states, every RNG state,
+the data position and the run's config. It is written to a temporary folder and renamed into place,
+so a run killed during a save leaves the previous checkpoint whole. ``load`` refuses a checkpoint
+whose config differs from the run's in anything but how long, how often and where it logs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import RecipeError
+from . import config as config_
+
+PREFIX = "checkpoint-"
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes: all of them, or the adapters only."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(out_dir: str | Path, step: int, model, optimizer, scheduler, scaler, cfg: config_.RunConfig,
+         data_position: int, keep_last: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then delete all but the ``keep_last`` newest."""
+    out_dir = Path(out_dir)
+    final = out_dir / f"{PREFIX}{step:07d}"
+    tmp = out_dir / f".tmp-{PREFIX}{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(trained_state(model), tmp / "model.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
+                "step": step, "data_position": data_position, "config": cfg.model_dump()}, tmp / "state.pt")
+    with open(tmp / "state.pt", "rb") as f:  # on disk before the rename makes it the latest
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in ``out_dir``, oldest first (half-written ``.tmp-`` folders excluded)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.glob(f"{PREFIX}*") if (p / "state.pt").is_file())
+
+
+def latest(out_dir: str | Path) -> Path | None:
+    found = checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def load(path: str | Path, model, optimizer, scheduler, scaler, cfg: config_.RunConfig) -> dict:
+    """Restore a checkpoint into the run's objects; returns ``{"step", "data_position"}``."""
+    path = Path(path)
+    if not (path / "state.pt").is_file():
+        raise RecipeError(f"{path} is not a checkpoint (no state.pt): pass a {PREFIX}<step> folder")
+    state = torch.load(path / "state.pt", weights_only=False)
+    changed = config_.differences(state["config"], cfg)
+    if changed:
+        raise RecipeError(f"{path} was saved by another configuration; these keys differ:\n  "
+                          + "\n  ".join(changed) + "\nresume with the config it was saved with, or start "
+                          "a new run in another output.dir")
+    weights = torch.load(path / "model.pt", weights_only=True)
+    params = dict(model.named_parameters())
+    missing = set(weights) - set(params)
+    if missing:
+        raise RecipeError(f"{path} holds weights this model lacks: {sorted(missing)[:3]} ...")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return {"step": state["step"], "data_position": state["data_position"]}

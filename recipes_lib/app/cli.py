@@ -1,0 +1,53 @@
+"""The ``recipes`` command line: ``recipes train CONFIG [key=value ...] [--resume PATH]``.
+
+Also ``python -m recipes_lib train ...``, which is what ``torchrun`` and ``accelerate launch`` start.
+``recipes train --help`` lists every configuration key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..core.errors import RecipeError
+from . import config, trainer
+
+USAGE = """recipes train CONFIG [key=value ...] [--resume PATH]
+
+  CONFIG       a YAML file (configs/ has examples; configs/reference.yaml lists every key)
+  key=value    overrides: a dotted key (optim.lr=1e-4) or a key only one section has (lr=1e-4)
+  --resume     continue from this checkpoint folder (or set checkpoint.resume=true to take the latest)
+  --print-config  print the validated config and exit
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recipes", description="Measured LLM training recipes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_cmd = commands.add_parser("train", usage=USAGE, add_help=False,
+                                    help="fine-tune a model as a config file says")
+    train_cmd.add_argument("config", nargs="?")
+    train_cmd.add_argument("overrides", nargs="*")
+    train_cmd.add_argument("--resume", default=None)
+    train_cmd.add_argument("--print-config", action="store_true")
+    train_cmd.add_argument("-h", "--help", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.help or args.config is None:
+        print(USAGE + "\nEvery key, with its default:\n\n" + config.reference_yaml())
+        return 0 if args.help else 2
+    try:
+        cfg = config.load(args.config, args.overrides)
+        if args.print_config:
+            print(json.dumps(cfg.model_dump(), indent=1))
+            return 0
+        summary = trainer.run(cfg, resume_from=args.resume)
+    except RecipeError as error:
+        print(f"recipes train: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
