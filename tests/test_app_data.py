@@ -3,8 +3,8 @@ validation split, the error messages, and the resumable micro-batch stream (pack
 
 from __future__ import annotations
 
-import importlib.util
 import copy
+import importlib.util
 import json
 import warnings
 from pathlib import Path
