@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--chat-rows", type=int, default=200)
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(instruct_rows(args.rows, seed=15), args.out / "instruct.jsonl")
     write_jsonl(chat_rows(args.chat_rows, seed=16), args.out / "instruct_chat.jsonl")
 
