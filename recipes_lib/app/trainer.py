@@ -80,9 +80,12 @@ def build_optimizer(cfg: RunConfig, model, hw: hardware.Hardware):
                              fused=hw.cuda or None)
 
 
-def _counted(batches: Iterator[dict], counter: list[int]) -> Iterator[dict]:
+def _counted(batches: Iterator[dict], counter: list[int], pad_id: int) -> Iterator[dict]:
+    """``batches``, adding each one's real tokens to ``counter`` (a packed row's padded tail is not
+    counted: the tokens that are not ``pad_id``, where there is no attention mask)."""
     for batch in batches:
-        counter[0] += train.real_tokens(batch)
+        mask = batch.get("attention_mask")
+        counter[0] += int(mask.sum()) if mask is not None else int((batch["input_ids"] != pad_id).sum())
         yield batch
 
 
@@ -168,7 +171,8 @@ def run(cfg: RunConfig, resume_from: str | None = None) -> dict:
                           f"raise train.max_steps to train further")
     tokens = [0]
     batches = _counted(data.micro_batches(train_docs, cfg.data, cfg.train.micro_batch, tokenizer.pad_token_id,
-                                          epoch_seed=cfg.train.seed, skip=start["data_position"]), tokens)
+                                          epoch_seed=cfg.train.seed, skip=start["data_position"]), tokens,
+                       tokenizer.pad_token_id)
     norms: list[torch.Tensor] = []
     step_fn = functools.partial(train.optimizer_step, autocast_dtype=autocast_dtype,
                                 max_grad_norm=cfg.optim.max_grad_norm, fused_head=cfg.model.chunked_loss,
