@@ -32,11 +32,13 @@
 #   centring; it costs a short healing fine-tune.
 #
 # Every generation speed comes from one harness (`recipes_lib.measure.decode`): a static KV cache, a
-# warm-up, a decode step compiled into a CUDA graph on a GPU, CUDA-event timing, the median of
-# repeats, with prompt and generation lengths printed beside each figure. On a GPU, speed runs use
-# a Llama-3.2-1B-shaped model (random weights: speed does not depend on the values); quality comes
-# from the embedded tiny models, which have learned their tasks. On a CPU the same code runs small,
-# so CI checks every claim.
+# warm-up, a decode step compiled into a CUDA graph on a GPU, CUDA-event timing, the median of five
+# timed repeats with their min-max, and prompt and generation lengths printed beside each figure. A
+# ratio of two speeds comes with its range (slowest over fastest, fastest over slowest:
+# `bench.describe_ratio`); where that range takes in 1.0 it reads "no measurable difference". On a
+# GPU, speed runs use a Llama-3.2-1B-shaped model (random weights: speed does not depend on the
+# values); quality comes from the embedded tiny models, which have learned their tasks. On a CPU the
+# same code runs small, so CI checks every claim.
 
 # %% [markdown]
 # ## Setup
@@ -55,13 +57,13 @@ if "google.colab" in sys.modules and importlib.util.find_spec("recipes_lib") is 
 PROFILE = "auto"  # "cpu": CI-sized on the embedded models; "gpu": Llama-3.2-1B shape; "auto": gpu if CUDA
 MODEL = None      # override the profile's speed model: a hub id, a local path, or random:<shape>
 PROFILES = {
-    "cpu": dict(model="data/tiny-llama", prompt_len=32, new_tokens=16, batches=[1, 4], repeats=3,
+    "cpu": dict(model="data/tiny-llama", prompt_len=32, new_tokens=16, batches=[1, 4], repeats=5,
                 slow_new_tokens=8, eval_examples=40, distill_steps=30, distill_batch=16, distill_lr=1e-3,
                 distill_examples=480, student_layers=2,
                 attention_seq_lens=[64, 128, 256], attention_heads=4, attention_head_dim=32,
                 e2e_prompt_len=128, norm_rows=1024, heal_steps=30, heal_batch=16,
                 e2e_norm_shape=None, e2e_norm_batch=4, e2e_norm_seq=128),
-    "gpu": dict(model="random:llama-3.2-1b", prompt_len=512, new_tokens=64, batches=[1, 16], repeats=3,
+    "gpu": dict(model="random:llama-3.2-1b", prompt_len=512, new_tokens=64, batches=[1, 16], repeats=5,
                 slow_new_tokens=16, eval_examples=200, distill_steps=3000, distill_batch=256, distill_lr=2e-3,
                 distill_examples=256_000, student_layers=2,
                 attention_seq_lens=[1024, 2048, 4096, 8192], attention_heads=32,
@@ -96,7 +98,7 @@ from recipes_lib import plots, results
 from recipes_lib.attention import kernels
 from recipes_lib.core import batches, errors, models, tasks, train
 from recipes_lib.inference import distill, norms, quantize
-from recipes_lib.measure import attention_bench, decode, memory, norm_bench, quality, timing
+from recipes_lib.measure import attention_bench, bench, decode, memory, norm_bench, quality, timing
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
 
@@ -205,18 +207,20 @@ for i, backend in enumerate(WO_BACKENDS):  # the second path at batch 1 only: ea
                                                        batch_sizes=None if i == 0 else P["batches"][:1])
 
 # %%
-speed["bf16 eager"] = run_speed(f"{BF16} eager", compile=False, new_tokens=P["slow_new_tokens"], repeats=2)
+speed["bf16 eager"] = run_speed(f"{BF16} eager", compile=False, new_tokens=P["slow_new_tokens"])
 speed["LLM.int8() eager"] = run_speed("LLM.int8() eager", "int8", compile=False,
-                                      new_tokens=P["slow_new_tokens"], repeats=2)
+                                      new_tokens=P["slow_new_tokens"])
 print("protocol:", decode.describe(speed["bf16"][0]), "|", decode.describe(speed["bf16"][1]))
 
 # %%
 display(pd.DataFrame(decode.table(sum(speed.values(), []))).set_index("method"))
 b1 = {k: rows[0] for k, rows in speed.items()}
-wo_speedups = {b: b1[f"int8 weight-only ({b})"]["decode_tokens_per_s"] / b1["bf16"]["decode_tokens_per_s"]
-               for b in WO_BACKENDS}
-best_wo = max(wo_speedups, key=wo_speedups.get)  # the int8 weight-only path this GPU runs fastest
-decode_speedup = wo_speedups[best_wo]
+# each ratio of decode tokens/s at batch 1: median over median, and its min-max over the timed repeats
+wo_ratios = {b: decode.speed_ratio(b1[f"int8 weight-only ({b})"], b1["bf16"]) for b in WO_BACKENDS}
+best_wo = max(wo_ratios, key=lambda b: wo_ratios[b][0])  # the int8 weight-only path this GPU runs fastest
+decode_speedup = wo_ratios[best_wo][0]
+ratios = {"int8 weight-only": wo_ratios[best_wo],  # the headline ratios with their min-max, saved at the end
+          "LLM.int8()": decode.speed_ratio(b1["LLM.int8() eager"], b1["bf16 eager"])}
 WO_KEY = f"int8 weight-only ({best_wo})"
 slow = sum((decode.slower(rows, speed["bf16 eager" if "eager" in key else "bf16"])
             for key, rows in speed.items()), [])
@@ -246,11 +250,10 @@ print("\n".join(slow) or "every row at least 0.95x its bf16 baseline")
 # %%
 assert speed[WO_KEY][0]["weight_bytes"] < 0.8 * speed["bf16"][0]["weight_bytes"], \
     "int8 weight-only should hold far fewer weight bytes"
-for backend, speedup in wo_speedups.items():
-    report(f"int8 weight-only ({backend}) vs bf16",
-           **{"decode speed-up at batch 1": speedup,
+for backend, ratio in wo_ratios.items():
+    report(f"int8 weight-only ({backend}) vs bf16", **{"batch-1 decode": bench.describe_ratio(*ratio),
               "perplexity change %": 100 * ppl_delta[f"int8 weight-only ({backend})"]})
-targets.check("int8 weight-only decode at batch 1 >= 1.5x bf16", f"{decode_speedup:.2f}x",
+targets.check("int8 weight-only decode at batch 1 >= 1.5x bf16", bench.describe_ratio(*wo_ratios[best_wo]),
               decode_speedup >= 1.5)
 targets.check("int8 weight-only perplexity within 1% relative", f"{100 * ppl_delta[WO_KEY]:+.2f}%",
               abs(ppl_delta[WO_KEY]) <= 0.01)
@@ -332,11 +335,12 @@ kd_speed = {f"{role} ({depth} layers)": decode.report_row(decode.benchmark(
 del speed_teacher, speed_student
 memory.free_memory()
 teacher_speed, student_speed = kd_speed.values()
-student_speedup = student_speed["decode_tokens_per_s"] / teacher_speed["decode_tokens_per_s"]
+ratios["student"] = decode.speed_ratio(student_speed, teacher_speed)  # median ratio, min, max
+student_speedup = ratios["student"][0]
 kept = kd_quality["distilled (KL + CE)"]["accuracy"] / kd_quality["teacher"]["accuracy"]
 ce_kept = kd_quality["CE only"]["accuracy"] / kd_quality["teacher"]["accuracy"]
-report("distilled student", **{"decode speed-up": student_speedup, "teacher accuracy kept": kept,
-                               "CE-only kept": ce_kept})
+report("distilled student", **{"decode speed-up": bench.describe_ratio(*ratios["student"]),
+                               "teacher accuracy kept": kept, "CE-only kept": ce_kept})
 # A decode step = a fixed part (embedding, final norm, the LM head over the whole vocabulary, the
 # argmax) + a part per layer. The two depths give both; halving the layers halves only the second.
 step_model = decode.step_split(teacher_speed, student_speed, speed_depths)
@@ -350,15 +354,14 @@ assert kd["answer_perplexity"] < ce["answer_perplexity"], \
 assert kd["accuracy"] >= ce["accuracy"], \
     "the distilled student should score at least as well as the CE-only student"
 assert student_speedup > 1.0, "the student (fewer layers) should decode faster"
-targets.check("distilled student decode >= 2x the teacher (batch 1)", f"{student_speedup:.2f}x",
-              student_speedup >= 2)
+targets.check("distilled student decode >= 2x the teacher (batch 1)",
+              bench.describe_ratio(*ratios["student"]), student_speedup >= 2)
 targets.check("distilled student keeps >= 95% of teacher accuracy", f"{kept:.1%}", kept >= 0.95)
 
 # %%
 plots.side_by_side([
     (plots.value_bars, dict(names=list(kd_quality), values=[q["accuracy"] for q in kd_quality.values()],
-                            fmt="{:.2f}",
-                            ylabel="mean task score (exact match / ROUGE-1)",
+                            fmt="{:.2f}", ylabel="mean task score (exact match / ROUGE-1)",
                             title="distillation keeps more of the teacher's accuracy")),
     (plots.value_bars, dict(names=list(kd_speed),
                             values=[r["decode_tokens_per_s"] for r in kd_speed.values()],
@@ -436,6 +439,7 @@ matmul_tflops = timing.matmul_peak(hw.device, n=8192 if hw.cuda else 1024, dtype
 report("measured matmul peak", **{"TFLOP/s": matmul_tflops, "dtype": str(dtype)})
 for name, row in at_longest.items():
     report(f"{name} @ {longest}", **{"TFLOP/s": row["tflops"], "peak MiB": row["peak_bytes"] / 2**20,
+                                     "TFLOP/s min-max": f"{row['tflops_min']:.3g}-{row['tflops_max']:.3g}",
                                      "% of matmul peak": 100 * row["tflops"] / matmul_tflops})
 
 # %%
@@ -445,8 +449,9 @@ assert all(at_longest[n]["peak_bytes"] < at_longest["eager"]["peak_bytes"] for n
     "fused kernels should need less memory than eager attention, which writes the score matrix"
 attention_fraction = at_longest[best_fused]["tflops"] / matmul_tflops if best_fused else None
 targets.check(f"best of SDPA flash/cuDNN forward at seq {longest} >= 50% of the measured matmul peak",
-              f"{best_fused}: {attention_fraction:.1%} of {matmul_tflops:.0f} TFLOP/s" if best_fused
-              else "no kernel",
+              f"{best_fused}: {attention_fraction:.1%} of {matmul_tflops:.0f} TFLOP/s (TFLOP/s "
+              f"{at_longest[best_fused]['tflops_min']:.3g}-{at_longest[best_fused]['tflops_max']:.3g})"
+              if best_fused else "no kernel",
               attention_fraction is not None and attention_fraction >= 0.5)
 
 # %%
@@ -469,8 +474,8 @@ plt.show()
 # %%
 def e2e_speed(implementation):
     model = models.load_model(P["model"], attn_implementation=implementation)
-    row = decode.benchmark(model, hw, 1, P["e2e_prompt_len"], P["slow_new_tokens"], compile=False, repeats=2,
-                           warmup=1, name=f"attention: {implementation}")
+    row = decode.benchmark(model, hw, 1, P["e2e_prompt_len"], P["slow_new_tokens"], compile=False,
+                           repeats=P["repeats"], warmup=1, name=f"attention: {implementation}")
     return decode.report_row(row)
 
 
@@ -478,9 +483,8 @@ flash_attention_2 = ["flash_attention_2"] if hw.cuda and kernels.flash_attn_inst
 e2e_attention = {name: e2e_speed(name) for name in ["eager", "sdpa", *flash_attention_2]}
 memory.free_memory()
 e2e_sdpa, e2e_eager = e2e_attention["sdpa"], e2e_attention["eager"]
-e2e_prefill_speedup = e2e_sdpa["prefill_tokens_per_s"] / e2e_eager["prefill_tokens_per_s"]
-report("SDPA vs eager end to end", **{"prefill speed-up": e2e_prefill_speedup, "decode speed-up":
-                                      e2e_sdpa["decode_tokens_per_s"] / e2e_eager["decode_tokens_per_s"]})
+ratios |= {f"SDPA {phase}": decode.speed_ratio(e2e_sdpa, e2e_eager, phase) for phase in ("prefill", "decode")}
+report("SDPA vs eager end to end", **{k: bench.describe_ratio(*v) for k, v in ratios.items() if "SDPA" in k})
 
 # %% [markdown]
 # ## 4 · LayerNorm -> RMSNorm
@@ -554,19 +558,19 @@ targets.check("perplexity after healing within 2% of the LayerNorm original", f"
 # %%
 bandwidth = timing.copy_bandwidth(hw.device, n_bytes=2**30 if hw.cuda else 2**26)
 floor_s = norm_bench.bytes_moved(P["norm_rows"], NORM_HIDDEN, dtype) / bandwidth
-norm_times = {name: norm_bench.forward_backward_seconds(fn, P["norm_rows"], NORM_HIDDEN, hw.device, dtype)
+norm_times = {name: norm_bench.forward_backward_timing(fn, P["norm_rows"], NORM_HIDDEN, hw.device, dtype)
               for name, fn in norms.norm_functions(NORM_HIDDEN, hw.device, dtype, compile=hw.cuda).items()}
 report("memory-bandwidth floor", **{"copy GB/s": bandwidth / 1e9, "floor ms": floor_s * 1e3,
                                     "rows": P["norm_rows"]})
-for name, seconds in norm_times.items():
-    report(name, **{"fwd+bwd ms": seconds * 1e3, "x floor": seconds / floor_s})
+for name, t in norm_times.items():  # the time's median [min-max], and the same over the floor
+    report(name, **{"fwd+bwd": str(t), "x floor": bench.describe_ratio(*t.over(floor_s))})
 if "RMSNorm (Triton)" in norm_times:  # our kernels against the formula, forward and both gradients
     triton_errors = norms.triton_errors(NORM_HIDDEN, hw.device, dtype)
     report("Triton RMSNorm vs fp64 formula", **{f"max |error| {k}": v for k, v in triton_errors.items()})
 
 # %%
 if hw.cuda:  # on CPU, F.rms_norm may itself be the written-out formula
-    assert norm_times["RMSNorm (F.rms_norm)"] < norm_times["RMSNorm (eager formula)"], \
+    assert norm_times["RMSNorm (F.rms_norm)"].median < norm_times["RMSNorm (eager formula)"].median, \
         "one fused kernel should beat the written-out formula"
 if "RMSNorm (Triton)" in norm_times:  # bf16 outputs: a few ulps of values up to ~4; dw sums 4096 rows in fp32
     assert triton_errors["y"] < 0.05 and triton_errors["dx"] < 0.05 \
@@ -574,10 +578,11 @@ if "RMSNorm (Triton)" in norm_times:  # bf16 outputs: a few ulps of values up to
         f"the Triton RMSNorm must compute the formula and its gradients: {triton_errors}"
 fused_kernels = [n for n in ("RMSNorm (F.rms_norm)", "RMSNorm (compiled)", "RMSNorm (Triton)")
                  if n in norm_times]
-fused_name = min(fused_kernels, key=norm_times.get)
-fused_vs_floor = norm_times[fused_name] / floor_s
+fused_name = min(fused_kernels, key=lambda n: norm_times[n].median)
+fused_vs_floor, *floor_range = norm_times[fused_name].over(floor_s)
 targets.check("fused RMSNorm fwd+bwd within 1.5x of the bandwidth floor (fastest fused kernel)",
-              f"{fused_name}: {fused_vs_floor:.2f}x floor", fused_vs_floor <= 1.5)
+              f"{fused_name}: {bench.describe_ratio(fused_vs_floor, *floor_range)} the floor",
+              fused_vs_floor <= 1.5)
 
 # %% [markdown]
 # End to end: one training step (forward + backward) of a GPT-2-shaped model with LayerNorm, with
@@ -587,22 +592,24 @@ targets.check("fused RMSNorm fwd+bwd within 1.5x of the bandwidth floor (fastest
 # %%
 e2e_model = (GPT2LMHeadModel(GPT2Config(**P["e2e_norm_shape"])).to(hw.device, hw.model_dtype)
              if P["e2e_norm_shape"] else models.load_model(LAYERNORM_MODEL))
-step_seconds = functools.partial(norm_bench.train_step_seconds, e2e_model, P["e2e_norm_batch"],
+step_seconds = functools.partial(norm_bench.train_step_timing, e2e_model, P["e2e_norm_batch"],
                                  P["e2e_norm_seq"])
 e2e_norm = {"LayerNorm": step_seconds()}
 norms.swap_layernorm(e2e_model)
 e2e_norm["RMSNorm (written out)"] = step_seconds()
 norms.set_fused(e2e_model, True)
 e2e_norm["RMSNorm (F.rms_norm)"] = step_seconds()
-for name, seconds in e2e_norm.items():
-    report(name, **{"step ms": seconds * 1e3, "tokens/s": P["e2e_norm_batch"] * P["e2e_norm_seq"] / seconds,
-                    "vs LayerNorm": e2e_norm["LayerNorm"] / seconds})
+n_tok = P["e2e_norm_batch"] * P["e2e_norm_seq"]  # tokens per step
+for name, t in e2e_norm.items():  # the median step [min-max], its tokens/s, its speed against LayerNorm's
+    ratios[f"{name} step"] = bench.speed_ratio(t.per_second(n_tok), e2e_norm["LayerNorm"].per_second(n_tok))
+    report(name, **{"step": str(t), "tokens/s": n_tok / t.median,
+                    "vs LayerNorm": bench.describe_ratio(*ratios[f"{name} step"])})
 del e2e_model, step_seconds
 memory.free_memory()
 
 # %%
 plots.side_by_side([
-    (plots.floor_bars, dict(names=list(norm_times), values=[t * 1e3 for t in norm_times.values()],
+    (plots.floor_bars, dict(names=list(norm_times), values=[t.median * 1e3 for t in norm_times.values()],
                             floor=floor_s * 1e3, floor_label="bandwidth floor",
                             ylabel="forward + backward (ms)",
                             title=f"{fused_name}: {fused_vs_floor:.2f}x the memory floor")),
@@ -652,19 +659,18 @@ assert fallback is None and bnb_warnings, "missing bitsandbytes should warn and 
 # ## The recipes side by side, and the saved figures
 
 # %%
-bnb_speedup = b1["LLM.int8() eager"]["decode_tokens_per_s"] / b1["bf16 eager"]["decode_tokens_per_s"]
-norm_speedup = e2e_norm["LayerNorm"] / e2e_norm["RMSNorm (F.rms_norm)"]
+said = {name: bench.describe_ratio(*ratio) for name, ratio in ratios.items()}  # median [min-max]
 display(pd.DataFrame([
-    {"recipe": "int8 weight-only", "speed-up": f"{decode_speedup:.2f}x decode (batch 1)",
+    {"recipe": "int8 weight-only", "speed-up": f"{said['int8 weight-only']} decode (batch 1)",
      "quality": f"perplexity {100 * ppl_delta[WO_KEY]:+.2f}%"},
-    {"recipe": "LLM.int8()", "speed-up": f"{bnb_speedup:.2f}x decode vs eager bf16",
+    {"recipe": "LLM.int8()", "speed-up": f"{said['LLM.int8()']} decode vs eager bf16",
      "quality": f"perplexity {100 * ppl_delta['LLM.int8() (bitsandbytes)']:+.2f}%"},
-    {"recipe": "distilled student", "speed-up": f"{student_speedup:.2f}x decode (batch 1)",
+    {"recipe": "distilled student", "speed-up": f"{said['student']} decode (batch 1)",
      "quality": f"{kept:.1%} of teacher accuracy"},
     {"recipe": f"SDPA ({best_fused or 'fused'}) vs eager attention",
-     "speed-up": f"{e2e_prefill_speedup:.2f}x prefill at {P['e2e_prompt_len']} tokens",
+     "speed-up": f"{said['SDPA prefill']} prefill at {P['e2e_prompt_len']} tokens",
      "quality": f"max error {max(e for n, e in attention_errors.items() if n != 'eager'):.1e}"},
-    {"recipe": "RMSNorm (fused) vs LayerNorm", "speed-up": f"{norm_speedup:.2f}x train step",
+    {"recipe": "RMSNorm (fused) vs LayerNorm", "speed-up": f"{said['RMSNorm (F.rms_norm) step']} train step",
      "quality": f"perplexity {100 * heal_gap:+.2f}% after healing"},
 ]).set_index("recipe"))
 
@@ -685,11 +691,10 @@ board = [
 ]
 figures = {"int8_speed": speed, "int8_quality": quality_rows, "int8_linear_bytes_ratio": linear_ratio,
            "int8_perplexity_delta": ppl_delta, "int8_decode_speedup": decode_speedup,
-           "int8_decode_speedup_by_backend": wo_speedups, "distill_quality": kd_quality,
-           "distill_speed": kd_speed,
-           "student_speedup": student_speedup, "accuracy_kept": kept, "decode_step_model": step_model,
-           "attention_errors": attention_errors, "attention_sweep": sweep,
-           "matmul_peak_tflops": matmul_tflops,
+           "int8_decode_speedup_by_backend": wo_ratios, "distill_quality": kd_quality,
+           "distill_speed": kd_speed, "student_speedup": student_speedup, "ratios_min_max": ratios,
+           "accuracy_kept": kept, "decode_step_model": step_model, "attention_errors": attention_errors,
+           "attention_sweep": sweep, "matmul_peak_tflops": matmul_tflops,
            "attention_best_fused": best_fused, "attention_fraction_of_matmul_peak": attention_fraction,
            "attention_end_to_end": e2e_attention, "layernorm_quality": ln_quality, "heal_gap": heal_gap,
            "norm_fwd_bwd_seconds": norm_times, "norm_floor_seconds": floor_s, "copy_bandwidth": bandwidth,

@@ -97,6 +97,9 @@ def test_time_attention_eager_memory_grows_as_scores():
             for n, b in [(128, 1), (256, 1), (256, 2)]]
     assert not any(r["oom"] for r in rows)
     assert all(r["seconds_min"] <= r["seconds"] <= r["seconds_max"] for r in rows)
+    # TFLOP/s at the slowest and the fastest call: the same FLOPs over the longest and shortest time
+    assert all(r["tflops_min"] / r["tflops"] == pytest.approx(r["seconds"] / r["seconds_max"]) for r in rows)
+    assert all(r["tflops_max"] / r["tflops"] == pytest.approx(r["seconds"] / r["seconds_min"]) for r in rows)
     scores = [2 * b * n * n * 4 for n, b in [(128, 1), (256, 1), (256, 2)]]  # fp32 [batch, heads, n, n]
     assert all(s <= r["peak_bytes"] <= 4 * s for s, r in zip(scores, rows))
     assert 3.5 < rows[1]["peak_bytes"] / rows[0]["peak_bytes"] < 4.5  # quadratic in the length

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -23,10 +24,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from transformers import AutoConfig
 
 from recipes_lib.core import losses, models, train
 from recipes_lib.core.errors import RecipeError
-from recipes_lib.measure import predict
+from recipes_lib.measure import predict, timing
 from recipes_lib.parallel import batches, context, launcher, model_parallel, run, runs, step, zero
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +51,22 @@ def single_run(tiny_model_dir, tmp_path_factory):
     return result, torch.load(out)
 
 
+def test_timed_run_reports_each_step_and_the_spread_of_tokens_per_s(tiny_model_dir):
+    args = run.parse_args(["--model", tiny_model_dir, "--strategy", "single", "--steps", "6", "--warmup", "1",
+                           "--global-batch", "4", "--seq-len", "32", "--full-rows"])
+    result = run.main(args, timer=timing.stepper)
+    times, tokens = result["step_times"], result["tokens_per_step"]
+    assert len(times) == 5 and result["step_seconds"] == statistics.median(times)  # warm-up step left out
+    assert (result["step_seconds_min"], result["step_seconds_max"]) == (min(times), max(times))
+    assert result["tokens_per_s_min"] == tokens / max(times) < tokens / min(times) \
+        == result["tokens_per_s_max"]
+    per_gpu = runs.throughput(result | {"gpus": 2}, AutoConfig.from_pretrained(tiny_model_dir), None)
+    assert per_gpu["tokens_per_s_per_gpu_min"] == result["tokens_per_s_min"] / 2
+    assert runs.per_gpu_spread(per_gpu) == f"{tokens / max(times) / 2:,.0f}-{tokens / min(times) / 2:,.0f}"
+    assert run.main(run.parse_args(["--model", tiny_model_dir, "--strategy", "single", "--steps", "2"])
+                    )["tokens_per_s_max"] is None  # no timer: no times
+
+
 def test_ranks_hold_different_numbers_of_target_tokens(tiny_model_dir):
     """The equivalence below is only a test of token normalisation if the ranks' token counts differ."""
     args = run.parse_args(_script_args(tiny_model_dir, "fsdp2", Path("unused")))
@@ -66,8 +84,11 @@ def test_two_processes_match_single_process(strategy, port, single_run, tiny_mod
     results = launcher.launch(SCRIPT, 2, _script_args(tiny_model_dir, strategy, out), timeout_s=60,
                               port=launcher.free_port() if port else None, echo=False)
     assert [r["rank"] for r in results] == [0, 1]
+    # the script times every step on every rank; the first (--warmup 1) is left out of the spread
+    assert [len(times) for times in runs.rank0(results, 2)["rank_step_times"]] == [2, 2]
     for result in results:
         assert result["strategy"] == strategy and result["world_size"] == 2
+        assert result["tokens_per_s_min"] <= result["tokens_per_s"] <= result["tokens_per_s_max"]
         torch.testing.assert_close(result["losses"], reference["losses"], rtol=LOSS_RTOL, atol=0)
         # The norm of the reduced gradient: a mean over ranks instead of the sum would halve it.
         torch.testing.assert_close(result["grad_norms"], reference["grad_norms"], rtol=LOSS_RTOL, atol=0)
@@ -286,7 +307,7 @@ def test_script_args_are_what_the_script_parses():
 
 def test_rank0_refuses_missing_ranks_and_disagreeing_losses():
     results = [{"rank": 0, "world_size": 2, "losses": [1.0]}, {"rank": 1, "world_size": 2, "losses": [1.0]}]
-    assert runs.rank0(results, 2) is results[0]
+    assert runs.rank0(results, 2) == results[0] | {"rank_step_times": [None, None]}  # untimed results
     with pytest.raises(RecipeError, match="each of 2 ranks"):
         runs.rank0(results[:1], 2)
     with pytest.raises(RecipeError, match="different global losses"):

@@ -6,7 +6,7 @@ from conftest import tiny_model
 
 from recipes_lib.core import hardware
 from recipes_lib.inference import generate
-from recipes_lib.measure import decode
+from recipes_lib.measure import bench, decode
 
 
 def test_decode_loop_matches_generate():
@@ -24,6 +24,31 @@ def test_benchmark_record():
     assert row["compiled"] is False and row["batch"] == 2 and row["new_tokens"] == 4
     assert row["decode_tokens_per_s"] == 2 * 4 / row["decode_s"] > 0
     assert "static KV cache" in decode.describe(row) and "median of 2" in decode.describe(row)
+
+
+def test_benchmark_rows_carry_the_spread_of_their_timed_repeats():
+    row = decode.benchmark(tiny_model(), hardware.detect("cpu"), batch=2, prompt_len=8, new_tokens=4,
+                           repeats=5, warmup=1, name="tiny")
+    for phase in ("prefill", "decode"):  # slowest repeat <= median <= fastest, in tokens/s
+        assert 0 < row[f"{phase}_tokens_per_s_min"] <= row[f"{phase}_tokens_per_s"] \
+            <= row[f"{phase}_tokens_per_s_max"]
+    assert row["decode_tokens_per_s_min"] < row["decode_tokens_per_s_max"]  # five timings never all equal
+    record = decode.table([row])[0]
+    low, high = row["decode_tokens_per_s_min"], row["decode_tokens_per_s_max"]
+    assert record["decode min-max"] == f"{low:,.0f}-{high:,.0f}"
+    assert record["prefill min-max"].startswith(f"{row['prefill_tokens_per_s_min']:,.0f}-")
+
+
+def test_speed_ratio_of_decode_rows_spans_slowest_over_fastest():
+    def row(median, low, high):  # prefill twice as fast as decode
+        return {f"{phase}_tokens_per_s{end}": scale * value
+                for phase, scale in (("decode", 1), ("prefill", 2))
+                for end, value in (("", median), ("_min", low), ("_max", high))}
+    int8, bf16 = row(150, 140, 160), row(100, 95, 105)
+    assert decode.speed_ratio(int8, bf16) == pytest.approx((1.5, 140 / 105, 160 / 95))
+    assert decode.speed_ratio(int8, row(50, 40, 60), "prefill") == pytest.approx((3.0, 280 / 120, 320 / 80))
+    overlapping = decode.speed_ratio(row(104, 90, 110), bf16)
+    assert bench.describe_ratio(*overlapping).startswith("no measurable difference (1.04x")
 
 
 def test_tune_applies_only_to_a_compiled_step():

@@ -149,6 +149,12 @@ def test_timing_of_samples_drops_warm_up():
         timing.Timing.of([])
 
 
+def test_timing_per_second_is_work_over_the_median_slowest_and_fastest_call():
+    rates = timing.Timing.of([2.0, 1.0, 4.0]).per_second(8)
+    assert rates == {"tokens_per_s": 4.0, "tokens_per_s_min": 2.0, "tokens_per_s_max": 8.0}
+    assert timing.Timing.of([2.0, 1.0, 4.0]).over(0.5) == (4.0, 2.0, 8.0)  # in units of 0.5 s
+
+
 def test_matmul_peak_is_a_plausible_rate_on_cpu():
     rate = timing.matmul_peak(torch.device("cpu"), n=256, dtype=torch.float32, repeats=3)
     # 2 * 256^3 FLOPs: a CPU core does between 1e9 and 1e13 FLOP/s at this size

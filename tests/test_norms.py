@@ -66,7 +66,7 @@ def test_train_step_timing_leaves_the_model_as_it_was():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    norm_bench.train_step_seconds(model, batch=2, seq_len=8, repeats=1, warmup=1)
+    norm_bench.train_step_timing(model, batch=2, seq_len=8, repeats=1, warmup=1)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key])
     assert all(p.grad is None for p in model.parameters())

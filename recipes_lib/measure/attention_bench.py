@@ -1,4 +1,4 @@
-"""Time attention kernels: median time, spread, peak memory and TFLOP/s of one call, or OOM."""
+"""Time attention kernels: median time, spread, peak memory and TFLOP/s (with min-max) of one call, or OOM."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ def time_attention(implementation: str, seq_len: int, heads: int, head_dim: int,
     them. The call is forward + backward (``backward``) or forward only (no autograd graph).
     FlexAttention is timed compiled (on CPU too, where it has no backward); on CPU its peak is not
     measured (None): the allocation tracker cannot run inside it. TFLOP/s count the pairs the mask
-    keeps (causal: half; ``flex-causal`` ignores ``window``).
+    keeps (causal: half; ``flex-causal`` ignores ``window``), at the median call (``tflops``) and at
+    the slowest and fastest (``tflops_min``, ``tflops_max``).
     """
     row = {"implementation": implementation, "seq_len": seq_len, "window": window}
     measured = memory.oom_as_result(
         lambda: _measure(implementation, seq_len, heads, head_dim, hw, window, backward, repeats, batch))
     return row | {"seconds": None, "seconds_min": None, "seconds_max": None, "peak_bytes": None,
-                  "tflops": None} | measured
+                  "tflops": None, "tflops_min": None, "tflops_max": None} | measured
 
 
 def _measure(implementation, seq_len, heads, head_dim, hw, window, backward, repeats, batch) -> dict:
@@ -48,4 +49,5 @@ def _measure(implementation, seq_len, heads, head_dim, hw, window, backward, rep
     counted_window = None if implementation == "flex-causal" else window
     n_flops = batch * attention_flops(seq_len, heads, head_dim, counted_window, backward)
     return {"oom": False, "seconds": took.median, "seconds_min": took.low, "seconds_max": took.high,
-            "peak_bytes": peak_bytes, "tflops": n_flops / took.median / 1e12}
+            "peak_bytes": peak_bytes, "tflops": n_flops / took.median / 1e12,
+            "tflops_min": n_flops / took.high / 1e12, "tflops_max": n_flops / took.low / 1e12}

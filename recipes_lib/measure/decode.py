@@ -6,7 +6,9 @@ greedily decodes ``new_tokens`` tokens one at a time. On a GPU the one-token ste
 launches one graph per token and decode is bound by the GPU, not by Python; ``transformers``'
 ``generate`` loop adds per-token host work (logits processors, stopping checks) that hides the
 difference between a bf16 and an int8 model. Times are CUDA events on a GPU, ``perf_counter`` on
-CPU, after warm-up, median of ``repeats``. Prefill runs eagerly (one forward over the prompt).
+CPU, after warm-up, median of ``repeats`` with their min-max (``*_tokens_per_s_min`` / ``_max``: at the
+slowest and the fastest timed call); ``speed_ratio`` gives two rows' ratio with its range, for
+``bench.describe_ratio``. Prefill runs eagerly (one forward over the prompt).
 ``tune=True`` compiles the step with Inductor's coordinate-descent tuning of its kernels' launch
 parameters (what torchao and gpt-fast recommend for decode): faster small-batch decode kernels for a
 longer compile. Compare models under the same ``tune``.
@@ -15,13 +17,12 @@ longer compile. Compare models under the same ``tune``.
 from __future__ import annotations
 
 import contextlib
-import statistics
 
 import torch
 
 from ..core.hardware import Hardware, raise_recompile_limit
 from ..inference.generate import decode_step, static_cache
-from . import memory, timing
+from . import bench, memory, timing
 from .report import report
 
 
@@ -33,7 +34,7 @@ def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int,
     Args:
         compile: compile the decode step with CUDA graphs; None means yes on a GPU, no on CPU.
             Models whose kernels torch.compile cannot trace (bitsandbytes) pass False.
-        repeats: timed prefills and timed decodes; the median of each is reported.
+        repeats: timed prefills and timed decodes; the median of each is reported, with its min-max.
         tune: compile with Inductor's coordinate-descent tuning (ignored without ``compile``).
     """
     model.eval()
@@ -86,13 +87,28 @@ def benchmark(model, hw: Hardware, batch: int, prompt_len: int, new_tokens: int,
         cache.reset()  # outside the timed region
         prefill_s.append(timing.seconds(run_prefill, device))
         decode_s.append(timing.seconds(lambda: decode(first), device))
-    prefill_median, decode_median = statistics.median(prefill_s), statistics.median(decode_s)
+    prefill_t, decode_t = timing.Timing.of(prefill_s), timing.Timing.of(decode_s)
     return {"name": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "compiled": compile, "tuned": tune, "repeats": repeats,
-            "prefill_s": prefill_median, "decode_s": decode_median,
-            "prefill_tokens_per_s": batch * prompt_len / prefill_median,
-            "decode_tokens_per_s": batch * new_tokens / decode_median,
-            "ms_per_decode_step": 1e3 * decode_median / new_tokens}
+            "prefill_s": prefill_t.median, "decode_s": decode_t.median,
+            **phase_rates("prefill", prefill_t, batch * prompt_len),
+            **phase_rates("decode", decode_t, batch * new_tokens),
+            "ms_per_decode_step": 1e3 * decode_t.median / new_tokens}
+
+
+def phase_rates(phase: str, took: timing.Timing, tokens: int) -> dict:
+    """``{phase}_tokens_per_s`` at the median call, ``_min`` at the slowest, ``_max`` at the fastest."""
+    return {f"{phase}_{key}": value for key, value in took.per_second(tokens).items()}
+
+
+def rates(row: dict, phase: str = "decode") -> dict:
+    """A row's ``phase`` tokens/s (median, min, max) under the keys ``bench.speed_ratio``/``spread`` read."""
+    return {key: row[f"{phase}_{key}"] for key in ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max")}
+
+
+def speed_ratio(row: dict, reference: dict, phase: str = "decode") -> tuple[float, float, float]:
+    """``row``'s ``phase`` tokens/s over ``reference``'s, with its range (``bench.speed_ratio``)."""
+    return bench.speed_ratio(rates(row, phase), rates(reference, phase))
 
 
 def describe(row: dict) -> str:
@@ -101,14 +117,15 @@ def describe(row: dict) -> str:
     if row.get("tuned"):
         how += " (coordinate-descent tuned)"
     return (f"batch {row['batch']}, prompt {row['prompt_len']} tokens, {row['new_tokens']} new tokens, "
-            f"static KV cache, {how}, median of {row['repeats']} after warm-up")
+            f"static KV cache, {how}, median of {row['repeats']} after warm-up (min-max shown)")
 
 
 def report_row(row: dict) -> dict:
     """Print one benchmark row in the one report format; returns it."""
     report(row["name"], **{"batch": row["batch"], "prompt": row["prompt_len"], "new": row["new_tokens"],
                            "prefill tok/s": row["prefill_tokens_per_s"],
-                           "decode tok/s": row["decode_tokens_per_s"], "ms/step": row["ms_per_decode_step"],
+                           "decode tok/s": row["decode_tokens_per_s"],
+                           "decode min-max": bench.spread(rates(row)), "ms/step": row["ms_per_decode_step"],
                            "graph": row["compiled"], "tuned": row["tuned"]})
     return row
 
@@ -124,11 +141,14 @@ def sweep(model, hw: Hardware, batches: list[int], prompt_len: int, new_tokens: 
 
 
 def table(rows: list[dict]) -> list[dict]:
-    """Benchmark rows as table records: method, batch, weights, prefill and decode tokens/s, protocol."""
+    """Benchmark rows as table records: method, batch, weights, prefill and decode tokens/s (median and
+    min-max), protocol."""
     return [{"method": r["name"], "batch": r["batch"],
              "weights (GiB)": round(r.get("weight_bytes", 0) / memory.GiB, 3),
              "prefill tok/s": round(r["prefill_tokens_per_s"]),
+             "prefill min-max": bench.spread(rates(r, "prefill")),
              "decode tok/s": round(r["decode_tokens_per_s"], 1),
+             "decode min-max": bench.spread(rates(r)),
              "CUDA graph": r["compiled"], "tuned": r["tuned"]} for r in rows]
 
 

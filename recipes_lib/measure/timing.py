@@ -1,9 +1,10 @@
 """The one timer: CUDA events on a GPU, ``perf_counter`` on CPU; a median with its min-max spread.
 
 ``seconds(fn, device)`` times one call. ``time_it(fn, device)`` warms up, times ``repeats`` calls and
-returns a ``Timing`` (median, min, max, every sample). ``Timing.of(samples)`` summarises times
-taken elsewhere (the training loop's steps), dropping warm-up samples. ``stamp``/``seconds_since``
-take timestamps inside a loop without waiting for the GPU (the input pipeline's wait for data).
+returns a ``Timing`` (median, min, max, every sample; ``per_second`` turns it into rates).
+``Timing.of(samples)`` summarises times taken elsewhere (the training loop's steps), dropping warm-up
+samples. ``stamp``/``seconds_since`` take timestamps inside a loop without waiting for the GPU (the
+input pipeline's wait for data).
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ class Timing:
     def spread(self) -> float:
         """(max - min) / median: how much the samples disagree."""
         return (self.high - self.low) / self.median if self.median else 0.0
+
+    def per_second(self, work: float) -> dict[str, float]:
+        """``work`` (tokens, say) per second at the median call, the slowest (``_min``) and the fastest
+        (``_max``), under the keys ``measure.bench.speed_ratio`` and ``bench.spread`` read."""
+        return {"tokens_per_s": work / self.median, "tokens_per_s_min": work / self.high,
+                "tokens_per_s_max": work / self.low}
+
+    def over(self, reference: float) -> tuple[float, float, float]:
+        """Median, min and max in multiples of ``reference`` seconds, for ``bench.describe_ratio``."""
+        return self.median / reference, self.low / reference, self.high / reference
 
     def __str__(self) -> str:
         return f"{self.median * 1e3:,.3g} ms [{self.low * 1e3:,.3g}-{self.high * 1e3:,.3g}]"

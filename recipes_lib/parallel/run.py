@@ -4,10 +4,11 @@
 ``naive-mp``): it joins the process group, builds the strategy (``strategies.build``), runs
 ``--steps`` optimizer steps of ``step.train_step`` on this rank's slice of every global batch, and
 reports one result per rank (``context.report_result``): loss and gradient norm per step, memory,
-tokens/s. Memory (CUDA only): the peak over the steps after ``--warmup``, the bytes allocated right
-after the last backward (weights, gradients and optimizer state: the activations are gone), and the
-bytes of the rank's weights and optimizer state. Step times come from the ``timer`` the caller
-passes (``measure.timing.stepper``); progress goes to its ``on_step``.
+tokens/s (at the median timed step, with its min-max over the timed steps, and each timed step's
+seconds on this rank: ``step_speed``). Memory (CUDA only): the peak over the steps after ``--warmup``,
+the bytes allocated right after the last backward (weights, gradients and optimizer state: the
+activations are gone), and the bytes of the rank's weights and optimizer state. Step times come
+from the ``timer`` the caller passes (``measure.timing.stepper``); progress goes to its ``on_step``.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock
     per_device = len(devices) > 1  # naive model parallelism: each GPU's own share
     # On the rank's accelerator only (FSDP2's CPU offload keeps its shards in host memory).
     where = devices[0] if mem.on_gpu and not per_device else None
-    seconds = Timing.of(step_seconds, skip=args.warmup).median if clock else None
     tokens = statistics.median(step_tokens[args.warmup:])
+    speed = step_speed(Timing.of(step_seconds, skip=args.warmup) if clock else None, tokens)
     return dict(
         strategy=args.strategy, world_size=ctx.world_size, device=str(ctx.device), losses=losses,
         grad_norms=grad_norms, param_bytes=memory.param_bytes(model, where),
@@ -110,13 +111,23 @@ def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock
         device_param_bytes=[memory.param_bytes(model, d) for d in devices] if per_device else None,
         device_optimizer_bytes=([memory.optimizer_bytes(optimizer, d) for d in devices]
                                 if per_device else None),
-        step_seconds=seconds, tokens_per_s=tokens / seconds if seconds else None,  # global batch, all ranks
-        tokens_per_step=tokens, n_params=n_params, trainable_params=trainable,
+        **speed, tokens_per_step=tokens, n_params=n_params, trainable_params=trainable,
         # the baseline's engine settings: DDP's options, or the DeepSpeed config as DeepSpeed got it
         engine_config=ddp.settings(model) or ds_config,
         bf16=args.bf16, compiled=args.compile, loss=args.loss, micro_batch=args.micro_batch,
         global_batch=args.global_batch, seq_len=args.seq_len,
     ), model
+
+
+def step_speed(steps: Timing | None, tokens: float) -> dict:
+    """A rank's timed steps (after warm-up) as result keys: each step's seconds, their median and
+    min-max, and tokens/s of the global batch (all ranks) at the median step and at the slowest and
+    fastest ones (``tokens_per_s_min`` / ``_max``, as ``measure.bench.speed_ratio`` reads them)."""
+    if steps is None:
+        return dict.fromkeys(("step_times", "step_seconds", "step_seconds_min", "step_seconds_max",
+                              "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max"))
+    return dict(step_times=list(steps.samples), step_seconds=steps.median, step_seconds_min=steps.low,
+                step_seconds_max=steps.high, **steps.per_second(tokens))
 
 
 def main(args, timer: Callable[[torch.device], Clock] | None = None, on_step=None) -> dict:

@@ -2,8 +2,8 @@
 
 ``script_args`` turns a dict into the script's options; ``launch_row`` launches it and returns rank
 0's result (or the reason it could not run here); ``agreement`` compares a run with the one-process
-reference; ``throughput`` adds tokens/s per GPU and MFU; ``memory_row`` is one line of the memory
-table, predicted against measured.
+reference; ``throughput`` adds tokens/s per GPU (median and min-max over the timed steps) and MFU;
+``memory_row`` is one line of the memory table, predicted against measured.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..core.errors import RecipeError
-from ..measure import flops, memory
+from ..measure import bench, flops, memory
 from . import launcher
 
 
@@ -27,13 +27,14 @@ def script_args(values: dict) -> list[str]:
 
 
 def rank0(results: list[dict], nproc: int) -> dict:
-    """Rank 0's result; RecipeError unless each of the ``nproc`` ranks reported the same global losses."""
+    """Rank 0's result, with every rank's timed step seconds (``rank_step_times``, one list per rank);
+    RecipeError unless each of the ``nproc`` ranks reported the same global losses."""
     ranks = [(r["rank"], r["world_size"]) for r in results]
     if ranks != [(rank, nproc) for rank in range(nproc)]:
         raise RecipeError(f"expected one result from each of {nproc} ranks, got (rank, world size) {ranks}")
     if any(r["losses"] != results[0]["losses"] for r in results):
         raise RecipeError("the ranks report different global losses: " + str([r["losses"] for r in results]))
-    return results[0]
+    return results[0] | {"rank_step_times": [r.get("step_times") for r in results]}
 
 
 def launch_row(script: str, nproc: int, values: dict, gpus: int, **launch) -> dict:
@@ -47,13 +48,24 @@ def launch_row(script: str, nproc: int, values: dict, gpus: int, **launch) -> di
 
 
 def throughput(result: dict, config, peak_flops: float | None, measured_peak: float | None = None) -> dict:
-    """``result`` with tokens/s per GPU and MFU: ``mfu`` of the datasheet ``peak_flops``, ``mfu_measured``
-    of the ``measured_peak`` matmul rate (``timing.matmul_peak``); None where a peak is unknown."""
+    """``result`` with tokens/s per GPU (the median step's, and its min-max over the timed steps) and MFU:
+    ``mfu`` of the datasheet ``peak_flops``, ``mfu_measured`` of the ``measured_peak`` matmul rate
+    (``timing.matmul_peak``); None where a peak is unknown."""
     per_token = flops.training_flops_per_token(config, result["seq_len"],
                                                result["trainable_params"] / result["n_params"])
-    per_gpu = result["tokens_per_s"] / max(result["gpus"], 1)
-    return result | {"tokens_per_s_per_gpu": per_gpu, "mfu": flops.mfu(per_gpu, per_token, peak_flops),
+    gpus = max(result["gpus"], 1)
+    per_gpu = result["tokens_per_s"] / gpus
+    return result | {"tokens_per_s_per_gpu": per_gpu,
+                     "tokens_per_s_per_gpu_min": result["tokens_per_s_min"] / gpus,
+                     "tokens_per_s_per_gpu_max": result["tokens_per_s_max"] / gpus,
+                     "mfu": flops.mfu(per_gpu, per_token, peak_flops),
                      "mfu_measured": flops.mfu(per_gpu, per_token, measured_peak)}
+
+
+def per_gpu_spread(result: dict) -> str:
+    """A run's tokens/s per GPU over its timed steps, ``"min-max"`` (``bench.spread``'s format)."""
+    return bench.spread({"tokens_per_s_min": result["tokens_per_s_per_gpu_min"],
+                         "tokens_per_s_max": result["tokens_per_s_per_gpu_max"]})
 
 
 def agreement(result: dict, params: dict, reference: dict, reference_params: dict) -> dict:
@@ -82,6 +94,7 @@ def memory_row(strategy: str, result: dict, predicted: dict | None, unit: float,
         row |= {f"weights measured ({unit_name})": result["param_bytes"] / unit,
                 f"AdamW measured ({unit_name})": result["optimizer_bytes"] / unit}
     row["tokens/s per GPU"] = result["tokens_per_s_per_gpu"]
+    row["tokens/s per GPU, min-max"] = per_gpu_spread(result)
     if result["mfu"] is not None:  # a GPU with a known peak
         row["MFU (% of datasheet)"] = 100 * result["mfu"]
     if result.get("mfu_measured") is not None:  # and its measured matmul peak, side by side
