@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import random
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from recipes_lib.app import data
+from recipes_lib.app.batching import MicroBatches
 from recipes_lib.app.data import DataConfig, load_documents, micro_batches
 from recipes_lib.core import batches, tasks
 from recipes_lib.core.batches import Document
@@ -349,3 +351,15 @@ def test_shipped_data_through_the_whole_pipeline(tok):
 def test_unknown_split_says_which_to_set(tmp_path, tok):
     with pytest.raises(RecipeError, match=r"has no split 'validation'.*set split to one it has"):
         load_documents(cfg(source=write_jsonl(tmp_path / "d.jsonl", ROWS), split="validation"), tok)
+
+
+def test_best_fit_packing_fills_rows_and_splits_no_document():
+    gen = random.Random(0)
+    docs = [Document([1] * n, [1] * n) for n in (gen.randint(256, 2047) for _ in range(600))]
+    batches = MicroBatches(docs, seq_len=2048, packing=True, micro_batch=8, pad_id=0, epoch_seed=0)
+    rows = batches.rows(0)
+    assert sorted(i for row in rows for i in row) == list(range(len(docs)))  # each document once, whole
+    assert all(sum(len(docs[i].input_ids) for i in row) <= 2048 for row in rows)
+    fill = sum(len(d.input_ids) for d in docs) / (2048 * len(rows))
+    assert fill > 0.95, f"rows only {fill:.1%} full"
+    assert rows != batches.rows(1)  # every epoch packs a new shuffle
