@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding the trained weights (the
 adapters only, for LoRA and QLoRA), the optimizer, scheduler and loss-scaler states, every RNG state,
-the data position and the run's config. It is written to a temporary folder and renamed into place,
+the data position and the run's config (FSDP2: sharded by ``torch.distributed.checkpoint``, loadable
+on another number of ranks). It is written to a temporary folder and renamed into place,
 so a run killed during a save leaves the previous checkpoint whole. ``load`` refuses a checkpoint
 whose config differs from the run's in anything but how long, how often and where it logs.
 """
@@ -19,6 +20,7 @@ import torch
 
 from ..core.errors import RecipeError
 from . import config as config_
+from . import distributed
 
 PREFIX = "checkpoint-"
 
@@ -43,24 +45,38 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(out_dir: str | Path, step: int, model, optimizer, scheduler, scaler, cfg: config_.RunConfig,
-         data_position: int, keep_last: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then delete all but the ``keep_last`` newest."""
+def save(out_dir: str | Path, step: int, lm, optimizer, scheduler, scaler, cfg: config_.RunConfig,
+         data_position: int, keep_last: int, model=None, ctx=None) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then delete all but the ``keep_last`` newest.
+
+    ``lm`` is the bare model (its parameter names are the checkpoint's); ``model``, the same model as
+    wrapped for FSDP2, whose shards every rank writes with ``torch.distributed.checkpoint``. Otherwise
+    the main process writes everything. All ranks call this.
+    """
     out_dir = Path(out_dir)
+    main = ctx is None or ctx.is_main
     final = out_dir / f"{PREFIX}{step:07d}"
     tmp = out_dir / f".tmp-{PREFIX}{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(trained_state(model), tmp / "model.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
-                "step": step, "data_position": data_position, "config": cfg.model_dump()}, tmp / "state.pt")
-    with open(tmp / "state.pt", "rb") as f:  # on disk before the rename makes it the latest
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    sharded = model is not None and cfg.train.strategy == "fsdp2"
+    if sharded:
+        distributed.save_sharded(tmp, model, optimizer)
+    if main:
+        if not sharded:
+            torch.save(trained_state(lm), tmp / "model.pt")
+        torch.save({"optimizer": None if sharded else optimizer.state_dict(), "sharded": sharded,
+                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "data_position": data_position, "config": cfg.model_dump()}, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as f:  # on disk before the rename makes it the latest
+            os.fsync(f.fileno())
+    distributed.publish(tmp, final, ctx)
+    if main:
+        for old in checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -77,8 +93,11 @@ def latest(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: str | Path, model, optimizer, scheduler, scaler, cfg: config_.RunConfig) -> dict:
-    """Restore a checkpoint into the run's objects; returns ``{"step", "data_position"}``."""
+def load(path: str | Path, lm, optimizer, scheduler, scaler, cfg: config_.RunConfig, model=None) -> dict:
+    """Restore a checkpoint into the run's objects; returns ``{"step", "data_position"}``.
+
+    ``model``: the FSDP2-wrapped model, for a sharded checkpoint (on any number of ranks).
+    """
     path = Path(path)
     if not (path / "state.pt").is_file():
         raise RecipeError(f"{path} is not a checkpoint (no state.pt): pass a {PREFIX}<step> folder")
@@ -88,15 +107,18 @@ def load(path: str | Path, model, optimizer, scheduler, scaler, cfg: config_.Run
         raise RecipeError(f"{path} was saved by another configuration; these keys differ:\n  "
                           + "\n  ".join(changed) + "\nresume with the config it was saved with, or start "
                           "a new run in another output.dir")
-    weights = torch.load(path / "model.pt", weights_only=True)
-    params = dict(model.named_parameters())
-    missing = set(weights) - set(params)
-    if missing:
-        raise RecipeError(f"{path} holds weights this model lacks: {sorted(missing)[:3]} ...")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded"):
+        distributed.load_sharded(path, model, optimizer)
+    else:
+        weights = torch.load(path / "model.pt", weights_only=True)
+        params = dict(lm.named_parameters())
+        missing = set(weights) - set(params)
+        if missing:
+            raise RecipeError(f"{path} holds weights this model lacks: {sorted(missing)[:3]} ...")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..core.errors import RecipeError
@@ -49,5 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"recipes train: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1))
+    if os.environ.get("RANK", "0") == "0":  # one summary per run, not one per rank
+        print(json.dumps(summary, indent=1))
     return 0

@@ -117,7 +117,8 @@ class RunConfig(_Section):
 SECTIONS = {name: field.annotation for name, field in RunConfig.model_fields.items()}
 # Keys that may differ between a checkpoint and the run that resumes it (how long, how often, where).
 RESUMABLE = {"train.max_steps", "train.eval_every", "checkpoint.every", "checkpoint.keep_last",
-             "checkpoint.resume", "log.every", "log.tensorboard", "log.progress", "output.merge",
+             "checkpoint.resume", "log.every", "log.tensorboard", "log.progress", "output.dir",
+             "output.merge",
              "data.num_workers", "data.cache_dir"}
 
 

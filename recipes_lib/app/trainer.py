@@ -25,7 +25,8 @@ from ..core import checkpointing, hardware, losses, models, train
 from ..core.errors import RecipeError
 from ..measure import flops
 from ..memory import offload, qlora
-from . import checkpoint, data, logs
+from ..parallel import context
+from . import checkpoint, data, distributed, logs
 from .config import RunConfig
 
 EMBEDDED_TOKENIZER = "data/tiny-llama"
@@ -51,8 +52,9 @@ def build_model(cfg: RunConfig, hw: hardware.Hardware) -> torch.nn.Module:
     _, base_dtype = precision(cfg, hw)
     attention = models.attention_implementation(m.attention)
     if m.method == "qlora":
+        storage = torch.bfloat16 if cfg.train.strategy == "fsdp2" else torch.uint8  # FSDP2 shards bf16 words
         model = qlora.qlora_model(m.source, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                  attn_implementation=attention, hw=hw)
+                                  attn_implementation=attention, hw=hw, quant_storage=storage)
     else:
         dtype = torch.float32 if m.method == "full" else base_dtype
         model = models.load_model(m.source, attn_implementation=attention, dtype=dtype, hw=hw)
@@ -105,8 +107,9 @@ def validation_batches(docs, cfg: RunConfig, pad_id: int) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], chunked_loss: bool, autocast_dtype) -> float | None:
-    """Mean loss per target token over the validation micro-batches (None without any)."""
+def evaluate(model, batches: list[dict], loss_of, autocast_dtype) -> float | None:
+    """Mean loss per target token over the validation micro-batches (None without any); every rank
+    evaluates the same batches (FSDP2's ranks must run each forward together)."""
     if not batches:
         return None
     model.eval()
@@ -115,27 +118,27 @@ def evaluate(model, batches: list[dict], chunked_loss: bool, autocast_dtype) -> 
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with train.autocast(device, autocast_dtype):
-            total += train.loss_sum(model, batch, fused_head=chunked_loss).item()
+            total += loss_of(model, batch).item()
         targets += losses.count_targets(batch["labels"])
     model.train()
     return total / max(targets, 1)
 
 
-def save_outputs(model, tokenizer, cfg: RunConfig, out_dir: Path, hw: hardware.Hardware) -> list[Path]:
-    """The trained model: adapters (peft ``save_pretrained``), optionally merged into the base; or the
-    full model. Returns the folders written."""
-    written = []
-    if cfg.model.method == "full":
-        model.save_pretrained(out_dir / "model")
-        tokenizer.save_pretrained(out_dir / "model")
-        return [out_dir / "model"]
-    model.save_pretrained(out_dir / "adapter")
-    tokenizer.save_pretrained(out_dir / "adapter")
-    written.append(out_dir / "adapter")
-    if cfg.output.merge:  # merge into an unquantized base: QLoRA's adapters land on the bf16 weights
+def save_outputs(model, lm, tokenizer, cfg: RunConfig, out_dir: Path, hw: hardware.Hardware,
+                 ctx=None) -> list[Path]:
+    """The trained model, from the main process: adapters (peft ``save_pretrained``), optionally merged
+    into the base; or the full model. FSDP2's shards are gathered first (every rank takes part)."""
+    state = distributed.full_trained_state(model) if cfg.train.strategy == "fsdp2" and ctx else None
+    if ctx is not None and not ctx.is_main:
+        return []
+    folder = out_dir / ("model" if cfg.model.method == "full" else "adapter")
+    lm.save_pretrained(folder, **({"state_dict": state} if state is not None else {}))
+    tokenizer.save_pretrained(folder)
+    written = [folder]
+    if cfg.output.merge and cfg.model.method != "full":  # into an unquantized base: QLoRA's land on bf16
         _, dtype = precision(cfg, hw)
         base = models.load_model(cfg.model.source, dtype=dtype, hw=hw)
-        merged = qlora.load_adapter(base, out_dir / "adapter").merge_and_unload()
+        merged = qlora.load_adapter(base, folder).merge_and_unload()
         merged.save_pretrained(out_dir / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out_dir / "merged")
         written.append(out_dir / "merged")
@@ -143,50 +146,68 @@ def save_outputs(model, tokenizer, cfg: RunConfig, out_dir: Path, hw: hardware.H
 
 
 def run(cfg: RunConfig, resume_from: str | None = None) -> dict:
-    """Train as ``cfg`` says; returns ``training_duration.json``'s content."""
-    if cfg.train.strategy != "single":
-        raise RecipeError(f"train.strategy: {cfg.train.strategy} runs under torchrun; this process is alone "
-                          f"(WORLD_SIZE unset): launch with "
-                          f"`torchrun --nproc-per-node N -m recipes_lib train ...`")
-    hw = hardware.detect()
+    """Train as ``cfg`` says, in this process or as one rank of a ``torchrun`` launch; returns
+    ``training_duration.json``'s content."""
+    ctx = distributed.setup(cfg)
+    try:
+        return _run(cfg, ctx, resume_from)
+    except BaseException:
+        if ctx is not None:
+            context.cleanup(barrier=False)
+        raise
+    finally:
+        if ctx is not None:
+            context.cleanup()
+
+
+def _run(cfg: RunConfig, ctx, resume_from: str | None) -> dict:
+    hw = hardware.detect(str(ctx.device)) if ctx else hardware.detect()
+    world = ctx.world_size if ctx else 1
     out_dir = Path(cfg.output.dir)
-    accum = cfg.train.global_batch // cfg.train.micro_batch
+    accum = cfg.train.global_batch // (cfg.train.micro_batch * world)
     tokenizer = tokenizer_for(cfg)
     train_docs, val_docs = data.load_documents(cfg.data, tokenizer)
     validation = validation_batches(val_docs, cfg, tokenizer.pad_token_id)
-    model = build_model(cfg, hw)
-    optimizer = build_optimizer(cfg, model, hw)
-    scheduler = train.cosine_schedule(optimizer, cfg.train.max_steps, warmup=cfg.optim.warmup_steps)
+    lm = build_model(cfg, hw)
     autocast_dtype, _ = precision(cfg, hw)
+    model = lm
+    if ctx is not None:
+        model, autocast_dtype = distributed.wrap(lm, cfg, ctx, accum, autocast_dtype)
+    optimizer = build_optimizer(cfg, model, hw)  # after FSDP2 has made the parameters shards
+    scheduler = train.cosine_schedule(optimizer, cfg.train.max_steps, warmup=cfg.optim.warmup_steps)
     scaler = torch.amp.GradScaler(hw.device.type) if autocast_dtype == torch.float16 else None
     start = {"step": 0, "data_position": 0}
     source = resume_from or (checkpoint.latest(out_dir) if cfg.checkpoint.resume else None)
     if source is not None:
-        start = checkpoint.load(source, model, optimizer, scheduler, scaler, cfg)
+        start = checkpoint.load(source, lm, optimizer, scheduler, scaler, cfg, model=model)
         print(f"resumed from {source} at step {start['step']}")
     remaining = cfg.train.max_steps - start["step"]
     if remaining <= 0:
         raise RecipeError(f"the checkpoint is at step {start['step']} and train.max_steps="
-                          f"{cfg.train.max_steps}: "
-                          f"raise train.max_steps to train further")
+                          f"{cfg.train.max_steps}: raise train.max_steps to train further")
     tokens = [0]
-    batches = _counted(data.micro_batches(train_docs, cfg.data, cfg.train.micro_batch, tokenizer.pad_token_id,
-                                          epoch_seed=cfg.train.seed, skip=start["data_position"]), tokens,
-                       tokenizer.pad_token_id)
+    stream = data.micro_batches(train_docs, cfg.data, cfg.train.micro_batch, tokenizer.pad_token_id,
+                                epoch_seed=cfg.train.seed, skip=start["data_position"])
+    batches = _counted(distributed.rank_share(stream, ctx) if ctx else stream, tokens, tokenizer.pad_token_id)
     norms: list[torch.Tensor] = []
-    step_fn = functools.partial(train.optimizer_step, autocast_dtype=autocast_dtype,
-                                max_grad_norm=cfg.optim.max_grad_norm, fused_head=cfg.model.chunked_loss,
-                                scaler=scaler, grad_norms=norms)
-    log = logs.RunLog(out_dir, tensorboard=cfg.log.tensorboard)
-    per_token = flops.training_flops_per_token(models.unwrap(model).config, cfg.data.seq_len,
-                                               _trainable_fraction(model))
-    hook = _StepHook(cfg, model, optimizer, scheduler, scaler, log, hw, tokens, norms, start, accum,
+    if ctx is not None:
+        step_fn = distributed.step_fn(hw.device, autocast_dtype, cfg.optim.max_grad_norm, norms)
+    else:
+        step_fn = functools.partial(train.optimizer_step, autocast_dtype=autocast_dtype,
+                                    max_grad_norm=cfg.optim.max_grad_norm, fused_head=cfg.model.chunked_loss,
+                                    scaler=scaler, grad_norms=norms)
+    main = ctx is None or ctx.is_main
+    log = logs.RunLog(out_dir, main=main, tensorboard=cfg.log.tensorboard)
+    per_token = flops.training_flops_per_token(models.unwrap(lm).config, cfg.data.seq_len,
+                                               _trainable_fraction(lm))
+    hook = _StepHook(cfg, model, lm, optimizer, scheduler, scaler, log, hw, ctx, tokens, norms, start, accum,
                      validation, autocast_dtype, per_token)
     train.train(model, optimizer, batches, steps=remaining, accum_steps=accum, scheduler=scheduler,
-                progress=cfg.log.progress, desc="train", on_step=hook, step_fn=step_fn)
-    written = save_outputs(model, tokenizer, cfg, out_dir, hw)
-    return log.finish(hw, tokens[0], remaining, first_step=start["step"], outputs=[str(p) for p in written],
-                      final_loss=hook.last_loss)
+                progress=cfg.log.progress and main, desc="train", on_step=hook, step_fn=step_fn)
+    written = save_outputs(model, lm, tokenizer, cfg, out_dir, hw, ctx)
+    total = context.all_ranks_sum(tokens[0], hw.device, torch.int64) if ctx else tokens[0]
+    return log.finish(hw, int(total), remaining, first_step=start["step"], ranks=world,
+                      outputs=[str(p) for p in written], final_loss=hook.last_loss)
 
 
 def _trainable_fraction(model) -> float:
@@ -200,11 +221,13 @@ class _StepHook:
 
     cfg: RunConfig
     model: torch.nn.Module
+    lm: torch.nn.Module
     optimizer: object
     scheduler: object
     scaler: object
     log: logs.RunLog
     hw: hardware.Hardware
+    ctx: object
     tokens: list
     norms: list
     start: dict
@@ -223,16 +246,26 @@ class _StepHook:
         if step % cfg.log.every == 0 or last:
             self._log(step, loss)
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-            val = evaluate(self.model, self.validation, cfg.model.chunked_loss, self.autocast_dtype)
+            val = evaluate(self.model, self.validation, self._loss, self.autocast_dtype)
             self.log.log(step, eval_loss=val)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-            checkpoint.save(cfg.output.dir, step, self.model, self.optimizer, self.scheduler, self.scaler,
-                            cfg, data_position=step * self.accum, keep_last=cfg.checkpoint.keep_last)
+            world = self.ctx.world_size if self.ctx else 1
+            checkpoint.save(cfg.output.dir, step, self.lm, self.optimizer, self.scheduler, self.scaler, cfg,
+                            data_position=step * self.accum * world, keep_last=cfg.checkpoint.keep_last,
+                            model=self.model, ctx=self.ctx)
+
+    def _loss(self, model, batch: dict) -> torch.Tensor:
+        if self.ctx is not None:  # a wrapped LossModel: the loss is its forward
+            return model(**batch)
+        return train.loss_sum(model, batch, fused_head=self.cfg.model.chunked_loss)
 
     def _log(self, step: int, loss: float) -> None:
         now = time.perf_counter()
-        tokens_per_s = (self.tokens[0] - self.last_tokens) / max(now - self.last_time, 1e-9)
-        self.last_tokens, self.last_time = self.tokens[0], now
+        seen = self.tokens[0]
+        if self.ctx is not None:
+            seen = context.all_ranks_sum(seen, self.hw.device, torch.int64)
+        tokens_per_s = (seen - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_tokens, self.last_time = seen, now
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.hw.cuda else None
         mfu = flops.mfu(tokens_per_s, self.flops_per_token, self.hw.peak_flops)
         self.log.log(step, loss=loss, lr=self.scheduler.get_last_lr()[0],
