@@ -60,6 +60,7 @@ def test_unknown_key_in_a_file_suggests_the_nearest(tmp_path):
     (["method=qlora", "strategy=fsdp2", "cpu_offload=true"], "FSDP2 cannot offload 4-bit weights"),
     (["cpu_offload=true"], "set train.strategy: fsdp2"),
     (["offload_activations=true"], "set model.checkpointing: true"),
+    (["optim.offload=true", "max_grad_norm=null", "strategy=ddp"], "runs in one process"),
     (["global_batch=10", "micro_batch=4"], "not a multiple of train.micro_batch=4"),
 ])
 def test_impossible_combinations_are_refused(overrides, expected):

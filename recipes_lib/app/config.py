@@ -105,6 +105,10 @@ class RunConfig(_Section):
         if self.train.cpu_offload and self.train.strategy != "fsdp2":
             raise ValueError(f"train.cpu_offload offloads FSDP2's parameters: set train.strategy: fsdp2 "
                              f"(it is {self.train.strategy!r}), or train.cpu_offload: false")
+        if self.optim.offload and self.train.strategy != "single":
+            raise ValueError(f"optim.offload (torchao's offloaded AdamW) runs in one process: with "
+                             f"train.strategy: {self.train.strategy} set optim.offload: false (FSDP2 "
+                             f"offloads parameters and optimizer state with train.cpu_offload: true)")
         if self.model.offload_activations and not self.model.checkpointing:
             raise ValueError("model.offload_activations moves the checkpointed layers' inputs: "
                              "set model.checkpointing: true")
