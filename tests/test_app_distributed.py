@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipes_lib.app import checkpoint, logs
+from recipes_lib.app import checkpoint, config, logs, trainer
 from recipes_lib.parallel import launcher
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,9 +22,8 @@ SMALL = ["max_steps=4", "checkpoint.every=2", "seq_len=128", "micro_batch=2", "g
 def _train(out_dir, nproc: int, *extra) -> str:
     command = [sys.executable, "-m", "recipes_lib", "train", str(EXAMPLE), *SMALL, f"output.dir={out_dir}",
                *extra]
-    if nproc:
-        command[1:3] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                        f"--master-port={launcher.free_port()}", "-m", "recipes_lib"]
+    command[1:3] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                    f"--master-port={launcher.free_port()}", "-m", "recipes_lib"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -36,9 +35,9 @@ def _losses(out_dir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(tmp_path_factory):  # the reference, in this process
     out = tmp_path_factory.mktemp("single")
-    _train(out, 0)
+    trainer.run(config.load(EXAMPLE, [*SMALL, f"output.dir={out}"]))
     return out
 
 
