@@ -18,8 +18,9 @@ test: lint unit nbval
 lint: $(STAMP)
 	$(BIN)/ruff check recipes_lib scripts tests notebooks/*.py
 
+# Two test files at a time (pytest-xdist, one file per worker), as for the notebooks.
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadfile
 
 # --nbval-lax: run every cell and fail on any error (a failed assert included) without comparing
 # outputs, which are committed from a GPU run and differ from a CPU's by design. Two notebooks at a

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -70,7 +71,13 @@ def _materialise_random(shape: str) -> Path:
     torch.manual_seed(0)
     with torch.device(hw.device):
         model = AutoModelForCausalLM.from_config(config, dtype=hw.model_dtype)
-    model.save_pretrained(target)
+    # Written aside, then renamed: a process reading the cache (a test worker, a rank) never sees half of it.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    model.save_pretrained(partial)
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
