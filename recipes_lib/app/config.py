@@ -194,12 +194,17 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     return validate(apply_overrides(raw, list(overrides)))
 
 
+def _flat(dumped: dict) -> dict[str, Any]:
+    """``{"section.name": value}`` of a dumped config."""
+    return {f"{section}.{name}": value
+            for section, fields in dumped.items() for name, value in fields.items()}
+
+
 def differences(saved: dict, current: RunConfig) -> list[str]:
     """Keys whose values differ between a checkpoint's config and this run's (resumable keys aside)."""
-    now = current.model_dump()
-    return [f"{k}: {saved.get(k.split('.')[0], {}).get(k.split('.')[1])!r} -> "
-            f"{now[k.split('.')[0]][k.split('.')[1]]!r}" for k in keys() if k not in RESUMABLE
-            and saved.get(k.split(".")[0], {}).get(k.split(".")[1]) != now[k.split(".")[0]][k.split(".")[1]]]
+    before, now = _flat(saved), _flat(current.model_dump())
+    return [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in keys()
+            if k not in RESUMABLE and before.get(k) != now[k]]
 
 
 def reference_yaml() -> str:
