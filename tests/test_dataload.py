@@ -102,8 +102,12 @@ def test_pre_tokenised_rows_wait_less_than_tokenising_per_row(corpus, tokenizer,
     step = _train_step(len(tokenizer))
     loaders = (dataload.naive_loader(corpus, tokenizer, SEQ_LEN, BATCH),
                dataload.efficient_loader(packed, BATCH, CPU, num_workers=0))
-    naive, efficient = (pipeline.time_pipeline(loader, step, CPU, steps=4, warmup=1) for loader in loaders)
-    assert efficient.wait_s < naive.wait_s
+    # Best of three alternating trials each: a 2-core CI machine shared with another test worker can
+    # preempt any single trial, and the least-disturbed trial is the one that measures the loader.
+    trials = [[pipeline.time_pipeline(loader, step, CPU, steps=4, warmup=1).wait_s for loader in loaders]
+              for _ in range(3)]
+    naive, efficient = (min(column) for column in zip(*trials))
+    assert efficient < naive
 
 
 def test_bad_input_says_what_to_change(corpus, tokenizer, packed, tmp_path):
