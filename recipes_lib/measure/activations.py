@@ -1,0 +1,199 @@
+"""Activation and loss memory of one training micro-batch, derived from the model's shape.
+
+Counted tensor by tensor as autograd keeps them for backward in a Hugging Face Llama-style decoder
+layer (RMSNorm, rotary embeddings, SDPA / flash / eager attention, SwiGLU MLP): each ``Term`` is
+bytes per token with the formula that gives it. Which tensors are kept depends on a few facts of
+the run (``Layout``): the compute dtype; the residual stream's dtype (fp32 when fp32 weights run
+under bf16 autocast, whose casts give every linear layer its own bf16 copy of its input); whether
+the weights train (a frozen norm keeps no normalised input) or carry LoRA adapters (peft's LoRA on a
+bf16 base casts each adapter's input to fp32 and autocast casts it back: one copy per adapter);
+the attention kernel (flash keeps ``q, k, v``, the output and a logsumexp, no ``seq^2`` term; with a
+mask, SDPA repeats the key/value heads and keeps the mask it converts, per layer; eager keeps the
+``heads x seq^2`` probabilities in fp32 and in the compute dtype). ``tests/test_estimate.py`` checks
+these sums against the tensors autograd really saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .flops import gated_mlp, widths
+
+
+@dataclass(frozen=True)
+class Term:
+    """``value`` bytes (per token where the caller says so), and how they come about."""
+
+    name: str
+    value: float
+    formula: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What decides which tensors a layer keeps, and their sizes."""
+
+    compute: int = 2              # bytes of an activation in the compute dtype (bf16 2, fp32 4)
+    residual: int = 2             # bytes of the residual stream
+    trainable: bool = True        # full fine-tuning: norms and linear weights train
+    adapters: bool = False        # LoRA adapters on every decoder linear
+    adapter_copies: bool = False  # each adapter keeps its own copy of its input (see module docstring)
+    adapter_dropout: bool = False
+    lora_r: int = 16
+    attention: str = "sdpa"       # sdpa | flash_attention_2 | eager
+    masked: bool = False          # packed documents (position_ids) or padding: a mask per attention call
+    mlp: int = 2                  # bytes of the MLP's intermediates (bitsandbytes returns its input's dtype)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder's widths: hidden, query, key/value, MLP, heads, head size, layers, vocabulary."""
+
+    d: int
+    q: int
+    kv: int
+    ffn: int
+    heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    gated: bool
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        d, q, kv, ffn = widths(config)
+        heads = config.num_attention_heads
+        return cls(d, q, kv, ffn, heads, q // heads, config.num_hidden_layers, config.vocab_size,
+                   gated_mlp(config))
+
+
+def _inputs(s: Shape, lay: Layout) -> list[Term]:
+    """What the linear layers keep of their inputs: norm outputs, attention output, MLP product."""
+    if not (lay.trainable or lay.adapters):
+        return []
+    a, groups = lay.compute, [("q, k, v", s.d, 3), ("o", s.q, 1), ("gate, up", s.d, 2 if s.gated else 1),
+                              ("down", s.ffn, 1)]
+    cast = lay.residual != a  # fp32 residual under autocast: each linear casts its own copy
+    terms = []
+    for name, width, n in groups:
+        if lay.adapters and lay.adapter_dropout:  # each adapter drops out its own copy, and keeps the mask
+            terms.append(Term(f"{name} adapter inputs after dropout", n * (a + 1) * width,
+                              f"{n} x ({a}+1 mask) x {width}"))
+        elif lay.adapter_copies or (cast and name in ("q, k, v", "gate, up")):
+            terms.append(Term(f"{name} input copies", n * a * width, f"{n} x {a} x {width}"))
+        elif name in ("q, k, v", "gate, up"):
+            terms.append(Term(f"{name} input (norm output)", lay.residual * width,
+                              f"{lay.residual} x {width}"))
+        elif name == "down":
+            terms.append(Term("down input (MLP product)", lay.mlp * width, f"{lay.mlp} x ffn({width})"))
+    return terms  # "o" keeps the attention output, already counted with the attention
+
+
+def layer_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
+    """Bytes per token one decoder layer keeps for backward, tensor by tensor."""
+    a, r, d = lay.compute, lay.residual, s.d
+    norm_h = f" + {r} x d (normalised, trainable weight)" if lay.trainable else ""
+    terms = [Term("2 RMSNorms", 2 * (4 * d + 4 + (r * d if lay.trainable else 0)),
+                  f"2 x (4 x d({d}) fp32 input + 4 rsqrt{norm_h})")]
+    terms += _inputs(s, lay)
+    eager = lay.attention == "eager"
+    expanded = eager or (lay.masked and lay.attention == "sdpa")  # repeat_kv: keys/values for every head
+    kv = s.q if expanded else s.kv
+    terms.append(Term("q, k, v for attention", a * (s.q + 2 * kv),
+                      f"{a} x (q({s.q}) + 2 x {'q (heads repeated)' if expanded else 'kv'}({kv}))"))
+    terms.append(Term("attention output", a * s.q, f"{a} x q({s.q})"))
+    if eager:
+        both = 4 + (a if a != 4 else 0)
+        kinds = f"4 fp32 + {a}" if a != 4 else "4 fp32"
+        terms.append(Term("eager probabilities (seq^2)", both * s.heads * seq_len,
+                          f"({kinds}) x heads({s.heads}) x seq({seq_len})"))
+    else:
+        terms.append(Term("logsumexp", 4 * s.heads, f"4 x heads({s.heads})"))
+    if lay.masked and lay.attention == "sdpa":
+        terms.append(Term("mask SDPA converts per layer", a * seq_len, f"{a} x seq({seq_len})"))
+    mlp = 3 if s.gated else 1
+    terms.append(Term("MLP gate, up, activation" if s.gated else "MLP up", mlp * lay.mlp * s.ffn,
+                      f"{mlp} x {lay.mlp} x ffn({s.ffn})"))
+    if lay.adapters:
+        n = 7 if s.gated else 6
+        terms.append(Term("LoRA A outputs", n * a * lay.lora_r, f"{n} x {a} x r({lay.lora_r})"))
+    return terms
+
+
+def non_layer_terms(s: Shape, lay: Layout, seq_len: int, chunked: bool) -> list[Term]:
+    """Bytes per token kept outside the decoder layers: the final norm, rotary tables, masks."""
+    r, d = lay.residual, s.d
+    keep_out = lay.trainable and not chunked  # the LM head's input (the chunked loss keeps a gradient)
+    terms = [Term("final norm", 4 * d + 4 + (r * d if lay.trainable else 0) + (r * d if keep_out else 0),
+                  f"4 x d({d}) fp32 input + 4" + (f" + {r} x d normalised" if lay.trainable else "")
+                  + (f" + {r} x d LM-head input" if keep_out else "")),
+             Term("rotary cos, sin", 2 * s.head_dim * r, f"2 x head_dim({s.head_dim}) x {r}")]
+    if lay.attention == "eager":
+        terms.append(Term("eager mask (shared by the layers)", r * seq_len, f"{r} x seq({seq_len})"))
+    elif lay.masked and lay.attention == "sdpa":
+        terms.append(Term("boolean mask", seq_len, f"1 x seq({seq_len})"))
+    return terms
+
+
+def checkpointed_layer(s: Shape, lay: Layout, offload: bool) -> Term:
+    """What a checkpointed layer keeps: its input (in host memory with offloading)."""
+    if offload:
+        return Term("checkpointed input (in host memory)", 0, "0 (offloaded)")
+    return Term("checkpointed input", lay.residual * s.d, f"{lay.residual} x d({s.d})")
+
+
+def backward_transient(s: Shape, lay: Layout, seq_len: int) -> Term:
+    """Bytes per token a layer's backward holds on top of what it kept: the incoming gradient of the
+    residual stream, and the MLP's gradients at their widest (the product's gradient and the two it
+    splits into, less the product itself, which the down projection's backward frees), or the eager
+    softmax's fp32 gradients in and out."""
+    a, width = lay.mlp, 2 if s.gated else 1
+    mlp = Term("MLP backward gradients", a * width * s.ffn + lay.residual * s.d,
+               f"{a} x {width} x ffn({s.ffn}) + {lay.residual} x d({s.d})")
+    if lay.attention == "eager" and 8 * s.heads * seq_len > mlp.value:
+        return Term("eager softmax backward", 8 * s.heads * seq_len, f"8 x heads({s.heads}) x seq({seq_len})")
+    return mlp
+
+
+@dataclass(frozen=True)
+class LossMemory:
+    """Bytes of the loss: kept from its forward into its backward (``held``), and the extra at the
+    forward's and at the backward's peak (``forward``, ``backward``)."""
+
+    held: Term
+    forward: Term
+    backward: Term
+
+
+def chunked_loss(s: Shape, lay: Layout, tokens: int, chunk: int, head_trainable: bool,
+                 head_bytes: int) -> LossMemory:
+    """``core.losses.linear_cross_entropy``: one chunk's logits at a time; the hidden states' gradient
+    and (trained head) the head's fp32 gradient, computed in forward and kept for backward."""
+    c, v, d, r = min(chunk, tokens), s.vocab, s.d, lay.residual
+    weight = 4 * v * d if head_trainable else 0
+    held = Term("hidden-state gradient" + (" + head gradient in fp32" if head_trainable else ""),
+                r * tokens * d + weight, f"{r} x tokens({tokens}) x d({d})"
+                + (f" + 4 x vocab({v}) x d" if head_trainable else ""))
+    # a chunk's fp32 logits and logsumexp's fp32 temporary (x - max): more than logits + fp32 copy (4 + a)
+    forward = Term("one chunk: fp32 logits + logsumexp temporary", 8 * c * v, f"8 x chunk({c}) x vocab({v})")
+    cast = v * d * head_bytes if head_trainable and head_bytes != 4 else 0
+    backward = Term("head gradient cast to the weight dtype", cast,
+                    f"{head_bytes} x vocab({v}) x d({d})" if cast else "0")
+    return LossMemory(held, forward, backward)
+
+
+def full_logits_loss(s: Shape, tokens: int, logits_bytes: int) -> LossMemory:
+    """The model's logits and an fp32 cross-entropy (``core.losses.cross_entropy_sum``, transformers'
+    loss): the log-softmax is kept; forward also holds the logits and their fp32 copy, backward two
+    fp32 gradients of the logits' size."""
+    nv, v = tokens * s.vocab, s.vocab
+    up = 4 if logits_bytes != 4 else 0
+    held = Term("fp32 log-softmax", 4 * nv, f"4 x tokens({tokens}) x vocab({v})")
+    forward = Term("logits" + (" + fp32 copy" if up else ""), (logits_bytes + up) * nv,
+                   f"({logits_bytes}{' + 4' if up else ''}) x tokens({tokens}) x vocab({v})")
+    backward = Term("2 fp32 gradients of the logits", 8 * nv, f"8 x tokens({tokens}) x vocab({v})")
+    return LossMemory(held, forward, backward)
+
+
+def per_token(terms: list[Term]) -> float:
+    return sum(t.value for t in terms)

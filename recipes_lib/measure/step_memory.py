@@ -1,0 +1,173 @@
+"""The moments of a training step and what is alive at each: the sums behind ``estimate.estimate``.
+
+Given the model state on one GPU (weights, gradients, AdamW state) and the activation and loss terms
+of ``measure.activations``, each moment of the step (see ``estimate``'s docstring) is a sum of parts:
+weights (with autocast's bf16 copies of fp32 weights, FSDP2's gathered layers), gradients (kept from
+earlier micro-batches, growing during backward, FSDP2's unsharded layer gradients), optimizer state
+(with the step's temporaries), activations (saved, recomputed, a layer's backward temporaries) and the
+loss, plus a fixed CUDA workspace. The peak is the largest moment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import activations as act
+from .memory import GiB
+
+CUDA_WORKSPACE = 64 * 2**20  # cuBLAS and cuBLASLt workspaces (32 MiB each on Hopper), in PyTorch's allocator
+PARTS = ("weights", "gradients", "optimizer", "activations", "loss/logits", "workspace")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Parameter counts from the shape."""
+
+    layer: int   # one decoder layer's weights (linears and norms)
+    linear: int  # of which in linear layers
+    other: int   # embeddings, final norm, an untied head
+    embed: int   # vocab x hidden
+    lora: int    # adapter parameters over all layers
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes per GPU: the peak, its split, every moment's total and the formulas."""
+
+    plan: object
+    peak: float
+    moment: str
+    parts: dict[str, float]
+    moments: dict[str, float]
+    formulas: dict[str, list[act.Term]] = field(default_factory=dict)
+
+    def gib(self) -> dict[str, float]:
+        return {k: v / GiB for k, v in self.parts.items()} | {"peak": self.peak / GiB}
+
+
+def _scaled(terms: list[act.Term], factor: float, how: str) -> list[act.Term]:
+    return [act.Term(t.name, t.value * factor, f"({t.formula}) x {how}") for t in terms if t.value]
+
+
+def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states) -> Estimate:
+    """Every moment's parts for ``plan``; the peak is the largest (see the module docstring)."""
+    weights, grads, opt, state_terms = states
+    n, layers = plan.micro_batch * plan.seq_len, s.layers
+    if plan.strategy == "naive-mp":  # the first GPU: the embeddings, the loss and its share of the layers
+        layers = -(-s.layers // plan.gpus)
+    every = plan.checkpoint_every
+    checkpointed = [every > 0 and i % every == 0 for i in range(layers)]
+    layer_terms = act.layer_terms(s, lay, plan.seq_len)
+    full, kept = act.per_token(layer_terms), act.checkpointed_layer(s, lay, plan.offload_activations)
+    non_layer = act.non_layer_terms(s, lay, plan.seq_len, plan.chunked_loss)
+    saved = n * sum(kept.value if ck else full for ck in checkpointed) + n * act.per_token(non_layer)
+    transient = act.backward_transient(s, lay, plan.seq_len)
+    last_layer = n * (transient.value + (full if checkpointed[-1] else 0))
+    first_layer = n * (transient.value + full + (kept.value if checkpointed[0] else 0))
+    if plan.chunked_loss:
+        head_bytes = 4 if plan.precision in ("fp32", "mixed") and not _sharded_mp(plan) else 2
+        loss = act.chunked_loss(s, lay, n, plan.chunk_size, plan.method == "full", head_bytes)
+    else:
+        loss = act.full_logits_loss(s, n, lay.compute)
+
+    extra_fwd, extra_bwd, extra_end = _weight_copies(plan, s, c, layers, checkpointed)
+    kept_grads = grads if plan.accum_steps > 1 or plan.strategy == "ddp" else 0
+    if plan.strategy == "ddp" and not plan.ddp_bucket_view and plan.accum_steps == 1:
+        kept_grads = grads / 2  # the buckets exist from the start; the .grad copies after the first backward
+    grad_bytes = _grad_bytes(plan)
+    head_grad = c.embed * grad_bytes if plan.method == "full" else 0
+    layer_grad = (c.layer if plan.method == "full" else c.lora / s.layers) * grad_bytes
+    unsharded = 0.0
+    if plan.strategy.startswith(("fsdp2", "deepspeed")) and plan.precision != "fp32":
+        unsharded = head_grad / 2 * (plan.method == "full") + layer_grad / 4 * 6  # bf16 grads + fp32 copy
+        head_grad = layer_grad = 0
+    grads_last = max(kept_grads, head_grad + layer_grad) + unsharded
+    grads_first = grads + unsharded - layer_grad
+    step_temp = _optimizer_temporary(plan, opt, c, s)
+    workspace = CUDA_WORKSPACE if plan.device == "cuda" else 0
+
+    final_norm = n * non_layer[0].value  # freed by its backward, before the layers'
+    table = {
+        "forward (at the loss)": (weights + extra_fwd, kept_grads, opt, saved,
+                                  loss.held.value + loss.forward.value),
+        "loss backward": (weights + extra_bwd, kept_grads, opt, saved, loss.held.value + loss.backward.value),
+        "backward, last layer": (weights + extra_bwd, grads_last, opt, saved - final_norm + last_layer, 0),
+        "backward, first layer": (weights + extra_end, max(grads_first, kept_grads), opt, first_layer
+                                  + n * act.per_token(non_layer[1:]), 0),
+        "optimizer step": (weights, grads, opt + step_temp, 0, 0),
+    }
+    totals = {name: sum(parts) + workspace for name, parts in table.items()}
+    moment = max(totals, key=totals.get)
+    parts = dict(zip(PARTS, (*table[moment], workspace)))
+    formulas = {
+        "weights": state_terms[:1] + [act.Term("on this GPU", weights, f"{plan.method}, {plan.precision}, "
+                                               f"{plan.strategy} on {plan.gpus} GPU(s)")]
+        + ([act.Term("copies at this moment", parts["weights"] - weights, _copies_note(plan))]
+           if parts["weights"] > weights else []),
+        "gradients": state_terms[1:] + [act.Term("at this moment", parts["gradients"], _grads_note(plan))],
+        "optimizer": [act.Term("AdamW moments", opt, f"optimizer={plan.optimizer}")]
+        + ([act.Term("step temporaries", step_temp, "foreach: one state-sized tensor")] if step_temp else []),
+        "activations": _scaled(layer_terms, n * (layers - sum(checkpointed)),
+                               f"tokens({n}) x {layers - sum(checkpointed)} kept layers")
+        + _scaled([kept], n * sum(checkpointed), f"tokens({n}) x {sum(checkpointed)} checkpointed layers")
+        + _scaled(non_layer, n, f"tokens({n})")
+        + _scaled([transient], n, f"tokens({n}), one layer's backward"),
+        "loss/logits": [t for t in (loss.held, loss.forward, loss.backward) if t.value],
+        "workspace": [act.Term("CUDA workspaces", workspace, "cuBLAS/cuBLASLt, 64 MiB")] if workspace else [],
+    }
+    return Estimate(plan, totals[moment], moment, parts, totals, formulas)
+
+
+def _sharded_mp(plan) -> bool:
+    return plan.strategy.startswith(("fsdp2", "deepspeed"))
+
+
+def _grad_bytes(plan) -> int:
+    if plan.method != "full":
+        return 4
+    return 2 if plan.precision == "bf16" or _sharded_mp(plan) else 4
+
+
+def _weight_copies(plan, s: act.Shape, c: Counts, layers: int, checkpointed: list[bool]):
+    """Extra weight bytes at the forward's end, in the last layer's backward and in the first's:
+    autocast's cached bf16 copies of fp32 weights, or the layers FSDP2 / ZeRO-3 hold gathered."""
+    compute = 4 if plan.precision == "fp32" else 2
+    if plan.strategy.startswith(("fsdp2", "deepspeed-zero3")):
+        if plan.method == "qlora":
+            layer = c.linear * 0.5 + (2 * s.d + c.lora / s.layers) * compute
+        else:
+            layer = (c.layer + (c.lora / s.layers if plan.method == "lora" else 0)) * compute
+        root = c.other * compute
+        if plan.strategy == "fsdp2-no-reshard":
+            return root + s.layers * layer, root + s.layers * layer, root + layer
+        return root, root + 2 * layer, root + layer
+    if plan.precision == "fp32" or plan.strategy.startswith("deepspeed"):
+        return 0, 0, 0
+    if plan.method != "full":  # fp32 adapters' bf16 copies; an upcast fp32 head's, kept with full logits
+        head = 2 * c.embed if plan.upcast_fp32 else 0
+        return 2 * c.lora + head, 2 * c.lora + (0 if plan.chunked_loss else head), 0
+    if plan.precision != "mixed":
+        return 0, 0, 0
+    kept_layers = sum(not ck for ck in checkpointed)
+    head = c.embed * 2
+    return 2 * c.linear * layers + head, 2 * c.linear * kept_layers + (0 if plan.chunked_loss else head), 0
+
+
+def _optimizer_temporary(plan, opt: float, c: Counts, s: act.Shape) -> float:
+    if plan.optimizer == "foreach" and not plan.strategy.startswith("deepspeed"):
+        return opt / 2  # torch's foreach AdamW: sqrt(exp_avg_sq) for every parameter at once
+    if plan.optimizer == "loop" and plan.method == "full":
+        return opt / 2 * c.embed / (c.layer * s.layers + c.other)  # one tensor at a time: the largest
+    return 0
+
+
+def _copies_note(plan) -> str:
+    if plan.strategy.startswith(("fsdp2", "deepspeed-zero3")):
+        return "gathered root (embeddings, norm) and decoder layers in the compute dtype"
+    return "autocast's bf16 copies of the fp32 weights, kept for backward"
+
+
+def _grads_note(plan) -> str:
+    if plan.accum_steps > 1:
+        return "all gradients kept from the earlier micro-batches"
+    return "growing during backward (head and layer gradients, unsharded ones under FSDP2/ZeRO)"
