@@ -62,7 +62,8 @@ def table(rows: list[dict]) -> str:
     unit, name = _unit(rows)
     extra = list(dict.fromkeys(k for r in rows for k in r.get("columns", {})))
     width = max(len(r["name"]) for r in rows) + 2
-    head = ["weights", "grads", "optimizer", "activations", f"peak {name}", "tokens/s", "min-max", "MFU %", *extra]
+    head = ["weights", "grads", "optimizer", "activations", f"peak {name}", "tokens/s", "min-max", "MFU %",
+            *extra]
     widths = [max(13, len(h) + 2) for h in head]
     lines = [f"{'configuration':<{width}}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths))]
     for r in rows:
@@ -70,8 +71,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{r['name']:<{width}}" + f"{'OOM':>13}")
             continue
         m = r.get("memory")
-        cells = [getattr(m, k) / unit for k in ("parameters", "gradients", "optimizer", "activations", "peak")] \
-            if m is not None else ["-"] * 5
+        parts = ("parameters", "gradients", "optimizer", "activations", "peak")
+        cells = [getattr(m, k) / unit for k in parts] if m is not None else ["-"] * 5
         cells += [r["tokens_per_s"], bench.spread(r), 100 * r["mfu"] if r.get("mfu") is not None else "-"]
         cells += [r.get("columns", {}).get(k, "-") for k in extra]
         lines.append(f"{r['name']:<{width}}" + "".join(_cell(c, w) for c, w in zip(cells, widths)))
@@ -117,7 +118,8 @@ def main(args) -> int:
         print(techniques.listing())
         return 0
     if not args.technique:
-        raise RecipeError("name a technique: recipes bench --technique NAME (recipes bench --list names them)")
+        raise RecipeError("name a technique: recipes bench --technique NAME "
+                          "(recipes bench --list names them)")
     result = run(args.technique, model=args.model, seq_len=args.seq_len, micro_batch=args.micro_batch,
                  steps=args.steps, nproc=args.nproc)
     print(summary(result))

@@ -108,7 +108,8 @@ def kernel_pair(t: Technique, s: Settings) -> list[dict]:
     window = max(16, s.seq_len // 4)
     backward = s.hw.cuda  # FlexAttention has no backward on CPU
     rows = []
-    for name, impl, win in [(f"{sdpa} causal", sdpa, None), (f"flex-sliding, window {window}", "flex-sliding", window)]:
+    pair = [(f"{sdpa} causal", sdpa, None), (f"flex-sliding, window {window}", "flex-sliding", window)]
+    for name, impl, win in pair:
         r = attention_bench.time_attention(impl, s.seq_len, heads, head_dim, s.hw, win, backward,
                                            repeats=max(s.steps, 3), batch=s.micro_batch)
         label = name + ("" if backward else ", forward")
@@ -143,10 +144,11 @@ def pipeline_pair(t: Technique, s: Settings) -> list[dict]:
 
     texts = dataload.raw_corpus(max(64, s.micro_batch * s.seq_len // 8), seed=0)  # ~25 tokens a document
     workers = 4 if s.hw.cuda else 0  # on a CPU, workers would compete with the compute for the cores
-    loaders = {"tokenise per row, no workers": dataload.naive_loader(texts, tokenizer, s.seq_len, s.micro_batch),
+    packed = dataload.packed_dataset(texts, tokenizer, s.seq_len)
+    naive = dataload.naive_loader(texts, tokenizer, s.seq_len, s.micro_batch)
+    loaders = {"tokenise per row, no workers": naive,
                f"pre-tokenised, packed, {workers} workers":
-                   dataload.efficient_loader(dataload.packed_dataset(texts, tokenizer, s.seq_len), s.micro_batch,
-                                             s.hw.device, num_workers=workers)}
+                   dataload.efficient_loader(packed, s.micro_batch, s.hw.device, num_workers=workers)}
     rows = []
     for name, loader in loaders.items():
         runs_ = [pipeline.time_pipeline(loader, step, s.hw.device, steps=max(s.steps, 3), warmup=1)
@@ -188,14 +190,15 @@ def multi_gpu_pair(t: Technique, s: Settings) -> list[dict]:
     """Notebook 02's training script on ``s.nproc`` processes, for the reference and the technique."""
     gpus = torch.cuda.device_count()
     if s.nproc < 2:
-        raise RecipeError(f"{t.name} shards the model over several GPUs: it needs at least 2 GPUs (found {gpus}); "
-                          "on a machine without them, --nproc 2 runs it on 2 CPU processes (gloo), slowly")
+        raise RecipeError(f"{t.name} shards the model over several GPUs: it needs at least 2 GPUs (found "
+                          f"{gpus}); on a machine without them, --nproc 2 runs it on 2 CPU processes (gloo), "
+                          "slowly")
     if not SCRIPT.is_file():
         raise RecipeError(f"{SCRIPT} is missing: run recipes bench from a checkout of the repository")
     config = model_config(s.model)
-    values = {"model": s.model, "seq-len": s.seq_len, "bf16": s.hw.cuda, "full-rows": True, "steps": s.steps + 2,
-              "warmup": 2, "micro-batch": s.micro_batch, "global-batch": s.micro_batch * s.nproc,
-              "lora-r": s.lora_r}
+    values = {"model": s.model, "seq-len": s.seq_len, "bf16": s.hw.cuda, "full-rows": True,
+              "steps": s.steps + 2, "warmup": 2, "micro-batch": s.micro_batch,
+              "global-batch": s.micro_batch * s.nproc, "lora-r": s.lora_r}
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(models.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     rows = []
     for strategy in MULTI_GPU[t.name]:

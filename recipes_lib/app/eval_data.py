@@ -60,8 +60,8 @@ def target(name: str, base: str | None = None) -> Target:
     if path.is_dir():
         trained = next((path / t for t in TRAINED if (path / t).is_dir()), None)
         if trained is None:
-            raise RecipeError(f"the run folder {name} holds no trained model (no adapter/, merged/ or model/): "
-                              "let `recipes train` finish, or resume it with checkpoint.resume=true")
+            raise RecipeError(f"the run folder {name} holds no trained model (no adapter/, merged/ or "
+                              "model/): let `recipes train` finish, or resume it with checkpoint.resume=true")
         return Target(name, base or _run_base(path, trained), _run_config(path), trained)
     if name.startswith((".", "/", "~")) or name.count("/") != 1 or path.suffix:
         raise RecipeError(f"no run folder or model at {name!r}: pass the output.dir of a `recipes train` "
@@ -110,7 +110,8 @@ def base_model(tgt: Target):
 def tuned_model(tgt: Target):
     """The fine-tuned model: the base with the run's adapters, or the saved full/merged model."""
     if tgt.trained is None:
-        what = "model" if Path(tgt.name).expanduser().exists() else "run folder or model (no such folder; as a hub id)"
+        what = ("model" if Path(tgt.name).expanduser().exists()
+                else "run folder or model (no such folder; as a hub id)")
         return load(tgt.name, what, lambda: models.load_model(tgt.name).eval())
     if tgt.trained.name == "adapter":
         return load(str(tgt.trained), "fine-tuned model",
@@ -137,10 +138,11 @@ def data_config(tgt: Target, updates: dict) -> tuple[data.DataConfig, bool]:
     except pydantic.ValidationError as error:
         raise RecipeError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
                           ) from None
-    own = tgt.config is not None and (cfg.source, cfg.split) == (tgt.config.data.source, tgt.config.data.split)
+    run_data = tgt.config.data if tgt.config is not None else None
+    own = run_data is not None and (cfg.source, cfg.split) == (run_data.source, run_data.split)
     if own and cfg.validation_fraction == 0:
-        raise RecipeError(f"the run {tgt.name} held nothing out (data.validation_fraction: 0), so every row of "
-                          f"{cfg.source} was trained on: give held-out rows with --data")
+        raise RecipeError(f"the run {tgt.name} held nothing out (data.validation_fraction: 0), so every "
+                          f"row of {cfg.source} was trained on: give held-out rows with --data")
     return (cfg if own else cfg.model_copy(update={"validation_fraction": 0.0})), own
 
 
@@ -154,7 +156,8 @@ def held_out(cfg: data.DataConfig, tokenizer, own: bool) -> Rows:
     train_idx, val_idx = data.split_documents(kept, cfg.validation_fraction, cfg.seed)
     docs, rows = (val_docs, val_idx) if own else (train_docs, train_idx)
     if len(docs) != len(rows):
-        raise RecipeError(f"{cfg.source}: {len(rows)} rows but {len(docs)} documents; this is a bug, please report")
+        raise RecipeError(f"{cfg.source}: {len(rows)} rows but {len(docs)} documents; this is a bug, "
+                          "please report it")
     excluded = 0
     if own:  # a held-out row whose prompt was also trained on is not held out
         seen = {_prompt_text(table[i], cfg) for i in train_idx}
@@ -162,7 +165,8 @@ def held_out(cfg: data.DataConfig, tokenizer, own: bool) -> Rows:
         excluded = len(rows) - len(keep)
         docs, rows = [docs[k] for k in keep], [rows[k] for k in keep]
     if not rows:
-        raise RecipeError(f"no held-out rows left in {cfg.source}: give more data or a larger validation_fraction")
+        raise RecipeError(f"no held-out rows left in {cfg.source}: give more data or a larger "
+                          "validation_fraction")
     records = [table[i] for i in rows]
     prompts = [_prompt_ids(r, cfg, tokenizer) for r in records]
     how = (f"the run's validation split ({cfg.validation_fraction:g} of the rows, seed {cfg.seed}), less "

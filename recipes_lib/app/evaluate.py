@@ -40,8 +40,8 @@ def greedy_answers(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max(map(len, prompts))
     if limit is not None and longest + max_new_tokens > limit:
-        raise RecipeError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} passes the model's "
-                          f"{limit} positions: lower --max-new-tokens or drop the longest rows")
+        raise RecipeError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} passes the "
+                          f"model's {limit} positions: lower --max-new-tokens or drop the longest rows")
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [group[s:s + batch_size] for _, g in itertools.groupby(order, key=lambda i: len(prompts[i]))
@@ -112,10 +112,12 @@ def run(name: str, data_updates: dict, out_dir: str | None = None, base: str | N
         loaders = {"base": lambda: eval_data.base_model(tgt), **loaders}
     scores, predictions = {}, {}
     for label, loader in loaders.items():
-        scores[label], predictions[label] = score_model(loader(), tokenizer, rows, budget, batch_size, progress)
+        scores[label], predictions[label] = score_model(loader(), tokenizer, rows, budget, batch_size,
+                                                        progress)
     results = {"target": name, "base_model": tgt.base,
-               "data": {"source": cfg.source, "split": cfg.split, "format": cfg.format, "rows": len(rows.docs),
-                        "held_out": rows.note, "excluded_as_trained_on": rows.excluded},
+               "data": {"source": cfg.source, "split": cfg.split, "format": cfg.format,
+                        "rows": len(rows.docs), "held_out": rows.note,
+                        "excluded_as_trained_on": rows.excluded},
                "generation": {"max_new_tokens": budget, "batch_size": batch_size,
                               "decoding": "greedy, static KV cache (inference.generate), no padding"},
                "scores": scores}

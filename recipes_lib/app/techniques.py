@@ -75,9 +75,10 @@ def _adamw(model, hw: Hardware):
                              fused=hw.cuda or None)
 
 
-def _config(s: Settings, name: str, model_fn, micro_batch: int | None = None, optimizer_fn=None, **kw) -> Config:
-    return Config(name, model_fn, optimizer_fn or functools.partial(_adamw, hw=s.hw), micro_batch or s.micro_batch,
-                  **kw)
+def _config(s: Settings, name: str, model_fn, micro_batch: int | None = None, optimizer_fn=None,
+            **kw) -> Config:
+    optimizer_fn = optimizer_fn or functools.partial(_adamw, hw=s.hw)
+    return Config(name, model_fn, optimizer_fn, micro_batch or s.micro_batch, **kw)
 
 
 def _full(s: Settings, **kw):
@@ -86,7 +87,8 @@ def _full(s: Settings, **kw):
 
 def _qlora(s):
     return (_config(s, "full fine-tune (the model's own loss)", _full(s), fused_head=False),
-            _config(s, "QLoRA (NF4 base + adapters)", lambda: qlora.qlora_model(s.model, r=s.lora_r, hw=s.hw)))
+            _config(s, "QLoRA (NF4 base + adapters)",
+                    lambda: qlora.qlora_model(s.model, r=s.lora_r, hw=s.hw)))
 
 
 def _checkpointing(s):
@@ -163,8 +165,8 @@ TECHNIQUES = {t.name: t for t in [
               "train", _checkpointing),
     Technique("grad-accumulation", "01", "the same rows per step in smaller micro-batches",
               "one micro-batch per step", "train", _accumulation),
-    Technique("optimizer-offload", "01", "AdamW state and step in host memory (torchao)", "AdamW on the device",
-              "train", _offload),
+    Technique("optimizer-offload", "01", "AdamW state and step in host memory (torchao)",
+              "AdamW on the device", "train", _offload),
     Technique("fsdp2", "02", "parameters, gradients and AdamW sharded over the GPUs (fully_shard)",
               "DDP (gradient_as_bucket_view)", "multi-gpu"),
     Technique("bf16-mixed-precision", "02", "bf16 compute over fp32 master weights", "fp32", "train", _bf16),
@@ -218,5 +220,6 @@ def notes(t: Technique, s: Settings) -> list[str]:
 def listing() -> str:
     """One line per technique: name, notebook, what it changes, against what, how it is measured."""
     lines = [f"{'technique':<22}{'nb':<4}{'measured by':<12}what it changes (against)"]
-    lines += [f"{t.name:<22}{t.notebook:<4}{t.kind:<12}{t.what} (vs {t.reference})" for t in TECHNIQUES.values()]
+    lines += [f"{t.name:<22}{t.notebook:<4}{t.kind:<12}{t.what} (vs {t.reference})"
+              for t in TECHNIQUES.values()]
     return "\n".join(lines)
