@@ -1,7 +1,8 @@
 """The ``recipes`` command line: ``recipes train CONFIG [key=value ...] [--resume PATH]``.
 
 Also ``python -m recipes_lib train ...``, which is what ``torchrun`` and ``accelerate launch`` start.
-``recipes train --help`` lists every configuration key with its default.
+``recipes train --help`` lists every configuration key with its default. ``recipes eval``,
+``recipes bench`` and ``recipes export`` are in ``commands``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 
 from ..core.errors import RecipeError
+from . import commands as subcommands
 from . import config, trainer
 
 USAGE = """recipes train CONFIG [key=value ...] [--resume PATH]
@@ -33,11 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--resume", default=None)
     train_cmd.add_argument("--print-config", action="store_true")
     train_cmd.add_argument("-h", "--help", action="store_true")
+    subcommands.add(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "handler", None) is not None:  # eval, bench, export
+        return subcommands.run(args)
     if args.help or args.config is None:
         print(USAGE + "\nEvery key, with its default:\n\n" + config.reference_yaml())
         return 0 if args.help else 2
