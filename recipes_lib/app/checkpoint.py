@@ -3,9 +3,10 @@
 A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding the trained weights (the
 adapters only, for LoRA and QLoRA), the optimizer, scheduler and loss-scaler states, every RNG state,
 the data position and the run's config (FSDP2: sharded by ``torch.distributed.checkpoint``, loadable
-on another number of ranks). It is written to a temporary folder and renamed into place,
-so a run killed during a save leaves the previous checkpoint whole. ``load`` refuses a checkpoint
-whose config differs from the run's in anything but how long, how often and where it logs.
+on another number of ranks; DeepSpeed: Accelerate's ``save_state``, for the same number). It is
+written to a temporary folder and renamed into place, so a run killed during a save leaves the
+previous checkpoint whole. ``load`` refuses a checkpoint whose config differs from the run's in
+anything but how long, how often and where it logs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ..core.errors import RecipeError
 from . import config as config_
-from . import distributed
+from . import deepspeed_zero, distributed
 
 PREFIX = "checkpoint-"
 
@@ -50,7 +51,8 @@ def save(out_dir: str | Path, step: int, lm, optimizer, scheduler, scaler, cfg: 
     """Write ``checkpoint-<step>`` atomically, then delete all but the ``keep_last`` newest.
 
     ``lm`` is the bare model (its parameter names are the checkpoint's); ``model``, the same model as
-    wrapped for FSDP2, whose shards every rank writes with ``torch.distributed.checkpoint``. Otherwise
+    wrapped for FSDP2, whose shards every rank writes with ``torch.distributed.checkpoint``, or the
+    DeepSpeed engine, whose partitions every rank writes with Accelerate's ``save_state``. Otherwise
     the main process writes everything. All ranks call this.
     """
     out_dir = Path(out_dir)
@@ -62,12 +64,16 @@ def save(out_dir: str | Path, step: int, lm, optimizer, scheduler, scaler, cfg: 
         tmp.mkdir(parents=True)
     distributed.barrier()
     sharded = model is not None and cfg.train.strategy == "fsdp2"
+    engine = model is not None and cfg.train.strategy in config_.DEEPSPEED
     if sharded:
         distributed.save_sharded(tmp, model, optimizer)
+    elif engine:
+        deepspeed_zero.save(tmp, model)
     if main:
-        if not sharded:
+        if not (sharded or engine):
             torch.save(trained_state(lm), tmp / "model.pt")
-        torch.save({"optimizer": None if sharded else optimizer.state_dict(), "sharded": sharded,
+        torch.save({"optimizer": None if sharded or engine else optimizer.state_dict(), "sharded": sharded,
+                    "deepspeed": engine, "ranks": ctx.world_size if ctx else 1,
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "data_position": data_position, "config": cfg.model_dump()}, tmp / "state.pt")
@@ -96,7 +102,8 @@ def latest(out_dir: str | Path) -> Path | None:
 def load(path: str | Path, lm, optimizer, scheduler, scaler, cfg: config_.RunConfig, model=None) -> dict:
     """Restore a checkpoint into the run's objects; returns ``{"step", "data_position"}``.
 
-    ``model``: the FSDP2-wrapped model, for a sharded checkpoint (on any number of ranks).
+    ``model``: the FSDP2-wrapped model, for a sharded checkpoint (on any number of ranks); the DeepSpeed
+    engine, for its checkpoint (on the same number of ranks).
     """
     path = Path(path)
     if not (path / "state.pt").is_file():
@@ -109,6 +116,8 @@ def load(path: str | Path, lm, optimizer, scheduler, scaler, cfg: config_.RunCon
                           "a new run in another output.dir")
     if state.get("sharded"):
         distributed.load_sharded(path, model, optimizer)
+    elif state.get("deepspeed"):
+        deepspeed_zero.load(path, model, state["ranks"])
     else:
         weights = torch.load(path / "model.pt", weights_only=True)
         params = dict(lm.named_parameters())

@@ -5,8 +5,9 @@
 whole with pydantic. Every mistake becomes one ``RecipeError`` that names the key, what is allowed
 and what to change: unknown keys (with the nearest valid one), wrong types, and impossible
 combinations (offloaded AdamW with gradient clipping, QLoRA with parameter offload, activation
-offload without checkpointing). ``reference_yaml()`` writes every key with its default and its
-description: ``configs/reference.yaml`` is that file, and ``recipes train --help`` prints it.
+offload without checkpointing, QLoRA or fp16 under DeepSpeed). ``reference_yaml()`` writes every
+key with its default and its description: ``configs/reference.yaml`` is that file, and
+``recipes train --help`` prints it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..core.errors import RecipeError
 from .data import DataConfig
+
+DEEPSPEED = {"zero2": 2, "zero3": 3}  # train.strategy -> DeepSpeed ZeRO stage
 
 
 class _Section(BaseModel):
@@ -60,7 +63,8 @@ class TrainConfig(_Section):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     micro_batch: int = Field(4, ge=1, description="sequences per forward pass, per process")
     global_batch: int = Field(16, ge=1, description="sequences per optimizer step, over all processes")
-    strategy: Literal["single", "ddp", "fsdp2"] = Field("single", description="one process, DDP or FSDP2")
+    strategy: Literal["single", "ddp", "fsdp2", "zero2", "zero3"] = Field(
+        "single", description="one process, DDP, FSDP2, or DeepSpeed ZeRO-2/3 through Accelerate")
     reshard: bool = Field(True, description="FSDP2: free gathered weights after forward (less memory)")
     cpu_offload: bool = Field(False, description="FSDP2: parameters, gradients and AdamW on the host")
     eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: at the end only)")
@@ -109,6 +113,14 @@ class RunConfig(_Section):
             raise ValueError(f"optim.offload (torchao's offloaded AdamW) runs in one process: with "
                              f"train.strategy: {self.train.strategy} set optim.offload: false (FSDP2 "
                              f"offloads parameters and optimizer state with train.cpu_offload: true)")
+        if self.train.strategy in DEEPSPEED and self.model.method == "qlora":
+            raise ValueError(f"model.method: qlora with train.strategy: {self.train.strategy}: DeepSpeed "
+                             f"cannot partition bitsandbytes' 4-bit weights here: set train.strategy: "
+                             f"fsdp2 (FSDP-QLoRA) or ddp, or model.method: lora")
+        if self.train.strategy in DEEPSPEED and self.model.precision == "fp16":
+            raise ValueError(f"model.precision: fp16 with train.strategy: {self.train.strategy}: the "
+                             f"DeepSpeed strategies run bf16 or fp32 here: set model.precision: bf16, fp32 "
+                             f"or auto")
         if self.model.offload_activations and not self.model.checkpointing:
             raise ValueError("model.offload_activations moves the checkpointed layers' inputs: "
                              "set model.checkpointing: true")

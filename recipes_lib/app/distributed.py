@@ -1,10 +1,12 @@
-"""``recipes train`` across ranks (``torchrun ... -m recipes_lib train``): DDP or FSDP2, notebook 02's code.
+"""``recipes train`` across ranks (``torchrun`` or ``accelerate launch ... -m recipes_lib train``): DDP, FSDP2
+or DeepSpeed ZeRO-2/3 (``app.deepspeed_zero``), notebook 02's code.
 
 Every rank builds the same stream of micro-batches and takes every ``world_size``-th one, so the data
 position of a checkpoint is a count of global micro-batches and a resume on any number of ranks
 continues where the run stopped. The step is ``parallel.step.train_step`` (loss normalised by the
 target tokens of all ranks, gradients summed). DDP checkpoints are written by rank 0; FSDP2's with
-``torch.distributed.checkpoint``, sharded, so they load on a different number of ranks.
+``torch.distributed.checkpoint``, sharded, so they load on a different number of ranks; DeepSpeed's
+with Accelerate's ``save_state``.
 """
 
 from __future__ import annotations
@@ -29,20 +31,27 @@ from torch.distributed.checkpoint.state_dict import (
 from ..core import train
 from ..core.errors import RecipeError
 from ..parallel import context, ddp, fsdp2, step
-from .config import RunConfig
+from . import deepspeed_zero, launch
+from .config import DEEPSPEED, RunConfig
 
 
 def setup(cfg: RunConfig) -> context.Context | None:
-    """The process group for a ``ddp``/``fsdp2`` run (None for ``single``), after checking the launch."""
+    """The process group for a ``ddp``/``fsdp2``/``zero2``/``zero3`` run (None for ``single``), after
+    checking the launch (``torchrun``, or ``accelerate launch`` and its config file)."""
     launched = "WORLD_SIZE" in os.environ
+    launch.check(cfg, os.environ)
     if cfg.train.strategy == "single":
         if launched and int(os.environ["WORLD_SIZE"]) > 1:
             raise RecipeError(f"train.strategy: single, but torchrun started {os.environ['WORLD_SIZE']} "
-                              f"processes: set train.strategy: ddp or fsdp2, or --nproc-per-node 1")
+                              f"processes: set train.strategy: ddp, fsdp2, zero2 or zero3, or "
+                              f"--nproc-per-node 1")
         return None
+    if cfg.train.strategy in DEEPSPEED:
+        deepspeed_zero.require_deepspeed(cfg.train.strategy)
     if not launched:
-        raise RecipeError(f"train.strategy: {cfg.train.strategy} runs under torchrun: "
-                          f"torchrun --nproc-per-node N -m recipes_lib train CONFIG ...")
+        raise RecipeError(f"train.strategy: {cfg.train.strategy} runs under torchrun or accelerate launch: "
+                          f"torchrun --nproc-per-node N -m recipes_lib train CONFIG ... (README: Train your "
+                          f"own model)")
     ctx = context.setup()
     per_step = cfg.train.micro_batch * ctx.world_size
     if cfg.train.global_batch % per_step:
@@ -56,14 +65,27 @@ def setup(cfg: RunConfig) -> context.Context | None:
 def wrap(lm: torch.nn.Module, cfg: RunConfig, ctx: context.Context, accum: int,
          autocast_dtype: torch.dtype | None) -> tuple[torch.nn.Module, torch.dtype | None]:
     """The model as a ``LossModel`` wrapped for the strategy, and the autocast dtype the step should use
-    (FSDP2 casts through its own bf16 policy instead of autocast)."""
+    (FSDP2 casts through its own bf16 policy, DeepSpeed through its bf16 mode, instead of autocast).
+    DeepSpeed's wrapping waits for the optimizer: ``engine``."""
     model = train.LossModel(lm, fused_head=cfg.model.chunked_loss)
+    if cfg.train.strategy in DEEPSPEED:
+        return model, None if autocast_dtype == torch.bfloat16 else autocast_dtype
     if cfg.train.strategy == "ddp":
         return ddp.wrap_ddp(model, ctx, micro_batches_per_step=accum), autocast_dtype
     mixed = autocast_dtype == torch.bfloat16
     sharded = fsdp2.shard_fsdp2(model, reshard_after_forward=cfg.train.reshard, mixed_precision=mixed,
                                 cpu_offload=cfg.train.cpu_offload)
     return sharded, None if mixed else autocast_dtype
+
+
+def engine(model: torch.nn.Module, optimizer, cfg: RunConfig, ctx: context.Context, accum: int,
+           autocast_dtype: torch.dtype | None):
+    """(model, optimizer), handed to DeepSpeed for ``zero2``/``zero3`` (with the DeepSpeed JSON an
+    Accelerate config file names, if any); unchanged for the other strategies."""
+    if cfg.train.strategy not in DEEPSPEED:
+        return model, optimizer
+    return deepspeed_zero.wrap(model, optimizer, cfg, ctx.world_size, accum, autocast_dtype,
+                               launch.deepspeed_file(os.environ))
 
 
 def rank_share(stream: Iterator[dict], ctx: context.Context) -> Iterator[dict]:
@@ -106,8 +128,13 @@ def load_sharded(path: Path, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
 
 
-def full_trained_state(model) -> dict[str, torch.Tensor]:
-    """The trained weights as whole CPU tensors, named as in the bare model (all ranks call it)."""
+def full_trained_state(model, cfg: RunConfig) -> dict[str, torch.Tensor] | None:
+    """The trained weights of a sharded model (FSDP2, DeepSpeed) as whole CPU tensors, named as in the bare
+    model (all ranks call it); None for the others, whose bare model holds them."""
+    if cfg.train.strategy in DEEPSPEED:
+        return deepspeed_zero.full_trained_state(model)
+    if cfg.train.strategy != "fsdp2":
+        return None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = get_model_state_dict(model, options=options)
     return {k.removeprefix("module.").removeprefix("lm."): v for k, v in state.items()}

@@ -127,8 +127,8 @@ def evaluate(model, batches: list[dict], loss_of, autocast_dtype) -> float | Non
 def save_outputs(model, lm, tokenizer, cfg: RunConfig, out_dir: Path, hw: hardware.Hardware,
                  ctx=None) -> list[Path]:
     """The trained model, from the main process: adapters (peft ``save_pretrained``), optionally merged
-    into the base; or the full model. FSDP2's shards are gathered first (every rank takes part)."""
-    state = distributed.full_trained_state(model) if cfg.train.strategy == "fsdp2" and ctx else None
+    into the base; or the full model. FSDP2's and ZeRO's shards are gathered first (every rank takes part)."""
+    state = distributed.full_trained_state(model, cfg) if ctx else None
     if ctx is not None and not ctx.is_main:
         return []
     folder = out_dir / ("model" if cfg.model.method == "full" else "adapter")
@@ -169,12 +169,15 @@ def _run(cfg: RunConfig, ctx, resume_from: str | None) -> dict:
     train_docs, val_docs = data.load_documents(cfg.data, tokenizer)
     validation = validation_batches(val_docs, cfg, tokenizer.pad_token_id)
     lm = build_model(cfg, hw)
+    per_token = flops.training_flops_per_token(models.unwrap(lm).config, cfg.data.seq_len,
+                                               _trainable_fraction(lm))  # before ZeRO-3 partitions it
     autocast_dtype, _ = precision(cfg, hw)
-    model = lm
-    if ctx is not None:
-        model, autocast_dtype = distributed.wrap(lm, cfg, ctx, accum, autocast_dtype)
+    model, step_dtype = distributed.wrap(lm, cfg, ctx, accum, autocast_dtype) if ctx else (lm, autocast_dtype)
     optimizer = build_optimizer(cfg, model, hw)  # after FSDP2 has made the parameters shards
     scheduler = train.cosine_schedule(optimizer, cfg.train.max_steps, warmup=cfg.optim.warmup_steps)
+    if ctx is not None:  # DeepSpeed takes the model and its optimizer together
+        model, optimizer = distributed.engine(model, optimizer, cfg, ctx, accum, autocast_dtype)
+    autocast_dtype = step_dtype
     scaler = torch.amp.GradScaler(hw.device.type) if autocast_dtype == torch.float16 else None
     start = {"step": 0, "data_position": 0}
     source = resume_from or (checkpoint.latest(out_dir) if cfg.checkpoint.resume else None)
@@ -198,8 +201,6 @@ def _run(cfg: RunConfig, ctx, resume_from: str | None) -> dict:
                                     scaler=scaler, grad_norms=norms)
     main = ctx is None or ctx.is_main
     log = logs.RunLog(out_dir, main=main, tensorboard=cfg.log.tensorboard)
-    per_token = flops.training_flops_per_token(models.unwrap(lm).config, cfg.data.seq_len,
-                                               _trainable_fraction(lm))
     hook = _StepHook(cfg, model, lm, optimizer, scheduler, scaler, log, hw, ctx, tokens, norms, start, accum,
                      validation, autocast_dtype, per_token)
     train.train(model, optimizer, batches, steps=remaining, accum_steps=accum, scheduler=scheduler,
