@@ -1,11 +1,22 @@
-"""Train a causal LM on several processes (DDP, FSDP2, FSDP-QLoRA, DeepSpeed ZeRO) on a fixed global batch.
+"""Train a causal LM on several processes: ``recipes train`` on a config file, or notebook 02's measured runs.
+
+With a config file first, this script is ``recipes train`` (``python -m recipes_lib train``): real
+data, checkpoints and resume, logs, the trained adapters or model saved. Use it, or the command:
+
+    torchrun --nproc-per-node 8 scripts/train_distributed.py configs/fsdp2-full.yaml lr=1e-5
+    accelerate launch --config_file configs/accelerate/zero3.yaml \
+        scripts/train_distributed.py configs/zero3.yaml
+
+With options first (``--strategy ...``), it runs notebook 02's measurements: DDP, FSDP2, FSDP-QLoRA,
+DeepSpeed ZeRO and naive model parallelism on random tokens of a fixed global batch, reporting
+losses, memory and tokens/s and saving no model:
 
     torchrun --standalone --nproc-per-node 2 scripts/train_distributed.py --strategy fsdp2 --steps 4
     torchrun --standalone --nproc-per-node 2 scripts/train_distributed.py --strategy deepspeed-zero3 --bf16
     python scripts/train_distributed.py --strategy single        # the one-process reference
     python scripts/train_distributed.py --strategy naive-mp      # one process, layers spread over the GPUs
 
-A thin command line over ``recipes_lib.parallel.run`` (the options, the run) and
+The measured runs are a thin command line over ``recipes_lib.parallel.run`` (the options, the run) and
 ``recipes_lib.parallel.batches`` (the global batch of every step, the same whatever the number of
 processes; rank r trains on its slice of rows, ``--micro-batch`` rows at a time). Each rank prints
 one ``RESULT {json}`` line (loss and gradient norm per step, memory, tokens/s) that
@@ -16,7 +27,10 @@ GPUs with NCCL.
 
 from __future__ import annotations
 
+import sys
+
 import recipes_lib
+from recipes_lib.app import cli
 from recipes_lib.measure import timing
 from recipes_lib.parallel import run
 
@@ -32,5 +46,7 @@ def progress(args):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):  # a config file: `recipes train`
+        sys.exit(cli.main(["train", *sys.argv[1:]]))
     arguments = run.parse_args()
     run.main(arguments, timer=timing.stepper, on_step=progress(arguments))
