@@ -120,19 +120,23 @@ def layer_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
     return terms
 
 
-def non_layer_terms(s: Shape, lay: Layout, seq_len: int, chunked: bool) -> list[Term]:
-    """Bytes per token kept outside the decoder layers: the final norm, rotary tables, masks."""
+def non_layer_terms(s: Shape, lay: Layout, chunked: bool, rows: int = 1) -> list[Term]:
+    """Bytes per token kept outside the decoder layers: the final norm and the rotary tables (one per
+    position, shared by the ``rows`` of a batch without ``position_ids``)."""
     r, d = lay.residual, s.d
     keep_out = lay.trainable and not chunked  # the LM head's input (the chunked loss keeps a gradient)
     terms = [Term("final norm", 4 * d + 4 + (r * d if lay.trainable else 0) + (r * d if keep_out else 0),
                   f"4 x d({d}) fp32 input + 4" + (f" + {r} x d normalised" if lay.trainable else "")
                   + (f" + {r} x d LM-head input" if keep_out else "")),
-             Term("rotary cos, sin", 2 * s.head_dim * r, f"2 x head_dim({s.head_dim}) x {r}")]
-    if lay.attention == "eager":
-        terms.append(Term("eager mask (shared by the layers)", r * seq_len, f"{r} x seq({seq_len})"))
-    elif lay.masked and lay.attention == "sdpa":
-        terms.append(Term("boolean mask", seq_len, f"1 x seq({seq_len})"))
-    return terms
+             Term("rotary cos, sin", 2 * s.head_dim * r / rows,
+                  f"2 x head_dim({s.head_dim}) x {r}" + (f" / rows({rows})" if rows > 1 else ""))]
+    return terms  # the attention mask itself: no backward keeps it, it is gone once the decoder returns
+
+
+def first_layer_saving(s: Shape, lay: Layout) -> float:
+    """Bytes per token the first layer keeps less than the others: with frozen embeddings its input needs
+    no gradient, so its input norm keeps nothing."""
+    return 0 if lay.trainable else 4 * s.d + 4
 
 
 def checkpointed_layer(s: Shape, lay: Layout, offload: bool) -> Term:
@@ -166,16 +170,24 @@ class LossMemory:
 
 
 def chunked_loss(s: Shape, lay: Layout, tokens: int, chunk: int, head_trainable: bool,
-                 head_bytes: int) -> LossMemory:
+                 head_bytes: int, kernel_temporaries: bool = True) -> LossMemory:
     """``core.losses.linear_cross_entropy``: one chunk's logits at a time; the hidden states' gradient
-    and (trained head) the head's fp32 gradient, computed in forward and kept for backward."""
+    and (trained head) the head's fp32 gradient, computed in forward and kept for backward.
+
+    ``kernel_temporaries``: count logsumexp's internal ``x - max`` (CUDA's allocator sees it; the CPU
+    ``AllocationTracker``, which counts the outputs of operators, does not)."""
     c, v, d, r = min(chunk, tokens), s.vocab, s.d, lay.residual
     weight = 4 * v * d if head_trainable else 0
     held = Term("hidden-state gradient" + (" + head gradient in fp32" if head_trainable else ""),
                 r * tokens * d + weight, f"{r} x tokens({tokens}) x d({d})"
                 + (f" + 4 x vocab({v}) x d" if head_trainable else ""))
-    # a chunk's fp32 logits and logsumexp's fp32 temporary (x - max): more than logits + fp32 copy (4 + a)
-    forward = Term("one chunk: fp32 logits + logsumexp temporary", 8 * c * v, f"8 x chunk({c}) x vocab({v})")
+    if kernel_temporaries:  # fp32 logits and logsumexp's fp32 (x - max): more than logits + fp32 copy
+        forward = Term("one chunk: fp32 logits + logsumexp temporary", 8 * c * v,
+                       f"8 x chunk({c}) x vocab({v})")
+    else:
+        both = 4 + (lay.compute if lay.compute != 4 else 0)
+        forward = Term("one chunk of logits" + (" + fp32 copy" if both > 4 else ""), both * c * v,
+                       f"{both} x chunk({c}) x vocab({v})")
     cast = v * d * head_bytes if head_trainable and head_bytes != 4 else 0
     backward = Term("head gradient cast to the weight dtype", cast,
                     f"{head_bytes} x vocab({v}) x d({d})" if cast else "0")

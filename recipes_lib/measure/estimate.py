@@ -97,7 +97,8 @@ def model_config(name: str):
                           f"{models.known_shapes()}.") from None
 
 
-def _layout(plan: Plan, s: act.Shape) -> act.Layout:
+def layout(plan: Plan, s: act.Shape) -> act.Layout:
+    """Which tensors the plan's layers keep, and their sizes (see ``measure.activations``)."""
     compute = 4 if plan.precision == "fp32" else 2
     sharded_mp = plan.strategy.startswith(("fsdp2", "deepspeed"))  # they cast the weights to bf16 themselves
     fp32_residual = compute == 4 or plan.upcast_fp32 or (
@@ -120,41 +121,41 @@ def _counts(config, s: act.Shape, r: int) -> Counts:
     return Counts(linear + 2 * s.d, linear, other, embed, r * sum(i + o for i, o in shapes) * s.layers)
 
 
-def _states(plan: Plan, c: Counts, s: act.Shape, config) -> tuple[float, float, float, list[act.Term]]:
-    """Weights, gradients and AdamW state on one GPU, with their formulas."""
+def _states(plan: Plan, c: Counts, s: act.Shape, config) -> list[act.Term]:
+    """Weights, gradients and AdamW state on one GPU, each with its formula."""
     n = c.layer * s.layers + c.other
     base = 4 if plan.precision == "fp32" else 2
     if plan.method == "full":
         w = g = 2 if plan.precision == "bf16" else 4
         o, trainable = 2 * w, n
-        weights = n * w
         if plan.strategy.startswith("deepspeed"):  # bf16 weights; fp32 master and moments in the optimizer
             w, g, o = 2, (2 if plan.strategy == "deepspeed-zero2" else 4), 12
-            weights = n * w
+        weights, held = n * w, f"{n:,} parameters x {w} B"
     else:
-        frozen_linear = c.linear * s.layers * (NF4_BYTES_PER_PARAM if plan.method == "qlora" else base)
-        rest = (c.other + 2 * s.d * s.layers) * (4 if plan.upcast_fp32 else base)
-        weights, trainable, g, o = frozen_linear + rest + 4 * c.lora, c.lora, 4, 8
+        nf4 = NF4_BYTES_PER_PARAM if plan.method == "qlora" else base
+        rest, rest_bytes = c.other + 2 * s.d * s.layers, 4 if plan.upcast_fp32 else base
+        weights = c.linear * s.layers * nf4 + rest * rest_bytes + 4 * c.lora
+        held = (f"{c.linear * s.layers:,} linear x {nf4:.3g} B + {rest:,} other x {rest_bytes} B "
+                f"+ {c.lora:,} adapters (r={plan.lora_r}) x 4 B")
+        trainable, g, o = c.lora, 4, 8
     grads, opt = trainable * g, trainable * o
-    shard = plan.gpus if plan.strategy.startswith("fsdp2") else 1
+    share, where = 1.0, ""
     if plan.strategy == "naive-mp":
-        share = naive_mp_share(config, plan.gpus)
-        weights, grads, opt = weights * share, grads * share, opt * share
-    elif plan.strategy.startswith("deepspeed"):
-        weights /= plan.gpus if plan.strategy == "deepspeed-zero3" else 1
-        grads, opt = grads / plan.gpus, opt / plan.gpus
-    weights, grads, opt = weights / shard, grads / shard, opt / shard
-    if plan.strategy == "ddp" and not plan.ddp_bucket_view:
-        grads *= 2
+        share, where = naive_mp_share(config, plan.gpus), " x the first GPU's share"
+    elif plan.strategy.startswith(("fsdp2", "deepspeed")):
+        share, where = 1 / plan.gpus, f" / {plan.gpus} GPUs"
+    weights *= 1 if plan.strategy == "deepspeed-zero2" else share
+    grads, opt = grads * share, opt * share
+    copies = 2 if plan.strategy == "ddp" and not plan.ddp_bucket_view else 1
     if plan.strategy == "fsdp2-offload":
         weights = grads = opt = 0
-    if plan.optimizer == "offload":
-        opt = 0
-    note = [act.Term("parameters", n + (c.lora if plan.method != "full" else 0), f"{n:,} base"
-                     + (f" + {c.lora:,} adapters (r={plan.lora_r})" if plan.method != "full" else "")),
-            act.Term("trainable", trainable, f"{trainable:,} x ({g} gradient + {o} AdamW) bytes"
-                     + (f" / {plan.gpus} GPUs" if plan.strategy.startswith(("fsdp2", "deepspeed")) else ""))]
-    return weights, grads, opt, note
+    return [act.Term("weights", weights, held + ("" if plan.strategy == "deepspeed-zero2" else where)
+                     + (" (on the host)" if plan.strategy == "fsdp2-offload" else "")),
+            act.Term("gradients", grads * copies, f"{trainable:,} trainable x {g} B{where}"
+                     + (" x 2 (DDP's buckets hold a copy)" if copies == 2 else "")),
+            act.Term("AdamW moments", 0 if plan.optimizer == "offload" else opt,
+                     f"{trainable:,} trainable x {o} B{where}"
+                     + (" (on the host)" if "offload" in (plan.optimizer, plan.strategy[6:]) else ""))]
 
 
 def estimate(plan: Plan, config=None) -> Estimate:
@@ -165,7 +166,7 @@ def estimate(plan: Plan, config=None) -> Estimate:
     if plan.seq_len > getattr(config, "max_position_embeddings", math.inf):
         raise RecipeError(f"seq_len={plan.seq_len} is over this model's limit of "
                           f"{config.max_position_embeddings} positions: lower it, or extend RoPE first")
-    lay = _layout(plan, s)
+    lay = layout(plan, s)
     counts = _counts(config, s, plan.lora_r)
     return moments(plan, s, lay, counts, _states(plan, counts, s, config))
 

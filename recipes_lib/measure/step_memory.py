@@ -51,7 +51,7 @@ def _scaled(terms: list[act.Term], factor: float, how: str) -> list[act.Term]:
 
 def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states) -> Estimate:
     """Every moment's parts for ``plan``; the peak is the largest (see the module docstring)."""
-    weights, grads, opt, state_terms = states
+    weights, grads, opt = (t.value for t in states)
     n, layers = plan.micro_batch * plan.seq_len, s.layers
     if plan.strategy == "naive-mp":  # the first GPU: the embeddings, the loss and its share of the layers
         layers = -(-s.layers // plan.gpus)
@@ -59,14 +59,17 @@ def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states) -> Estimate:
     checkpointed = [every > 0 and i % every == 0 for i in range(layers)]
     layer_terms = act.layer_terms(s, lay, plan.seq_len)
     full, kept = act.per_token(layer_terms), act.checkpointed_layer(s, lay, plan.offload_activations)
-    non_layer = act.non_layer_terms(s, lay, plan.seq_len, plan.chunked_loss)
+    non_layer = act.non_layer_terms(s, lay, plan.chunked_loss, 1 if plan.packed else plan.micro_batch)
+    first = full - act.first_layer_saving(s, lay)
     saved = n * sum(kept.value if ck else full for ck in checkpointed) + n * act.per_token(non_layer)
+    saved -= 0 if checkpointed[0] else n * (full - first)
     transient = act.backward_transient(s, lay, plan.seq_len)
     last_layer = n * (transient.value + (full if checkpointed[-1] else 0))
-    first_layer = n * (transient.value + full + (kept.value if checkpointed[0] else 0))
+    first_layer = n * (transient.value + first + (kept.value if checkpointed[0] else 0))
     if plan.chunked_loss:
         head_bytes = 4 if plan.precision in ("fp32", "mixed") and not _sharded_mp(plan) else 2
-        loss = act.chunked_loss(s, lay, n, plan.chunk_size, plan.method == "full", head_bytes)
+        loss = act.chunked_loss(s, lay, n, plan.chunk_size, plan.method == "full", head_bytes,
+                                plan.device == "cuda")
     else:
         loss = act.full_logits_loss(s, n, lay.compute)
 
@@ -100,13 +103,11 @@ def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states) -> Estimate:
     moment = max(totals, key=totals.get)
     parts = dict(zip(PARTS, (*table[moment], workspace)))
     formulas = {
-        "weights": state_terms[:1] + [act.Term("on this GPU", weights, f"{plan.method}, {plan.precision}, "
-                                               f"{plan.strategy} on {plan.gpus} GPU(s)")]
-        + ([act.Term("copies at this moment", parts["weights"] - weights, _copies_note(plan))]
-           if parts["weights"] > weights else []),
-        "gradients": state_terms[1:] + [act.Term("at this moment", parts["gradients"], _grads_note(plan))],
-        "optimizer": [act.Term("AdamW moments", opt, f"optimizer={plan.optimizer}")]
-        + ([act.Term("step temporaries", step_temp, "foreach: one state-sized tensor")] if step_temp else []),
+        "weights": states[:1] + ([act.Term("copies at this moment", parts["weights"] - weights,
+                                           _copies_note(plan))] if parts["weights"] > weights else []),
+        "gradients": states[1:2] + [act.Term("at this moment", parts["gradients"], _grads_note(plan))],
+        "optimizer": states[2:] + ([act.Term("step temporaries", step_temp, "foreach: one moment-sized "
+                                             "tensor")] if step_temp and moment == "optimizer step" else []),
         "activations": _scaled(layer_terms, n * (layers - sum(checkpointed)),
                                f"tokens({n}) x {layers - sum(checkpointed)} kept layers")
         + _scaled([kept], n * sum(checkpointed), f"tokens({n}) x {sum(checkpointed)} checkpointed layers")
