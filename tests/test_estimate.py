@@ -222,3 +222,12 @@ def test_plan_of_a_train_config():
     plan = estimate_cmd.plan_of(cfg, gpus=4)
     assert (plan.strategy, plan.gpus, plan.accum_steps) == ("fsdp2-no-reshard", 4, 2)
     assert (plan.method, plan.checkpoint_every, plan.precision) == ("qlora", 2, "mixed")
+
+
+def test_recipes_estimate_is_a_subcommand(capsys):
+    from recipes_lib.app import cli
+
+    assert cli.main(["estimate", "--model", "data/tiny-llama", "--method", "full", "--gpu", "T4"]) == 0
+    assert "fits on T4" in capsys.readouterr().out
+    assert cli.main(["estimate", "--model", "data/tiny-llama", "--method", "dora"]) == 2
+    assert "method='dora'; choose one of full, lora, qlora" in capsys.readouterr().err

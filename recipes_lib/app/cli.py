@@ -2,7 +2,7 @@
 
 Also ``python -m recipes_lib train ...``, which is what ``torchrun`` and ``accelerate launch`` start.
 ``recipes train --help`` lists every configuration key with its default. ``recipes eval``,
-``recipes bench`` and ``recipes export`` are in ``commands``.
+``recipes bench`` and ``recipes export`` are in ``commands``, ``recipes estimate`` in ``estimate_cmd``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 
 from ..core.errors import RecipeError
 from . import commands as subcommands
-from . import config, trainer
+from . import config, estimate_cmd, trainer
 
 USAGE = """recipes train CONFIG [key=value ...] [--resume PATH]
 
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--print-config", action="store_true")
     train_cmd.add_argument("-h", "--help", action="store_true")
     subcommands.add(commands)
+    estimate_cmd.add_parser(commands)
     return parser
 
 

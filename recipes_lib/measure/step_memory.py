@@ -16,7 +16,6 @@ from . import activations as act
 from .memory import GiB
 
 CUDA_WORKSPACE = 64 * 2**20  # cuBLAS and cuBLASLt workspaces (32 MiB each on Hopper), in PyTorch's allocator
-PARTS = ("weights", "gradients", "optimizer", "activations", "loss/logits", "workspace")
 
 
 @dataclass(frozen=True)
@@ -49,31 +48,43 @@ def _scaled(terms: list[act.Term], factor: float, how: str) -> list[act.Term]:
     return [act.Term(t.name, t.value * factor, f"({t.formula}) x {how}") for t in terms if t.value]
 
 
-def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states) -> Estimate:
-    """Every moment's parts for ``plan``; the peak is the largest (see the module docstring)."""
+def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states: list[act.Term]) -> Estimate:
+    """Every moment's parts for ``plan``; the peak is the largest (see the module docstring). Each part is
+    the sum of its formula terms, so the breakdown printed is the one added up."""
     weights, grads, opt = (t.value for t in states)
     n, layers = plan.micro_batch * plan.seq_len, s.layers
     if plan.strategy == "naive-mp":  # the first GPU: the embeddings, the loss and its share of the layers
         layers = -(-s.layers // plan.gpus)
-    every = plan.checkpoint_every
+    every, cuda = plan.checkpoint_every, plan.device == "cuda"
     checkpointed = [every > 0 and i % every == 0 for i in range(layers)]
     layer_terms = act.layer_terms(s, lay, plan.seq_len)
-    full, kept = act.per_token(layer_terms), act.checkpointed_layer(s, lay, plan.offload_activations)
+    kept = act.checkpointed_layer(s, lay, plan.offload_activations)
     non_layer = act.non_layer_terms(s, lay, plan.chunked_loss, 1 if plan.packed else plan.micro_batch)
-    first = full - act.first_layer_saving(s, lay)
-    saved = n * sum(kept.value if ck else full for ck in checkpointed) + n * act.per_token(non_layer)
-    saved -= 0 if checkpointed[0] else n * (full - first)
-    transient = act.backward_transient(s, lay, plan.seq_len)
-    last_layer = n * (transient.value + (full if checkpointed[-1] else 0))
-    first_layer = n * (transient.value + first + (kept.value if checkpointed[0] else 0))
+    saving = act.Term("first layer's input norm keeps nothing (frozen embeddings)",
+                      -act.first_layer_saving(s, lay), "-(4 x d + 4)")
+    transient = [act.Term(f"{t.name} (one layer)", t.value, t.formula)
+                 for t in [act.backward_transient(s, lay, plan.seq_len)]]
+
+    def tokens(terms, how=""):
+        return _scaled(terms, n, f"tokens({n}){how}")
+
+    def layer_set(count, how):
+        return _scaled(layer_terms, n * count, f"tokens({n}) x {how}") if count else []
+
+    n_kept, n_ckpt = layers - sum(checkpointed), sum(checkpointed)
+    stored = (layer_set(n_kept, f"{n_kept} layers") + _scaled([kept], n * n_ckpt, f"tokens({n}) x {n_ckpt} "
+                                                               "checkpointed layers")
+              + ([] if checkpointed[0] else tokens([saving])))
+    last = layer_set(1, "the last layer, recomputed") if checkpointed[-1] else []
+    first = (layer_set(1, "the first layer" + (", recomputed" if checkpointed[0] else "")) + tokens([saving])
+             + (tokens([kept]) if checkpointed[0] else []))
     if plan.chunked_loss:
         head_bytes = 4 if plan.precision in ("fp32", "mixed") and not _sharded_mp(plan) else 2
-        loss = act.chunked_loss(s, lay, n, plan.chunk_size, plan.method == "full", head_bytes,
-                                plan.device == "cuda")
+        loss = act.chunked_loss(s, lay, n, plan.chunk_size, plan.method == "full", head_bytes, cuda)
     else:
         loss = act.full_logits_loss(s, n, lay.compute)
 
-    extra_fwd, extra_bwd, extra_end = _weight_copies(plan, s, c, layers, checkpointed)
+    copies = _weight_copies(plan, s, c, layers, checkpointed)
     kept_grads = grads if plan.accum_steps > 1 or plan.strategy == "ddp" else 0
     if plan.strategy == "ddp" and not plan.ddp_bucket_view and plan.accum_steps == 1:
         kept_grads = grads / 2  # the buckets exist from the start; the .grad copies after the first backward
@@ -84,39 +95,39 @@ def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states) -> Estimate:
     if plan.strategy.startswith(("fsdp2", "deepspeed")) and plan.precision != "fp32":
         unsharded = head_grad / 2 * (plan.method == "full") + layer_grad / 4 * 6  # bf16 grads + fp32 copy
         head_grad = layer_grad = 0
-    grads_last = max(kept_grads, head_grad + layer_grad) + unsharded
-    grads_first = grads + unsharded - layer_grad
     step_temp = _optimizer_temporary(plan, opt, c, s)
-    workspace = CUDA_WORKSPACE if plan.device == "cuda" else 0
+    workspace = [act.Term("CUDA workspaces", CUDA_WORKSPACE, "cuBLAS/cuBLASLt, 64 MiB")] if cuda else []
 
-    final_norm = n * non_layer[0].value  # freed by its backward, before the layers'
+    def moment(copy, grad_now, grad_note, activations, loss_terms, temporaries=0.0):
+        return {"weights": states[:1] + ([act.Term("copies", copy, _copies_note(plan))] if copy else []),
+                "gradients": [act.Term("gradients now", grad_now, f"{states[1].formula} when all exist; "
+                                                                    f"now: {grad_note}")],
+                "optimizer": states[2:] + ([act.Term("step temporaries", temporaries, "foreach AdamW: one "
+                                                     "moment-sized tensor")] if temporaries else []),
+                "activations": activations, "loss/logits": [t for t in loss_terms if t.value],
+                "workspace": workspace}
+
+    before = "kept from earlier micro-batches" if plan.accum_steps > 1 else (
+        "DDP's buckets" if plan.strategy == "ddp" else "none yet")
     table = {
-        "forward (at the loss)": (weights + extra_fwd, kept_grads, opt, saved,
-                                  loss.held.value + loss.forward.value),
-        "loss backward": (weights + extra_bwd, kept_grads, opt, saved, loss.held.value + loss.backward.value),
-        "backward, last layer": (weights + extra_bwd, grads_last, opt, saved - final_norm + last_layer, 0),
-        "backward, first layer": (weights + extra_end, max(grads_first, kept_grads), opt, first_layer
-                                  + n * act.per_token(non_layer[1:]), 0),
-        "optimizer step": (weights, grads, opt + step_temp, 0, 0),
+        "forward (at the loss)": moment(copies[0], kept_grads, before, stored + tokens(non_layer),
+                                        [loss.held, loss.forward]),
+        "loss backward": moment(copies[1], kept_grads, before, stored + tokens(non_layer),
+                                [loss.held, loss.backward]),
+        "backward, last layer": moment(copies[1], max(kept_grads, head_grad + layer_grad) + unsharded,
+                                       "the head's and the last layer's" + (" (unsharded, bf16 and fp32)"
+                                                                             if unsharded else ""),
+                                       stored + tokens(non_layer[1:]) + last + tokens(transient), []),
+        "backward, first layer": moment(copies[2], max(grads + unsharded - layer_grad, kept_grads),
+                                        "all but the first layer's",
+                                        first + tokens(transient + non_layer[1:]), []),
+        "optimizer step": moment(0, grads, "all", [], [], step_temp),
     }
-    totals = {name: sum(parts) + workspace for name, parts in table.items()}
-    moment = max(totals, key=totals.get)
-    parts = dict(zip(PARTS, (*table[moment], workspace)))
-    formulas = {
-        "weights": states[:1] + ([act.Term("copies at this moment", parts["weights"] - weights,
-                                           _copies_note(plan))] if parts["weights"] > weights else []),
-        "gradients": states[1:2] + [act.Term("at this moment", parts["gradients"], _grads_note(plan))],
-        "optimizer": states[2:] + ([act.Term("step temporaries", step_temp, "foreach: one moment-sized "
-                                             "tensor")] if step_temp and moment == "optimizer step" else []),
-        "activations": _scaled(layer_terms, n * (layers - sum(checkpointed)),
-                               f"tokens({n}) x {layers - sum(checkpointed)} kept layers")
-        + _scaled([kept], n * sum(checkpointed), f"tokens({n}) x {sum(checkpointed)} checkpointed layers")
-        + _scaled(non_layer, n, f"tokens({n})")
-        + _scaled([transient], n, f"tokens({n}), one layer's backward"),
-        "loss/logits": [t for t in (loss.held, loss.forward, loss.backward) if t.value],
-        "workspace": [act.Term("CUDA workspaces", workspace, "cuBLAS/cuBLASLt, 64 MiB")] if workspace else [],
-    }
-    return Estimate(plan, totals[moment], moment, parts, totals, formulas)
+    sums = {name: {part: sum(t.value for t in terms) for part, terms in parts.items()}
+            for name, parts in table.items()}
+    totals = {name: sum(parts.values()) for name, parts in sums.items()}
+    peak = max(totals, key=totals.get)
+    return Estimate(plan, totals[peak], peak, sums[peak], totals, table[peak])
 
 
 def _sharded_mp(plan) -> bool:
@@ -166,9 +177,3 @@ def _copies_note(plan) -> str:
     if plan.strategy.startswith(("fsdp2", "deepspeed-zero3")):
         return "gathered root (embeddings, norm) and decoder layers in the compute dtype"
     return "autocast's bf16 copies of the fp32 weights, kept for backward"
-
-
-def _grads_note(plan) -> str:
-    if plan.accum_steps > 1:
-        return "all gradients kept from the earlier micro-batches"
-    return "growing during backward (head and layer gradients, unsharded ones under FSDP2/ZeRO)"
