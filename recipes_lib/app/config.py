@@ -64,7 +64,7 @@ class TrainConfig(_Section):
     micro_batch: int = Field(4, ge=1, description="sequences per forward pass, per process")
     global_batch: int = Field(16, ge=1, description="sequences per optimizer step, over all processes")
     strategy: Literal["single", "ddp", "fsdp2", "zero2", "zero3"] = Field(
-        "single", description="one process, DDP, FSDP2, or DeepSpeed ZeRO-2/3 through Accelerate")
+        "single", description="single (one process), ddp, fsdp2, or zero2/zero3 (DeepSpeed, Accelerate)")
     reshard: bool = Field(True, description="FSDP2: free gathered weights after forward (less memory)")
     cpu_offload: bool = Field(False, description="FSDP2: parameters, gradients and AdamW on the host")
     eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: at the end only)")
