@@ -166,7 +166,7 @@ def curriculum_pair(t: Technique, s: Settings) -> list[dict]:
     stream = batches.token_stream(tokenizer, tasks.make_examples(examples, seed=0)).to(s.hw.device)
     held_out = batches.token_stream(tokenizer, tasks.make_examples(max(60, 8 * s.seq_len // 10), seed=1))
     held_out = held_out[:held_out.numel() // s.seq_len * s.seq_len].view(-1, s.seq_len)[:8].to(s.hw.device)
-    steps = max(8, 2 * s.steps)
+    steps = max(4, 2 * s.steps)  # 4: one step at each shorter length, two at the target
     config = model_config(s.model)
     rows = []
     for name, start in [(f"{s.seq_len} tokens throughout", None), (f"{s.seq_len // 4} -> {s.seq_len}",
