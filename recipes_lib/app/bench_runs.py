@@ -207,8 +207,11 @@ def multi_gpu_pair(t: Technique, s: Settings) -> list[dict]:
         if "error" in result:
             raise RecipeError(f"{strategy} on {s.nproc} processes could not run: {result['error']}")
         r = runs.throughput(result, config, s.hw.peak_flops)
-        rows.append({"name": f"{strategy}, {s.nproc} processes (per GPU)", "oom": False,
-                     "memory": memory.memory_breakdown(r), "tokens_per_s": r["tokens_per_s_per_gpu"],
+        split = memory.memory_breakdown(r)  # CUDA readings; on CPU, the state each rank holds
+        columns = {} if split is not None else {"weights/rank MiB": r["param_bytes"] / 2**20,
+                                                "AdamW/rank MiB": r["optimizer_bytes"] / 2**20}
+        rows.append({"name": f"{strategy}, {s.nproc} processes (per rank)", "oom": False, "columns": columns,
+                     "memory": split, "tokens_per_s": r["tokens_per_s_per_gpu"],
                      "tokens_per_s_min": r["tokens_per_s_per_gpu_min"],
                      "tokens_per_s_max": r["tokens_per_s_per_gpu_max"], "mfu": r["mfu"]})
     return rows

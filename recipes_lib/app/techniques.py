@@ -51,7 +51,7 @@ RATES = {"train": "trained tokens/s at the median optimizer step",
          "kernel": "tokens/s through one attention call",
          "pipeline": "trained tokens/s, waiting for data included (median of 3 runs)",
          "curriculum": "trained tokens/s over a whole run (median of 3 runs)",
-         "multi-gpu": "trained tokens/s per GPU at the median step"}
+         "multi-gpu": "trained tokens/s per GPU (per rank) at the median step"}
 
 
 @dataclass(frozen=True)
