@@ -17,7 +17,7 @@ from recipes_lib.core import batches, checkpointing, hardware, models, train
 from recipes_lib.core.errors import RecipeError
 from recipes_lib.measure import activations as act
 from recipes_lib.measure import advisor, bench, estimate_check
-from recipes_lib.measure.estimate import Plan, estimate, layout, model_config
+from recipes_lib.measure.estimate import Plan, estimate, for_hardware, layout, model_config
 from recipes_lib.measure.memory import GiB
 from recipes_lib.memory import qlora
 
@@ -231,3 +231,16 @@ def test_recipes_estimate_is_a_subcommand(capsys):
     assert "fits on T4" in capsys.readouterr().out
     assert cli.main(["estimate", "--model", "data/tiny-llama", "--method", "dora"]) == 2
     assert "method='dora'; choose one of full, lora, qlora" in capsys.readouterr().err
+
+
+def test_plans_for_this_machine_and_the_notebook_tables():
+    plan = for_hardware(Plan("data/tiny-llama", "qlora", "bf16", optimizer="offload"), CPU)
+    assert (plan.device, plan.precision, plan.optimizer) == ("cpu", "fp32", "loop")
+    assert plan.method == ("qlora" if CPU.bitsandbytes else "lora")
+    rows = [{"name": "fits", "oom": False, "peak_bytes": 1.25 * estimate(plan).peak},
+            {"name": "ran out", "oom": True, "peak_bytes": None}]
+    table = estimate_check.side_by_side(rows, [plan, plan])
+    assert table.loc["fits", "error %"] == -20.0 and table.loc["ran out", "measured (MiB)"] == "OOM"
+    advice = estimate_check.oom_advice(rows, [plan, replace(plan, micro_batch=64)], CPU, budget=2**20)
+    assert len(advice) == 1 and advice[0].startswith("ran out: does not fit on 1 MiB")
+    assert estimate_check.oom_advice(rows[:1], [plan], CPU) == ["no row ran out of memory"]

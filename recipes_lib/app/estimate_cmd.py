@@ -58,6 +58,8 @@ def add_parser(commands) -> None:
     """The ``estimate`` subcommand with every flag."""
     cmd = commands.add_parser("estimate", help="predicted memory per GPU; --gpu: does it fit, what to change",
                               description=__doc__.split("\n\n", 1)[1],
+                              epilog="without a config, the defaults: " + ", ".join(
+                                  f"{key}={value}" for key, value in vars(Plan()).items()),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     cmd.add_argument("config", nargs="?", help="a recipes train YAML config (optional)")
     cmd.add_argument("overrides", nargs="*", help="key=value overrides of the config (train.micro_batch=2)")

@@ -44,10 +44,14 @@ def capacity(gpu: str) -> tuple[str, int]:
                                                    "unknown GPU") + f". Known: {known}; or give a size "
                                                    f"such as 24GiB")
         name, total = matches[0], GPUS[matches[0]] * 2**20
-    usable = (total - CONTEXT_RESERVE) * (1 - FRAGMENTATION)
-    if usable <= 0:
+    if total <= CONTEXT_RESERVE:
         raise RecipeError(f"gpu={gpu!r}: {total / GiB:.2f} GiB is less than the CUDA context needs")
-    return name, int(usable)
+    return name, usable(total)
+
+
+def usable(total_bytes: float) -> int:
+    """Bytes a run may allocate on a GPU of ``total_bytes``: less the context, with the allocator's margin."""
+    return int((total_bytes - CONTEXT_RESERVE) * (1 - FRAGMENTATION))
 
 
 @dataclass
@@ -124,16 +128,18 @@ def advise(plan: Plan, limit: float, config=None) -> list[Advice]:
     return out
 
 
-def advice_text(plan: Plan, gpu: str, config=None) -> str:
-    """"fits" or "does not fit" on ``gpu``, and the advice, as lines of text."""
-    name, limit = capacity(gpu)
+def advice_text(plan: Plan, gpu: str | int, config=None) -> str:
+    """"fits" or "does not fit" on ``gpu`` (a name or size for ``capacity``, or a number of bytes the run
+    may allocate, e.g. a budget), and the advice, as lines of text."""
+    name, limit = capacity(gpu) if isinstance(gpu, str) else (f"{gpu / 2**20:,.0f} MiB", gpu)
     peak = estimate(plan, config).peak
-    head = f"{name}: {limit / GiB:.1f} GiB usable, predicted peak {peak / GiB:.2f} GiB"
+    unit, scale = ("GiB", GiB) if limit >= GiB else ("MiB", 2**20)
+    head = f"{name}: {limit / scale:.1f} {unit} usable, predicted peak {peak / scale:.2f} {unit}"
     if peak <= limit:
         return f"fits on {head}"
     advice = advise(plan, limit, config)
     lines = [f"does not fit on {head}; cheapest changes first:"]
-    lines += [f"  {i}. + {a.change}: {a.peak / GiB:.2f} GiB, {'fits' if a.fits else 'not yet'} "
+    lines += [f"  {i}. + {a.change}: {a.peak / scale:.2f} {unit}, {'fits' if a.fits else 'not yet'} "
               f"(costs {a.cost})" for i, a in enumerate(advice, 1)]
     if not advice or not advice[-1].fits:
         lines.append("  no recipe change here makes it fit: a larger GPU, or a shorter sequence")

@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 
+import torch
 from transformers import AutoConfig
 
 from ..core import models
@@ -169,6 +170,19 @@ def estimate(plan: Plan, config=None) -> Estimate:
     lay = layout(plan, s)
     counts = _counts(config, s, plan.lora_r)
     return moments(plan, s, lay, counts, _states(plan, counts, s, config))
+
+
+def for_hardware(plan: Plan, hw) -> Plan:
+    """``plan`` as the machine ``hw`` (``core.hardware.detect()``) runs it: its device and weights' dtype, and
+    the fallbacks: without bitsandbytes QLoRA's base stays unquantized; on a CPU, AdamW steps one tensor at a
+    time and has no state to offload."""
+    precision = plan.precision if hw.model_dtype == torch.bfloat16 else "mixed" if hw.amp_dtype else "fp32"
+    changes = {"device": hw.device.type, "precision": precision}
+    if plan.method == "qlora" and not hw.bitsandbytes:
+        changes["method"] = "lora"
+    if not hw.cuda:
+        changes["optimizer"] = "loop"
+    return replace(plan, **changes).check()
 
 
 def with_changes(plan: Plan, **changes) -> Plan:

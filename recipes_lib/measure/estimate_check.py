@@ -11,7 +11,8 @@ import json
 from dataclasses import replace
 
 from ..core import batches, models
-from .estimate import Plan, estimate, model_config
+from . import advisor
+from .estimate import Plan, estimate, for_hardware, model_config
 
 RESULTS = models.REPO_ROOT / "results"
 GPU_MODEL = "random:llama-3.2-1b"
@@ -133,3 +134,53 @@ def committed_rows() -> list[dict]:
                     "raw_error": None if measured is None else predicted.peak / measured - 1,
                     "error": None if measured is None else (predicted.peak + foreign) / measured - 1})
     return out
+
+
+def ladder_plans(rows: list[dict], rungs, model: str, hw) -> list[Plan]:
+    """Each probe of the long-context ladder (``long_context.ladder.climb``'s rows, one step at batch 1) as
+    the plan it ran: full fine-tuning with torch's AdamW, and its rung's attention, checkpointing, offload
+    and loss (``rungs``: the ``ladder.Rung``s, read by their attributes), on the machine ``hw``."""
+    by_name = {rung.name: rung for rung in rungs}
+    plans = []
+    for row in rows:
+        rung = by_name[row["name"]]
+        every = rung.checkpoint_every or int(rung.documented_checkpointing)
+        plan = Plan(model, "full", "bf16", micro_batch=1, seq_len=row["seq_len"], packed=False,
+                    optimizer="foreach", attention=rung.attention, checkpoint_every=every,
+                    chunked_loss=rung.chunked_loss, offload_activations=rung.offload_activations)
+        plans.append(for_hardware(plan, hw))
+    return plans
+
+
+def side_by_side(rows: list[dict], plans: list[Plan], config=None):
+    """A pandas table of measured rows (``bench.run``'s or ``ladder_bench.train_step``'s) beside the peak
+    predicted for each one's plan: GiB on a GPU, MiB on a CPU, the error in % (NaN where it ran out of
+    memory) and the moment of the predicted peak."""
+    import pandas as pd
+
+    lengths = {row.get("seq_len") for row in rows}
+    records = []
+    for row, plan in zip(rows, plans, strict=True):
+        predicted = estimate(plan, config)
+        unit, scale = ("GiB", 2**30) if plan.device == "cuda" else ("MiB", 2**20)
+        measured = row["memory"].peak if row.get("memory") else row.get("peak_bytes")
+        name = row["name"] + (f" @ {row['seq_len']:,}" if len(lengths) > 1 else "")
+        records.append({"configuration": name, f"predicted ({unit})": round(predicted.peak / scale, 2),
+                        f"measured ({unit})": "OOM" if measured is None else round(measured / scale, 2),
+                        "error %": float("nan") if measured is None
+                        else round(100 * (predicted.peak / measured - 1), 1),
+                        "peak at": predicted.moment})
+    return pd.DataFrame(records).set_index("configuration")
+
+
+def oom_advice(rows: list[dict], plans: list[Plan], hw, budget: int | None = None, config=None) -> list[str]:
+    """For every row that ran out of memory, the advisor's answer: the cheapest changes that make its plan
+    fit this device (``hw``'s memory, or ``budget`` bytes where a CPU run plays a smaller device)."""
+    ran_out = [(row, plan) for row, plan in zip(rows, plans, strict=True) if row["oom"]]
+    if not ran_out:
+        return ["no row ran out of memory"]
+    limit = budget or advisor.usable(hw.memory_bytes)
+    lengths = {row.get("seq_len") for row in rows}
+    return [row["name"] + (f" @ {row['seq_len']:,}" if len(lengths) > 1 else "") + ": "
+            + advisor.advice_text(plan, limit, config) for row, plan in ran_out]
+

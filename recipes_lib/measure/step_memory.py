@@ -58,7 +58,7 @@ def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states: list[act.Ter
     every, cuda = plan.checkpoint_every, plan.device == "cuda"
     checkpointed = [every > 0 and i % every == 0 for i in range(layers)]
     layer_terms = act.layer_terms(s, lay, plan.seq_len)
-    kept = act.checkpointed_layer(s, lay, plan.offload_activations)
+    kept = act.checkpointed_layer(s, lay, plan.offload_activations and cuda)  # on a CPU, host = device
     non_layer = act.non_layer_terms(s, lay, plan.chunked_loss, 1 if plan.packed else plan.micro_batch)
     saving = act.Term("first layer's input norm keeps nothing (frozen embeddings)",
                       -act.first_layer_saving(s, lay), "-(4 x d + 4)")
