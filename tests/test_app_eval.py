@@ -88,6 +88,7 @@ def _error(capsys, *argv) -> str:
 
 def test_bad_input_gets_one_clear_message(tmp_path, capsys):
     assert "no run folder or model at './runs/never-trained'" in _error(capsys, "./runs/never-trained")
+    assert "there is no run folder or model folder at 'runs/never'" in _error(capsys, "runs/never")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "metrics.jsonl").write_text("")

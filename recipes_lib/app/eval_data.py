@@ -26,6 +26,7 @@ from .config import RunConfig
 from .encoding import encode_rows
 
 TRAINED = ("adapter", "merged", "model")  # what a run folder holds after `recipes train`
+NOT_LOCAL = "run folder or model (there is no such folder; tried as a hub id)"
 
 
 @dataclass
@@ -91,14 +92,15 @@ def _run_base(path: Path, trained: Path) -> str | None:
 
 def load(name: str, what: str, loader):
     """``loader()``, any failure turned into one RecipeError that names the model."""
+    lead = (f"there is no run folder or model folder at {name!r}, and as a hub id it does not load"
+            if what == NOT_LOCAL else f"the {what} {name!r} does not load")
     try:
         return loader()
     except RecipeError as error:
-        raise RecipeError(f"the {what} {name!r} does not load: {error}") from None
+        raise RecipeError(f"{lead}: {error}") from None
     except Exception as error:  # transformers' and peft's many error types
-        raise RecipeError(f"the {what} {name!r} does not load ({type(error).__name__}: {error}): give a "
-                          "model folder saved by save_pretrained, a hub id, or a `recipes train` run folder"
-                          ) from None
+        raise RecipeError(f"{lead} ({type(error).__name__}: {error}): give a model folder saved by "
+                          "save_pretrained, a hub id, or a `recipes train` run folder") from None
 
 
 def base_model(tgt: Target):
@@ -110,8 +112,7 @@ def base_model(tgt: Target):
 def tuned_model(tgt: Target):
     """The fine-tuned model: the base with the run's adapters, or the saved full/merged model."""
     if tgt.trained is None:
-        what = ("model" if Path(tgt.name).expanduser().exists()
-                else "run folder or model (no such folder; as a hub id)")
+        what = "model" if Path(tgt.name).expanduser().exists() else NOT_LOCAL
         return load(tgt.name, what, lambda: models.load_model(tgt.name).eval())
     if tgt.trained.name == "adapter":
         return load(str(tgt.trained), "fine-tuned model",
@@ -124,7 +125,8 @@ def tokenizer_of(tgt: Target):
     if tgt.config is not None and tgt.trained is None:
         return trainer.tokenizer_for(tgt.config)
     source = str(tgt.trained or tgt.name)
-    return load(source, "tokenizer of", lambda: models.load_tokenizer(source))
+    what = "tokenizer of" if Path(source).expanduser().exists() else NOT_LOCAL
+    return load(source, what, lambda: models.load_tokenizer(source))
 
 
 def data_config(tgt: Target, updates: dict) -> tuple[data.DataConfig, bool]:
