@@ -69,15 +69,20 @@ if "google.colab" in sys.modules and importlib.util.find_spec("recipes_lib") is 
 # %% tags=["parameters"]
 PROFILE = "auto"  # "cpu": 2 gloo processes, embedded model; "gpu": one process per GPU, Llama-3.2-1B shape
 MODEL = None      # override the scale runs' model: a hub id, a local path, or random:<shape>
+# one_launch: a section's runs share one launch of the training script (one start-up of python, torch and
+# transformers) on CPU; on GPUs each run has its processes to itself, so its memory readings are its own.
+# timeline_steps: steps profiled after each baseline run's measured ones (section 2b).
 PROFILES = {
     "cpu": dict(check_model="data/tiny-llama", check_seq_len=64, check_global_batch=8, check_micro_batch=2,
                 check_steps=3, model="data/tiny-llama", seq_len=64, micro_batch=2, accum=2, steps=3, warmup=1,
-                speed_micro_batch=2, speed_loss="full", lora_r=16, timeout_s=300,
+                speed_micro_batch=2, speed_loss="full", lora_r=16, timeout_s=300, one_launch=True,
+                timeline_steps=1,
                 # workers=0 on a CPU: worker processes would compete with the compute for the same cores
-                data=dict(seq_len=128, batch=8, docs=1500, steps=8, warmup=2, workers=0)),
+                data=dict(seq_len=128, batch=4, docs=1500, steps=5, warmup=1, workers=0)),
     "gpu": dict(check_model="data/tiny-llama", check_seq_len=256, check_global_batch=16, check_micro_batch=4,
                 check_steps=3, model="random:llama-3.2-1b", seq_len=2048, micro_batch=2, accum=2, steps=7,
-                warmup=2, speed_micro_batch=8, speed_loss="full", lora_r=16, timeout_s=300,
+                warmup=2, speed_micro_batch=8, speed_loss="full", lora_r=16, timeout_s=300, one_launch=False,
+                timeline_steps=2,
                 data=dict(seq_len=1024, batch=8, docs=20000, steps=30, warmup=5, workers=4)),
 }
 NPROC = 2  # processes (one per GPU on a GPU machine)
@@ -105,7 +110,7 @@ from recipes_lib.core import dataload, errors, models
 from recipes_lib.measure import bench, flops, memory, pipeline, predict, timing
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
-from recipes_lib.parallel import launcher, runs, zero
+from recipes_lib.parallel import context, fsdp2, launcher, run, runs, zero
 
 MODEL_NAME = P["model"]
 ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
@@ -122,11 +127,20 @@ CHECK = {"model": P["check_model"], "steps": P["check_steps"], "global-batch": P
 PARAMS = os.path.abspath("outputs/02_params_{}.pt")  # each correctness run's final weights
 
 
-def check_run(strategy, nproc):
-    """One correctness run: rank 0's result (every rank reports the same losses) and its final weights."""
-    args = runs.script_args(CHECK | {"strategy": strategy, "save-params": PARAMS.format(strategy)})
-    result = launcher.launch(SCRIPT, nproc, args, echo=strategy == "fsdp2", **LAUNCH)
-    return runs.rank0(result, nproc), torch.load(PARAMS.format(strategy))
+def check_runs(strategies, nproc):
+    """Correctness runs in one launch: rank 0's result of each (every rank reports the same losses) and
+    its final weights."""
+    values = [CHECK | {"strategy": s, "save-params": PARAMS.format(s)} for s in strategies]
+    rows = runs.launch_rows(SCRIPT, nproc, values, gpus=nproc, echo=True, **LAUNCH)
+    return {s: (runs.succeeded(r), torch.load(PARAMS.format(s))) for s, r in zip(strategies, rows)}
+
+
+def reference_run():
+    """The one-process reference, trained in this notebook's process (what a worker runs): its result
+    and final weights."""
+    args = run.parse_args(runs.script_args(CHECK | {"strategy": "single"}))
+    result, model = run.train_rank(args, context.Context(0, 1, 0, hw.device))
+    return result, fsdp2.full_state_dict(model)
 
 # %% [markdown]
 # ## 1 · Launching from a notebook, and the same model as one process
@@ -141,9 +155,12 @@ def check_run(strategy, nproc):
 # root unit gathers the embeddings and LM head for it like for any layer, and no engine is charged
 # for a gather outside its forward.
 #
-# The first run, FSDP2 on 2 processes, prints each worker's lines live, prefixed with its rank; the
-# `RESULT` line each rank prints at the end comes back as a dict. Then one process, FSDP2 without
-# resharding, and DDP, on the same batches. Everything runs in fp32 (on a GPU too) for a tight check:
+# The runs on 2 processes, FSDP2, FSDP2 without resharding and DDP, share one launch: their options,
+# separated by `--then`, run one after another in the same workers (`runs.launch_rows`), so python,
+# torch and transformers start once for the three. The workers' lines print live, prefixed with their
+# rank; the `RESULT` line each rank prints at the end comes back as a dict per run. Then the
+# one-process reference, on the same batches, trains right here in the notebook's own process
+# (`run.train_rank`, what each worker runs). Everything runs in fp32 (on a GPU too) for a tight check:
 # losses and gradient norms within `rtol` of the one-process run, every final parameter within
 # `atol`, after AdamW steps at lr 1e-3. On CPU the runs agree to a few fp32 ulps; on GPUs, NCCL's
 # reduction order adds rounding of the same size per step, so the tolerance is wider there.
@@ -151,10 +168,10 @@ def check_run(strategy, nproc):
 # %%
 LOSS_RTOL, PARAM_ATOL = (1e-5, 1e-5) if not hw.cuda else (1e-4, 1e-4)
 os.makedirs("outputs", exist_ok=True)
-CHECKS = [("fsdp2", NPROC), ("single", 1), ("fsdp2-no-reshard", NPROC), ("ddp", NPROC)]
+CHECKS = ["fsdp2", "fsdp2-no-reshard", "ddp"]  # on NPROC processes, one launch
 checked = {}
-seconds = timing.seconds(lambda: checked.update({s: check_run(s, n) for s, n in CHECKS}), CPU)
-report("correctness runs", **{"launches": len(checked), "seconds": seconds})
+seconds = timing.seconds(lambda: checked.update(check_runs(CHECKS, NPROC) | {"single": reference_run()}), CPU)
+report("correctness runs", **{"runs": len(checked), "launches": 1, "seconds": seconds})
 agreement = [runs.agreement(*checked[s], *checked["single"]) for s in checked]
 display(pd.DataFrame(agreement).set_index("strategy"))
 
@@ -189,7 +206,10 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 # timed steps). Its tokens/s is the median timed step's, shown with its min-max over the timed steps
 # (each rank records every step's time; rank 0's are shown); a ratio of two runs comes with its range
 # too (`bench.describe_ratio`: slowest over fastest and fastest over slowest), and where that range
-# takes in 1.0 it reads "no measurable difference".
+# takes in 1.0 it reads "no measurable difference". On GPUs each strategy runs in processes of its own,
+# so its memory readings are its own; on a CPU they share one launch (`one_launch`), which saves a
+# start-up of python, torch and transformers per strategy. Section 3's two speed runs are launched here
+# too, with the runs of the same number of processes.
 #
 # The baselines run as their docs advise for a model this size (each run records the settings it ran
 # with, saved with the figures):
@@ -208,33 +228,52 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 # %%
 model_config = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
 SCALE = {"model": MODEL_NAME, "seq-len": P["seq_len"], "bf16": hw.cuda, "full-rows": True,
-         "steps": P["steps"], "warmup": P["warmup"], "micro-batch": P["micro_batch"], "lora-r": P["lora_r"]}
-STRATEGIES = [("ddp", NPROC), ("fsdp2", NPROC), ("fsdp2-no-reshard", NPROC), ("fsdp2-offload", NPROC),
-              ("fsdp2-qlora", NPROC), ("deepspeed-zero2", NPROC), ("deepspeed-zero3", NPROC), ("naive-mp", 1)]
+         "steps": P["steps"], "warmup": P["warmup"], "lora-r": P["lora_r"]}
+SPEED = {"compile": hw.cuda, "loss": P["speed_loss"], "micro-batch": P["speed_micro_batch"]}  # section 3
+DATA_PARALLEL = ["ddp", "fsdp2", "fsdp2-no-reshard", "fsdp2-offload", "fsdp2-qlora", "deepspeed-zero2",
+                 "deepspeed-zero3"]  # on NPROC processes; then naive-mp, one process over the GPUs
+TIMELINE = ["ddp", "fsdp2", "fsdp2-no-reshard", "deepspeed-zero2", "deepspeed-zero3"]  # profiled (2b)
+TRACE = os.path.abspath("outputs/02_trace_{}.json")  # rank 0's Chrome trace of each profiled run
 
 
-def show(strategy, r):
+def show(label, r):
     """Print one run's throughput and peak, or why it could not run here (its worker's RecipeError line)."""
     shown = {"tokens/s per GPU": r.get("tokens_per_s_per_gpu"), "peak GiB": (r.get("peak_bytes") or 0) / GiB}
     shown |= {} if "error" in r else {"tokens/s per GPU, min-max": runs.per_gpu_spread(r)}
-    print(f"{strategy}: not run here: {r['error'][:160]}") if "error" in r else report(strategy, **shown)
+    print(f"{label}: not run here: {r['error'][:160]}") if "error" in r else report(label, **shown)
     return r
 
 
-def scale_run(strategy, nproc, **overrides):
-    """One training run at scale; a strategy this machine cannot run comes back as a row with the reason."""
-    values = SCALE | {"strategy": strategy, "global-batch": P["micro_batch"] * P["accum"] * nproc} | overrides
-    r = runs.launch_row(SCRIPT, nproc, values, gpus=GPUS if strategy == "naive-mp" else nproc, **LAUNCH)
-    rates = (model_config, hw.peak_flops, measured_peak)
-    return show(strategy, r if "error" in r else runs.throughput(r, *rates))
+def scale_values(strategy, nproc, setup=None):
+    """One run's options: section 2's (2b's baselines profile `timeline_steps` more steps), or `setup`'s."""
+    micro = (setup or {}).get("micro-batch", P["micro_batch"])
+    values = SCALE | {"strategy": strategy, "micro-batch": micro, "global-batch": micro * P["accum"] * nproc}
+    profiled = {"timeline-steps": P["timeline_steps"], "trace": TRACE.format(strategy)}
+    return values | (setup or (profiled if strategy in TIMELINE else {}))
+
+
+def scale_runs(named, nproc):
+    """`{label: options}` run on `nproc` processes, in one launch where `one_launch`; a run this machine
+    cannot make is a row with the reason."""
+    gpus = [GPUS if values["strategy"] == "naive-mp" else nproc for values in named.values()]
+    rows = runs.launch_rows(SCRIPT, nproc, list(named.values()), gpus, together=P["one_launch"], **LAUNCH)
+    return {n: show(n, r if "error" in r else runs.throughput(r, *RATES)) for n, r in zip(named, rows)}
 
 
 # MFU against the datasheet's dense bf16 peak and the bf16 matmul rate measured here, side by side
 measured_peak = timing.matmul_peak(hw.device, repeats=50) if hw.cuda else None
+RATES = (model_config, hw.peak_flops, measured_peak)
 
 
 # CPU offload steps AdamW on the host, about 4 s per step at 1B parameters: slow, but timed as often.
-scale = {strategy: scale_run(strategy, nproc) for strategy, nproc in STRATEGIES}
+# Section 3's speed runs (FSDP2 set up for speed, on 1 and on NPROC processes) share these launches.
+SPEED_RUN = "fsdp2 speed set-up, {} proc"
+on_nproc = scale_runs({s: scale_values(s, NPROC) for s in DATA_PARALLEL}
+                      | {SPEED_RUN.format(NPROC): scale_values("fsdp2", NPROC, SPEED)}, NPROC)
+on_one = scale_runs({"naive-mp": scale_values("naive-mp", 1),
+                     SPEED_RUN.format(1): scale_values("fsdp2", 1, SPEED)}, 1)
+speed = {n: group.pop(SPEED_RUN.format(n)) for n, group in ((1, on_one), (NPROC, on_nproc))}
+scale = on_nproc | on_one
 with torch.device("meta"):  # shapes only: the ZeRO-3 config the workers fit to this model
     shapes = AutoModelForCausalLM.from_config(model_config)
 ZERO3 = zero.tune(zero.deepspeed_config(3, P["micro_batch"], P["accum"], NPROC, 1.0, hw.cuda), shapes)
@@ -330,10 +369,53 @@ if bars:
     plt.show()
 
 # %% [markdown]
+# ## 2b · Where a step's time goes: a comm/compute timeline
+#
+# Tokens/s says which strategy is faster, not why. After its measured steps, each baseline run above
+# trains `timeline_steps` more under `torch.profiler` (`--timeline-steps`; they count in no other
+# figure) and `measure.timeline` splits each of them into:
+# - **compute ms**: the time the device runs anything but a collective (on a GPU: every kernel, copy
+#   and memset outside NCCL; on CPU: the training thread's `aten::` operators);
+# - **comm ms**: the time a collective runs (NCCL kernels; on CPU, gloo's worker threads), including
+#   the wait for the slower rank to arrive;
+# - **exposed comm ms**: the part of that communication which no compute overlaps: the device waits
+#   for the network there. A collective issued early enough, on its own stream, hides behind the
+#   compute and adds nothing here;
+# - **idle ms**: neither (the host launching kernels, Python hooks, synchronisation).
+#
+# Step = compute + exposed comm + idle; rank 0's Chrome trace of every profiled run is in
+# `outputs/02_trace_<strategy>.json` (open it in Perfetto or `chrome://tracing`). Reading it for the
+# gap between ZeRO-3 and FSDP2 (section 3's ratio): both gather each layer's weights before its
+# forward and backward and reduce-scatter its gradients, so their comm ms should be alike. A ZeRO-3
+# step longer than FSDP2's by its **exposed comm** is all-gathers that were not prefetched (issued when
+# the layer is already needed); by its **comm** is more traffic (a weight gathered more than once, or
+# in smaller, slower messages: see the collectives' count and MiB); by its **idle** time is the host:
+# DeepSpeed's per-parameter Python hooks, launching work the GPU waits for. On a CPU with gloo the
+# figures are what two processes sharing the cores give: nothing overlaps much, and nothing about GPUs
+# follows from them; ZeRO-3 needs CUDA and is profiled on the GPU run only.
+
+# %%
+PARTS = ("step_ms", "compute_ms", "comm_ms", "exposed_comm_ms", "idle_ms")
+profiled = {s: scale[s]["timeline"] for s in TIMELINE if "error" not in scale[s]}
+display(pd.DataFrame([runs.timeline_row(s, scale[s]) for s in TIMELINE]).set_index("strategy").round(1))
+if {"fsdp2", "deepspeed-zero3"} <= profiled.keys():
+    report("ZeRO-3 minus FSDP2, ms/step", **{p.removesuffix("_ms"): profiled["deepspeed-zero3"][p]
+                                            - profiled["fsdp2"][p] for p in PARTS})
+else:
+    print("ZeRO-3 not run here (DeepSpeed needs CUDA): its gap to FSDP2 is split on the GPU run")
+
+# %%
+for strategy, steps in profiled.items():  # the trace shows every strategy's collectives and compute
+    assert steps["comm_ms"] > 0 and steps["compute_ms"] > 0, f"{strategy}: no collective or no compute found"
+gathers = {s: profiled[s]["kinds"].get("all_gather", 0) for s in profiled}
+assert gathers["fsdp2"] > 0 and gathers["ddp"] == 0, "FSDP2 gathers its weights; DDP all-reduces gradients"
+assert gathers["fsdp2-no-reshard"] < gathers["fsdp2"], "without resharding, backward gathers nothing again"
+
+# %% [markdown]
 # ## 3 · Speed: scaling from 1 to 2 GPUs, and model FLOPs utilisation
 #
-# FSDP2 (full resharding) on 1 and on 2 GPUs with the same work per GPU (weak scaling), set up for
-# speed rather than for the smallest footprint of section 2:
+# FSDP2 (full resharding) on 1 and on 2 GPUs with the same work per GPU (weak scaling; launched in
+# section 2's cell), set up for speed rather than for the smallest footprint of section 2:
 # - every decoder layer compiled (`--compile`: `torch.compile` fuses the norms, RoPE, SwiGLU and
 #   residual adds that eager PyTorch runs one kernel at a time);
 # - `speed_micro_batch` rows per forward (8 x 2048 tokens on a GPU): larger matmuls, and FSDP2's
@@ -360,11 +442,7 @@ def mfu_of(r, peak):
     return [flops.mfu(r[key], fpt, peak) for key in keys]
 
 
-speed = {}
-for nproc in (1, NPROC):
-    speed[nproc] = scale_run("fsdp2", nproc, compile=hw.cuda, loss=P["speed_loss"],
-                             **{"micro-batch": P["speed_micro_batch"],
-                                "global-batch": P["speed_micro_batch"] * P["accum"] * nproc})
+# `speed`: FSDP2 on 1 and on NPROC processes, set up for speed (launched with section 2's runs)
 fpt = flops.training_flops_per_token(model_config, P["seq_len"])
 scaling_range = bench.speed_ratio(speed[NPROC], speed[1])  # median ratio, and its min-max over the steps
 scaling = scaling_range[0]
@@ -550,6 +628,7 @@ assert not left, f"processes left running: {[p.cmdline() for p in left]}"
 
 # %%
 figures = {"correctness": agreement, "scale": scale, "baselines": baselines,
+           "timeline": [runs.timeline_row(s, scale[s]) for s in TIMELINE],
            "speed": {str(k): v for k, v in speed.items()},
            "scaling": scaling, "scaling_min_max": scaling_range[1:], "fsdp2_vs_zero3": vs_zero3_range,
            "measured_matmul_peak": measured_peak,

@@ -15,12 +15,15 @@ losses, memory and tokens/s and saving no model:
     torchrun --standalone --nproc-per-node 2 scripts/train_distributed.py --strategy deepspeed-zero3 --bf16
     python scripts/train_distributed.py --strategy single        # the one-process reference
     python scripts/train_distributed.py --strategy naive-mp      # one process, layers spread over the GPUs
+    torchrun --standalone --nproc-per-node 2 scripts/train_distributed.py --strategy ddp --timeline-steps 2 \
+        --then --strategy fsdp2 --timeline-steps 2 --trace outputs/fsdp2_trace.json  # two runs, one start-up
 
 The measured runs are a thin command line over ``recipes_lib.parallel.run`` (the options, the run) and
 ``recipes_lib.parallel.batches`` (the global batch of every step, the same whatever the number of
 processes; rank r trains on its slice of rows, ``--micro-batch`` rows at a time). Each rank prints
 one ``RESULT {json}`` line (loss and gradient norm per step, memory, tokens/s) that
-``recipes_lib.parallel.launcher.launch`` reads back; ``--save-params`` writes the final full weights.
+``recipes_lib.parallel.launcher.launch`` reads back; ``--save-params`` writes the final full weights;
+``--timeline-steps`` adds profiled steps and their comm/compute timeline (``recipes_lib.measure.timeline``).
 Steps are timed by ``recipes_lib.measure.timing``. The same script runs on CPU with gloo (CI) and on
 GPUs with NCCL.
 """
@@ -48,5 +51,5 @@ def progress(args):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):  # a config file: `recipes train`
         sys.exit(cli.main(["train", *sys.argv[1:]]))
-    arguments = run.parse_args()
-    run.main(arguments, timer=timing.stepper, on_step=progress(arguments))
+    runs = run.parse_runs()  # one run, or several separated by --then
+    run.main(runs if len(runs) > 1 else runs[0], timer=timing.stepper, progress=progress)

@@ -9,23 +9,35 @@ seconds on this rank: ``step_speed``). Memory (CUDA only): the peak over the ste
 the bytes allocated right after the last backward (weights, gradients and optimizer state: the
 activations are gone), and the bytes of the rank's weights and optimizer state. Step times come
 from the ``timer`` the caller passes (``measure.timing.stepper``); progress goes to its ``on_step``.
+``--timeline-steps`` more steps then run under torch.profiler (``measure.timeline``): compute,
+communication and exposed communication per step, outside every figure above.
+
+Several runs, their options separated by ``--then`` (``parse_runs``), run one after another in the
+same processes and process group: one start-up (python, torch, transformers, the rendezvous) for all.
+Each rank then reports ``{"runs": [result, ...]}``; a run's ``RecipeError`` (every rank raises it
+alike: its options' checks, or a strategy this machine cannot run, before any training step) becomes
+that run's ``{"strategy", "error"}`` and the next run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
+import sys
 from collections.abc import Callable
 
 import torch
 
 from ..core import models, train
+from ..core.errors import RecipeError
 from ..core.hardware import detect
-from ..measure import memory
+from ..measure import memory, timeline
 from ..measure.timing import Timing
 from . import context, ddp, fsdp2, step, strategies
 from .batches import global_batches, rank_micro_batches
+from .runs import RUN_SEPARATOR
 
 Clock = Callable[[Callable[[], object]], float]
 
@@ -53,7 +65,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--deepspeed-config", default=None, help="a DeepSpeed JSON config (default: built here)")
     add("--seed", type=int, default=0)
     add("--save-params", default=None, help="rank 0 saves the final full state dict here")
+    add("--timeline-steps", type=int, default=0,
+        help="then this many more steps under torch.profiler: compute, communication and exposed "
+             "communication per step (measure.timeline); not in the losses, times or memory")
+    add("--trace", default=None, help="rank 0 writes the --timeline-steps' Chrome trace here")
     return parser.parse_args(argv)
+
+
+def parse_runs(argv=None) -> list[argparse.Namespace]:
+    """The options of each run, for several runs separated by ``--then`` (each with its own options)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    segments: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == RUN_SEPARATOR:
+            segments.append([])
+        else:
+            segments[-1].append(arg)
+    return [parse_args(segment) for segment in segments]
 
 
 def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock] | None = None,
@@ -73,30 +101,42 @@ def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock
     clock = timer(devices[0]) if timer else None
     autocast = strategies.autocast_dtype(args)
     losses, grad_norms, step_seconds, step_tokens = [], [], [], []
-    every_step = global_batches(args.steps, args.global_batch, args.seq_len, vocab, args.seed, args.full_rows)
-    for index, batch in enumerate(every_step):
+    every_step = global_batches(args.steps + args.timeline_steps, args.global_batch, args.seq_len, vocab,
+                                args.seed, args.full_rows)
+
+    def one_step(batch, probe=None, results=None):  # a step ends when every device is done
+        micro = rank_micro_batches(batch, ctx.rank, ctx.world_size, args.micro_batch)
+        result = step.train_step(model, optimizer, micro, devices[0], autocast, args.max_grad_norm,
+                                 after_backward=probe)
+        for d in devices:
+            train.sync(d)
+        if results is not None:
+            results.append(result)
+
+    for index, batch in enumerate(every_step[:args.steps]):
         if index == args.warmup and mem.on_gpu:
             mem.reset_peaks()
-        micro = rank_micro_batches(batch, ctx.rank, ctx.world_size, args.micro_batch)
         probe = mem.read_after_backward if mem.on_gpu and index >= args.warmup else None
         results = []
 
-        def one_step(micro=micro, probe=probe, results=results):  # a step ends when every device is done
-            results.append(step.train_step(model, optimizer, micro, devices[0], autocast,
-                                           args.max_grad_norm, after_backward=probe))
-            for d in devices:
-                train.sync(d)
+        def measured_step(batch=batch, probe=probe, results=results):
+            one_step(batch, probe, results)
 
         if clock is not None:
-            step_seconds.append(clock(one_step))
+            step_seconds.append(clock(measured_step))
         else:
-            one_step()
+            measured_step()
         losses.append(results[0].loss)
         grad_norms.append(results[0].grad_norm)
         step_tokens.append(int(batch["attention_mask"].sum()))
         if on_step is not None and ctx.is_main:
             on_step(index, losses[-1], step_seconds[-1] if clock else None, step_tokens[-1])
     peaks = mem.peaks()
+    profiled = iter(every_step[args.steps:])
+    trace = args.trace if ctx.is_main else None
+    steps_timeline = (timeline.summary(timeline.profile_steps(lambda: one_step(next(profiled)),
+                                                              args.timeline_steps, devices[0], trace))
+                      | {"trace": trace} if args.timeline_steps else None)
     per_device = len(devices) > 1  # naive model parallelism: each GPU's own share
     # On the rank's accelerator only (FSDP2's CPU offload keeps its shards in host memory).
     where = devices[0] if mem.on_gpu and not per_device else None
@@ -115,7 +155,7 @@ def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock
         # the baseline's engine settings: DDP's options, or the DeepSpeed config as DeepSpeed got it
         engine_config=ddp.settings(model) or ds_config,
         bf16=args.bf16, compiled=args.compile, loss=args.loss, micro_batch=args.micro_batch,
-        global_batch=args.global_batch, seq_len=args.seq_len,
+        global_batch=args.global_batch, seq_len=args.seq_len, timeline=steps_timeline,
     ), model
 
 
@@ -130,19 +170,49 @@ def step_speed(steps: Timing | None, tokens: float) -> dict:
                 step_seconds_max=steps.high, **steps.per_second(tokens))
 
 
-def main(args, timer: Callable[[torch.device], Clock] | None = None, on_step=None) -> dict:
-    """Train in this process (a torchrun worker, or alone) and report the result; returns it."""
+def main(args: argparse.Namespace | list[argparse.Namespace],
+         timer: Callable[[torch.device], Clock] | None = None,
+         progress: Callable[[argparse.Namespace], Callable] | None = None) -> dict:
+    """Train in this process (a torchrun worker, or alone) and report the result; returns it.
+
+    Args:
+        args: one run's options, or a list of several runs' (``parse_runs``; module docstring).
+        progress: ``args -> on_step`` (``train_rank``) for each run; None: no progress.
+    """
     in_torchrun = "RANK" in os.environ
     ctx = context.setup() if in_torchrun else context.Context(0, 1, 0, detect().device)
     try:
-        result, model = train_rank(args, ctx, timer, on_step)
-        # Gathering every weight to the CPU takes seconds at 1B parameters: only for --save-params.
-        state = fsdp2.full_state_dict(model) if args.save_params else None
-        if args.save_params and ctx.is_main:
-            torch.save(state, args.save_params)
+        if isinstance(args, list):
+            result = {"runs": [_one_of_runs(a, ctx, timer, progress, f"{i + 1}/{len(args)}")
+                               for i, a in enumerate(args)]}
+        else:
+            result = _train_and_save(args, ctx, timer, progress)
         context.report_result(ctx, **result)
     except BaseException:
         context.cleanup(barrier=False)
         raise
     context.cleanup()
     return result
+
+
+def _train_and_save(args, ctx: context.Context, timer, progress) -> dict:
+    result, model = train_rank(args, ctx, timer, progress(args) if progress else None)
+    # Gathering every weight to the CPU takes seconds at 1B parameters: only for --save-params.
+    state = fsdp2.full_state_dict(model) if args.save_params else None
+    if args.save_params and ctx.is_main:
+        torch.save(state, args.save_params)
+    return result
+
+
+def _one_of_runs(args, ctx: context.Context, timer, progress, which: str) -> dict:
+    """One run of several; a RecipeError becomes its ``error`` (module docstring)."""
+    if ctx.is_main:
+        print(f"run {which}: --strategy {args.strategy}", flush=True)
+    try:
+        return _train_and_save(args, ctx, timer, progress)
+    except RecipeError as error:
+        return {"strategy": args.strategy, "error": f"RecipeError: {error}"}
+    finally:  # the next run starts from a clean slate: nothing of this one's model stays allocated
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,18 +1,23 @@
 """Runs of the training script seen from the launching side: command lines, result rows, comparisons.
 
 ``script_args`` turns a dict into the script's options; ``launch_row`` launches it and returns rank
-0's result (or the reason it could not run here); ``agreement`` compares a run with the one-process
-reference; ``throughput`` adds tokens/s per GPU (median and min-max over the timed steps) and MFU;
-``memory_row`` is one line of the memory table, predicted against measured.
+0's result (or the reason it could not run here); ``launch_rows`` does the same for several runs, in
+one launch (``RUN_SEPARATOR``: one start-up for all) or one launch each; ``agreement`` compares a run
+with the one-process reference; ``throughput`` adds tokens/s per GPU (median and min-max over the
+timed steps) and MFU; ``memory_row`` is one line of the memory table, predicted against measured;
+``timeline_row`` one line of the comm/compute table (``measure.timeline``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..core.errors import RecipeError
 from ..measure import bench, flops, memory
 from . import launcher
+
+# Between two runs' options on the training script's command line (``run.parse_runs``).
+RUN_SEPARATOR = "--then"
 
 
 def script_args(values: dict) -> list[str]:
@@ -41,10 +46,48 @@ def launch_row(script: str, nproc: int, values: dict, gpus: int, **launch) -> di
     """Rank 0's result of the script run with ``values`` on ``nproc`` processes, ``gpus`` added; a run this
     machine cannot make comes back as ``{"strategy", "error"}`` (``launcher.failure_reason``)."""
     try:
-        results = launcher.launch(script, nproc, script_args(values), echo=False, **launch)
+        results = launcher.launch(script, nproc, script_args(values), **({"echo": False} | launch))
     except RecipeError as error:
         return {"strategy": values.get("strategy"), "error": launcher.failure_reason(error)}
     return rank0(results, nproc) | {"gpus": gpus}
+
+
+def launch_rows(script: str, nproc: int, runs: list[dict], gpus: int | Sequence[int], together: bool = True,
+                **launch) -> list[dict]:
+    """``launch_row`` for each of ``runs`` (option dicts): all in one launch of ``nproc`` processes
+    (``together``; a run refused with a RecipeError is a row with its ``error``, the others go on), or
+    one launch each. ``gpus``: for every run, or one per run. ``launch`` goes to ``launcher.launch``
+    (``echo`` False unless given)."""
+    gpus = list(gpus) if isinstance(gpus, Sequence) else [gpus] * len(runs)
+    if not together or len(runs) == 1:
+        return [launch_row(script, nproc, values, n, **launch) for values, n in zip(runs, gpus)]
+    args = [arg for i, values in enumerate(runs) for arg in [RUN_SEPARATOR] * (i > 0) + script_args(values)]
+    try:
+        results = launcher.launch(script, nproc, args, **({"echo": False} | launch))
+    except RecipeError as error:
+        reason = launcher.failure_reason(error)
+        return [{"strategy": values.get("strategy"), "error": reason} for values in runs]
+    by_run = [[r["runs"][i] | {"rank": r["rank"]} for r in results] for i in range(len(runs))]
+    return [{k: ranks[0][k] for k in ("strategy", "error")} if "error" in ranks[0]
+            else rank0(ranks, nproc) | {"gpus": n} for ranks, n in zip(by_run, gpus)]
+
+
+def succeeded(row: dict) -> dict:
+    """``row`` itself, or the RecipeError of a run that could not be made (``launch_rows``)."""
+    if "error" in row:
+        raise RecipeError(f"--strategy {row['strategy']}: {row['error']}")
+    return row
+
+
+def timeline_row(strategy: str, result: dict) -> dict:
+    """One line of the comm/compute table: a run's profiled steps (medians, ms), or why there are none."""
+    steps = result.get("timeline")
+    if steps is None:
+        return {"strategy": strategy, "note": (result.get("error") or "not profiled")[:90]}
+    mib = None if steps["comm_bytes"] is None else steps["comm_bytes"] / 2**20
+    return {"strategy": strategy, "step ms": steps["step_ms"], "compute ms": steps["compute_ms"],
+            "comm ms": steps["comm_ms"], "exposed comm ms": steps["exposed_comm_ms"],
+            "idle ms": steps["idle_ms"], "collectives": steps["collectives"], "comm MiB": mib}
 
 
 def throughput(result: dict, config, peak_flops: float | None, measured_peak: float | None = None) -> dict:
