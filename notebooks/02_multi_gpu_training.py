@@ -372,8 +372,9 @@ if bars:
 # ## 2b · Where a step's time goes: a comm/compute timeline
 #
 # Tokens/s says which strategy is faster, not why. After its measured steps, each baseline run above
-# trains `timeline_steps` more under `torch.profiler` (`--timeline-steps`; they count in no other
-# figure) and `measure.timeline` splits each of them into:
+# trains `timeline_steps` more under `torch.profiler` (`--timeline-steps`, after one step traced and
+# thrown away, since tracing's first step costs most; they count in no other figure), and
+# `measure.timeline` splits each of them into:
 # - **compute ms**: the time the device runs anything but a collective (on a GPU: every kernel, copy
 #   and memset outside NCCL; on CPU: the training thread's `aten::` operators);
 # - **comm ms**: the time a collective runs (NCCL kernels; on CPU, gloo's worker threads), including

@@ -108,7 +108,8 @@ def test_summary_is_the_median_of_the_steps():
 
 
 def test_real_profile_of_one_gloo_process(tmp_path):
-    """torch.profiler's own trace, on one gloo process: the all-reduce of each step is found and sized."""
+    """torch.profiler's own trace, on one gloo process: the all-reduce of each step is found and sized;
+    the warm-up step is not in it."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         grads, weight = torch.ones(1000), torch.randn(64, 64)
@@ -116,7 +117,7 @@ def test_real_profile_of_one_gloo_process(tmp_path):
         def step():
             (weight @ weight).sum()
             dist.all_reduce(grads)
-        steps = timeline.profile_steps(step, 2, torch.device("cpu"), str(tmp_path / "trace.json"))
+        steps = timeline.profile_steps(step, 2, torch.device("cpu"), str(tmp_path / "trace.json"), warmup=1)
     finally:
         dist.destroy_process_group()
     assert len(steps) == 2
@@ -124,7 +125,8 @@ def test_real_profile_of_one_gloo_process(tmp_path):
         assert (s.collectives, s.comm_bytes, s.kinds) == (1, 4000, {"all_reduce": 1})
         assert s.compute_ms > 0 and s.comm_ms > 0 and s.compute_ms + s.exposed_comm_ms <= s.step_ms
     trace = json.loads((tmp_path / "trace.json").read_text())
-    assert any(e.get("name", "").startswith(timeline.STEP_PREFIX) for e in trace["traceEvents"])
+    names = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith(timeline.STEP_PREFIX)}
+    assert names == {"timeline step 0", "timeline step 1"}  # the warm-up step traced, then thrown away
 
 
 def test_training_run_profiles_extra_steps_outside_its_figures(tiny_model_dir, tmp_path):

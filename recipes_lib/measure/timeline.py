@@ -30,6 +30,7 @@ import os
 import re
 import statistics
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -169,27 +170,36 @@ def step_timelines(events: Sequence[dict]) -> list[StepTimeline]:
     return timelines
 
 
-def profile_steps(step: Callable[[], object], steps: int, device: torch.device,
-                  trace: str | None = None) -> list[StepTimeline]:
-    """Run ``step()`` ``steps`` times under torch.profiler; each step's timeline (module docstring).
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device, trace: str | None = None,
+                  warmup: int = 0) -> list[StepTimeline]:
+    """Run ``step()`` ``warmup + steps`` times under torch.profiler; the last ``steps`` steps' timelines
+    (module docstring).
 
     Args:
         step: one training step that waits for its device before returning.
         trace: write the Chrome trace there (a ``.json``, or ``.json.gz``); None keeps none.
+        warmup: steps traced first and thrown away: tracing costs most in its first step (CUPTI's
+            set-up on a GPU), as torch.profiler's docs warn.
     """
     on_gpu = device.type == "cuda"
     activity = torch.profiler.ProfilerActivity
     activities = [activity.CPU, activity.CUDA] if on_gpu else [activity.CPU]
+    collected = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*won't be using warmup.*")  # warmup=0 is a choice here
+        cycle = torch.profiler.schedule(wait=0, warmup=warmup, active=steps, repeat=1)
     # Shapes give gloo's message sizes; NCCL kernels carry theirs, and on a GPU recording shapes
     # would only slow the host down.
-    with torch.profiler.profile(activities=activities, record_shapes=not on_gpu) as prof:
-        for index in range(steps):
-            with torch.profiler.record_function(f"{STEP_PREFIX}{index}"):
+    with torch.profiler.profile(activities=activities, record_shapes=not on_gpu, schedule=cycle,
+                                on_trace_ready=collected.append) as prof:
+        for index in range(warmup + steps):
+            with torch.profiler.record_function(f"{STEP_PREFIX}{index - warmup}"):
                 step()
+            prof.step()
     with tempfile.TemporaryDirectory() as folder:
         path = trace or os.path.join(folder, "trace.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        prof.export_chrome_trace(path)
+        collected[0].export_chrome_trace(path)
         with open(path, "rb") as f:
             raw = f.read()
     return step_timelines(json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)["traceEvents"])

@@ -9,8 +9,9 @@ seconds on this rank: ``step_speed``). Memory (CUDA only): the peak over the ste
 the bytes allocated right after the last backward (weights, gradients and optimizer state: the
 activations are gone), and the bytes of the rank's weights and optimizer state. Step times come
 from the ``timer`` the caller passes (``measure.timing.stepper``); progress goes to its ``on_step``.
-``--timeline-steps`` more steps then run under torch.profiler (``measure.timeline``): compute,
-communication and exposed communication per step, outside every figure above.
+``--timeline-steps`` more steps (after ``--timeline-warmup`` traced and thrown away) then run under
+torch.profiler (``measure.timeline``): compute, communication and exposed communication per step,
+outside every figure above.
 
 Several runs, their options separated by ``--then`` (``parse_runs``), run one after another in the
 same processes and process group: one start-up (python, torch, transformers, the rendezvous) for all.
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--timeline-steps", type=int, default=0,
         help="then this many more steps under torch.profiler: compute, communication and exposed "
              "communication per step (measure.timeline); not in the losses, times or memory")
+    add("--timeline-warmup", type=int, default=1,
+        help="steps traced before the --timeline-steps and thrown away (tracing's first step costs most)")
     add("--trace", default=None, help="rank 0 writes the --timeline-steps' Chrome trace here")
     return parser.parse_args(argv)
 
@@ -101,7 +104,8 @@ def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock
     clock = timer(devices[0]) if timer else None
     autocast = strategies.autocast_dtype(args)
     losses, grad_norms, step_seconds, step_tokens = [], [], [], []
-    every_step = global_batches(args.steps + args.timeline_steps, args.global_batch, args.seq_len, vocab,
+    profiled_steps = args.timeline_warmup + args.timeline_steps if args.timeline_steps else 0
+    every_step = global_batches(args.steps + profiled_steps, args.global_batch, args.seq_len, vocab,
                                 args.seed, args.full_rows)
 
     def one_step(batch, probe=None, results=None):  # a step ends when every device is done
@@ -134,9 +138,11 @@ def train_rank(args, ctx: context.Context, timer: Callable[[torch.device], Clock
     peaks = mem.peaks()
     profiled = iter(every_step[args.steps:])
     trace = args.trace if ctx.is_main else None
-    steps_timeline = (timeline.summary(timeline.profile_steps(lambda: one_step(next(profiled)),
-                                                              args.timeline_steps, devices[0], trace))
-                      | {"trace": trace} if args.timeline_steps else None)
+    steps_timeline = None
+    if args.timeline_steps:
+        steps_timeline = timeline.summary(timeline.profile_steps(
+            lambda: one_step(next(profiled)), args.timeline_steps, devices[0], trace, args.timeline_warmup))
+        steps_timeline["trace"] = trace
     per_device = len(devices) > 1  # naive model parallelism: each GPU's own share
     # On the rank's accelerator only (FSDP2's CPU offload keeps its shards in host memory).
     where = devices[0] if mem.on_gpu and not per_device else None
