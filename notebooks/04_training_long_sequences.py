@@ -95,7 +95,7 @@ from recipes_lib import plots, results
 from recipes_lib.attention import kernels, masks, sliding
 from recipes_lib.core import batches, checkpointing, errors, losses, models, tasks, train
 from recipes_lib.long_context import curriculum, ladder
-from recipes_lib.measure import attention_bench, flops, ladder_bench, loss_bench, quality
+from recipes_lib.measure import attention_bench, estimate_check, flops, ladder_bench, loss_bench, quality
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
 
@@ -438,6 +438,20 @@ ladder_table = pd.DataFrame(ladder_rows).set_index("name").drop(columns=["second
 ladder_table["peak GiB"] = ladder_table.pop("peak_bytes") / GiB
 ladder_table["x baseline"] = ladder_table["longest"] / ladder_table["longest"].iloc[BASELINE]
 display(ladder_table.round(2))
+
+# %% [markdown]
+# **Predicted before running** (`recipes estimate`): each probe of the search as a plan for
+# `measure.estimate`, which predicts its peak from the model's shape alone (flash attention keeps no
+# `L²` term, eager `heads × L²`; the logits, or one chunk of them; `recipes estimate --help` prints every
+# formula), beside the measurement; for each probe that ran out of memory, the advisor's cheapest changes
+# that make it fit.
+
+# %%
+plans = estimate_check.ladder_plans(probes, rungs, P["model"], hw)
+predicted = estimate_check.side_by_side(probes, plans, config)
+display(predicted)
+assert predicted["error %"].abs().max() <= 10, "the estimate should be within 10% of every probe that ran"
+print(*estimate_check.oom_advice(probes, plans, hw, BUDGET, config), sep="\n")
 
 # %%
 lengths = [r["longest"] or 0 for r in ladder_rows]
