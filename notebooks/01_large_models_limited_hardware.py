@@ -350,6 +350,8 @@ train.train(probe, opt, batches.padded_batches(ft_docs, 4, tokenizer.pad_token_i
 state_bytes = offload.optimizer_state_bytes(opt)
 report("optimizer state", **{f"{device} MiB": n / 2**20 for device, n in state_bytes.items()})
 assert state_bytes.get("cpu", 0) > 0.99 * sum(state_bytes.values()), "the state should be on the host"
+offload.release(opt)  # torchao's hooks would otherwise keep `probe` allocated
+del probe, opt
 if hw.cuda and bench.fits(full_row, offload_full_row):
     assert offload_full_row["memory"].optimizer < 0.01 * full_row["memory"].optimizer, \
         "all but the smallest parameters' optimizer state should leave the GPU"
@@ -395,10 +397,10 @@ if bench.fits(accum_row, ladder_rows[-1]):
 # `measure.estimate` predicts a run's peak from the model's shape alone: what each layer keeps for
 # backward, the loss (full logits or one chunk of them), the model state and the step's temporaries
 # (`recipes estimate --help` prints every formula). Beside the measured rungs: the prediction, and for a
-# rung that ran out of memory, the advisor's cheapest changes that make it fit this GPU. The last rung
-# runs after section 4's offloaded full fine-tuning: on the committed H200 run it (and every later row)
-# read that run's model weights, 2.3 GiB still allocated, on top of its own peak, so the check below
-# holds the first four rungs to 10%.
+# rung that ran out of memory, the advisor's cheapest changes that make it fit this GPU. The check below
+# holds every rung to 10%. (It found a leak: torchao's offloading optimizer kept section 4's full model,
+# 2.3 GiB, allocated for the rest of the process, read by every later row; `offload.release`, which
+# the bench harness now calls, frees it.)
 
 # %%
 full_plan = estimate.Plan(MODEL_NAME, "full", "bf16", micro_batch=P["micro_batch"], seq_len=SEQ_LEN,
@@ -413,7 +415,7 @@ display(predicted_peaks)
 print(*estimate_check.oom_advice(ladder_rows, rung_plans, hw, config=config), sep="\n")
 
 # %%
-assert predicted_peaks["error %"].iloc[:4].abs().max() <= 10, "the estimate should be within 10% of each rung"
+assert predicted_peaks["error %"].abs().max() <= 10, "the estimate should be within 10% of each rung"
 assert bench.fits(*ladder_rows[1:]), "every rung with QLoRA should fit"
 if last_ratio is not None:
     assert last_ratio < 0.5, "the full recipe should at least halve peak memory"

@@ -40,18 +40,14 @@ def test_every_committed_gpu_row_within_ten_percent():
     assert all(r["predicted"] <= h200 for r in probes if r["measured"] is not None), "each one that ran: fits"
 
 
-def test_notebook_01_rows_after_the_offload_run_carry_that_runs_weights():
-    """The committed run's rows measured after its full-weight offload run each read about that model's
-    bf16 weights over their own peak; the rows before it do not (see estimate_check.LEAKY_RUN_01)."""
+def test_notebook_01_rows_are_all_within_5_percent():
+    """Every row of notebook 01's committed run, also those measured after its offloaded full fine-tuning.
+    (The previous H200 run read 2.3 GiB more on each of those: torchao's hooks kept that model allocated,
+    which ``offload.release`` now frees.)"""
     rows = [r for r in estimate_check.committed_rows() if r["table"].startswith("01")]
-    after = [r for r in rows if r["foreign"]]
-    assert len(after) == 11  # the ladder's last rung, 7 speed rows, 3 full-step rows
+    assert len(rows) == 16  # ladder 5, speed 7, full step 3, offload 1
     for r in rows:
-        offset = r["measured"] - r["predicted"]
-        if r["foreign"]:
-            assert abs(offset / r["foreign"] - 1) < 0.05, (r["row"], offset / GiB)
-        else:
-            assert abs(offset) < 0.05 * r["measured"], (r["row"], offset / GiB)
+        assert abs(r["measured"] - r["predicted"]) < 0.05 * r["measured"], (r["row"], r["error"])
 
 
 def _saved_bytes(model, batch, autocast_dtype, chunked=True) -> int:

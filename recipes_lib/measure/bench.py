@@ -72,6 +72,7 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
            "tokens_per_s_max": timed.tokens_per_step / step_time.low, "loss": timed.losses[-1],
            "trainable_params": trainable, "mfu": flops.mfu(tokens_per_s, fpt, hw.peak_flops) if fpt else None,
            "model_flops_per_s": tokens_per_s * fpt if fpt else None}
+    getattr(optimizer, "release", lambda: None)()  # an offloading optimizer's hooks would keep the model
     del model, optimizer
     return row
 

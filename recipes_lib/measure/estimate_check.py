@@ -19,23 +19,11 @@ GPU_MODEL = "random:llama-3.2-1b"
 NOTES = {
     "torch.compile": "compiled layers: inductor keeps fewer tensors than eager autograd (not modelled)",
     "liger": "Liger's fused loss in place of ours, estimated as our chunked loss",
-    "leak": "measured after section 4's full-weight offload run, whose model stayed allocated: the committed "
-            "peak includes its bf16 weights",
 }
-# Notebook 01's committed H200 run: every row measured after ``offload_full`` (the ladder's last rung, the
-# full-step and speed rows) reads about the full model's bf16 weights more than its own peak, and no row
-# before it does (2.33-2.38 GiB against 2.30 GiB of weights): that model was still allocated. The check
-# adds those weights to the prediction for that run only; a re-run of the notebook changes its code hash.
-LEAKY_RUN_01 = "fec966a00e5215cee8714e1156835a7d81bfde9e3a3ffa4d751bb584ebab576c"
 
 
 def _load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.H200.json").read_text())
-
-
-def _after_offload_run(table: str, name: str) -> bool:
-    """True for notebook 01's rows measured after ``offload_full`` (order: sections 1-4, ladder, speed)."""
-    return table in ("01 speed", "01 full step") or (table, name) == ("01 ladder", "+ offload")
 
 
 def _padded_length(seq_len: int, vocab: int, micro_batch: int, nth: int) -> int:
@@ -116,23 +104,18 @@ def notebook_04() -> list[tuple[str, str, Plan, float]]:
 
 
 def committed_rows() -> list[dict]:
-    """Every committed measured row: its plan, measured and predicted peak (bytes), the bytes its measurement
-    carries that are not its run's (``foreign``), the error of prediction + foreign, and a note."""
+    """Every committed measured row: its plan, measured and predicted peak (bytes), the error, and a note."""
     config = model_config(GPU_MODEL)
     rows = notebook_01(config.vocab_size) + notebook_02() + notebook_04()
-    leaky = _load("01_large_models_limited_hardware").get("code_hash") == LEAKY_RUN_01
-    full_model = Plan(GPU_MODEL, "full", "bf16", micro_batch=1, seq_len=16)  # its bf16 weights
-    full_weights = estimate(full_model, config).parts["weights"]
     out = []
     for table, name, plan, measured in rows:
         predicted = estimate(plan, config)
-        foreign = full_weights if leaky and _after_offload_run(table, name) else 0
-        hits = (("torch.compile", "compiled" in name), ("liger", "Liger" in name), ("leak", foreign > 0))
+        hits = (("torch.compile", "compiled" in name), ("liger", "Liger" in name))
         note = next((NOTES[key] for key, hit in hits if hit), "")
         out.append({"table": table, "row": name, "plan": plan, "measured": measured,
-                    "predicted": predicted.peak, "moment": predicted.moment, "foreign": foreign, "note": note,
+                    "predicted": predicted.peak, "moment": predicted.moment, "note": note,
                     "raw_error": None if measured is None else predicted.peak / measured - 1,
-                    "error": None if measured is None else (predicted.peak + foreign) / measured - 1})
+                    "error": None if measured is None else predicted.peak / measured - 1})
     return out
 
 

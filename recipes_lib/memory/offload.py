@@ -15,6 +15,7 @@ host memory, and ``offloaded_adamw`` returns a plain AdamW and says so.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -40,8 +41,25 @@ def offloaded_adamw(params, device: torch.device, lr: float = 1e-4, **kwargs):
     if device.type not in ("cuda", "xpu"):
         warnings.warn(f"torchao offloads from CUDA/XPU only; {device.type} keeps a plain AdamW", stacklevel=2)
         return torch.optim.AdamW(params, lr=lr, **kwargs)
-    return CPUOffloadOptimizer(params, torch.optim.AdamW, offload_gradients=False, lr=lr, fused=True,
-                               **kwargs)
+    optimizer = CPUOffloadOptimizer(params, torch.optim.AdamW, offload_gradients=False, lr=lr, fused=True,
+                                    **kwargs)
+    optimizer.release = functools.partial(release, optimizer)
+    return optimizer
+
+
+def release(optimizer) -> None:
+    """Let an offloading optimizer's model be freed: call it when done with both.
+
+    torchao registers a post-accumulate-grad hook on every offloaded parameter whose closure holds
+    the optimizer, which maps each parameter to its host copy and state. That cycle runs through the
+    autograd engine's C++ hook list, where Python's garbage collector cannot see it, so ``del model,
+    optimizer`` frees neither: the model's weights stay on the device for the rest of the process.
+    Emptying the optimizer's maps breaks the cycle (the hooks stay, pointing at an empty optimizer).
+    """
+    for name in ("param_d2h_map", "optim_dict", "queue"):
+        getattr(optimizer, name, {}).clear()
+    if hasattr(optimizer, "d_opt"):
+        optimizer.d_opt, optimizer.d_param_groups = None, []
 
 
 def optimizer_state_bytes(optimizer) -> dict[str, int]:
