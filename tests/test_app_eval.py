@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from recipes_lib.app import cli, config, data, eval_data
+from recipes_lib.app import cli, config, data, eval_data, evaluate
 from recipes_lib.core import models, tasks
+from recipes_lib.core.errors import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 # The embedded model never saw `reverse`; 60 full fine-tuning steps of 8 packed rows teach it some
@@ -103,3 +104,12 @@ def test_bad_input_gets_one_clear_message(tmp_path, capsys):
     assert "column 'prompt' is not in" in message and "['question', 'answer']" in message
     assert "give the data to score with --data" in _error(capsys, "data/tiny-llama")
     assert config.load(None).data.source  # the defaults still load (the parser is shared with train)
+
+
+def test_the_command_runs_without_rouge_score(monkeypatch):
+    """Only `recipes eval` needs rouge-score: `recipes train` on a machine without it must still start."""
+    blocked = "import sys; sys.modules['rouge_score'] = None; import recipes_lib.app.cli"
+    assert subprocess.run([sys.executable, "-c", blocked], capture_output=True).returncode == 0
+    monkeypatch.setitem(sys.modules, "rouge_score", None)
+    with pytest.raises(RecipeError, match="pip install rouge-score"):
+        evaluate.rouge(["rougeL"])

@@ -19,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from ..core.errors import RecipeError
@@ -28,6 +27,16 @@ from ..measure import quality
 from . import eval_data
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge(names):
+    """Google's ROUGE scorer, imported here so that the rest of the command runs without it."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise RecipeError("recipes eval scores ROUGE with rouge-score: pip install rouge-score "
+                          "(it is in requirements.txt)") from None
+    return rouge_scorer.RougeScorer(list(names), use_stemmer=False)
 
 
 @torch.no_grad()
@@ -71,7 +80,7 @@ def score_model(model, tokenizer, rows: eval_data.Rows, max_new_tokens: int, bat
         return result, predictions
     tokens = greedy_answers(model, [rows.prompts[i] for i in asked], max_new_tokens, tokenizer.eos_token_id,
                             batch_size, progress)
-    scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=False)
+    scorer = rouge(ROUGE)
     per_row: dict[str, list[dict]] = defaultdict(list)
     for i, new in zip(asked, tokens):
         predictions[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
