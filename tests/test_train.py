@@ -1,6 +1,7 @@
 """train: token-normalised accumulation, the fused-head loss, the loop itself."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -236,3 +237,33 @@ def test_head_loss_hook_replaces_the_chunked_loss(docs):
     hooked = train.loss_sum(model, batch, head_loss=full_logits)
     assert calls and calls[0][-1] == model.config.hidden_size  # the hook got the final hidden states
     assert hooked.item() == pytest.approx(train.loss_sum(model, batch).item(), rel=1e-5)
+
+
+def _fp16_batch(vocab: int = 64) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (4, 24), generator=generator)
+    return [{"input_ids": ids, "labels": ids.clone()}]
+
+
+def test_fp16_loss_scaling_trains_and_skips_overflowing_steps():
+    """The path a T4 takes (no bf16): fp16 autocast with a GradScaler, run here on the CPU.
+
+    A first scale of 2**40 makes the fp16 backward overflow: the scaler must skip those steps (weights
+    untouched, scale halved each time) until the scale fits, and the loss must then fall with every
+    recorded loss finite.
+    """
+    model = tiny_model(64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    start = [p.detach().clone() for p in model.parameters()]
+    step_losses, skipped = [], 0
+    for _ in range(50):
+        scale_before = scaler.get_scale()
+        step_losses.append(train.optimizer_step(model, optimizer, _fp16_batch(), autocast_dtype=torch.float16,
+                                                scaler=scaler, fused_head=False))
+        skipped += scaler.get_scale() < scale_before
+        if skipped and len(step_losses) == skipped:  # only skipped steps so far: nothing moved
+            assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))
+    assert skipped >= 1 and scaler.get_scale() < 2.0**40
+    assert all(math.isfinite(loss) for loss in step_losses)
+    assert step_losses[-1] < 0.7 * step_losses[skipped]  # it learns once the scale fits
