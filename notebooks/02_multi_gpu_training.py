@@ -113,7 +113,7 @@ from recipes_lib.measure.report import report
 from recipes_lib.parallel import context, fsdp2, launcher, run, runs, zero
 
 MODEL_NAME = P["model"]
-ROOT = os.path.abspath("..") if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
+ROOT = str(models.REPO_ROOT)  # the package's checkout, whatever the working directory (Colab: /content)
 SCRIPT = os.path.join(ROOT, "scripts", "train_distributed.py")
 GPUS = torch.cuda.device_count()
 # The workers import recipes_lib from this checkout, whatever the kernel's working directory.
