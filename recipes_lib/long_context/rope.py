@@ -1,0 +1,113 @@
+"""RoPE extension: raise a model's position limit by scaling its rotary frequencies (linear or YaRN).
+
+transformers 5.x keeps the rotary settings in ``config.rope_parameters`` (``rope_type``, ``rope_theta``,
+``factor``, ``original_max_position_embeddings``); ``rope_scaling`` is its deprecated alias, and the
+only field before 5.0. The factor is always counted from the length the model was trained at, so
+extending twice gives the same frequencies as extending once. A model's rotary embedding computes
+its frequencies when built, so ``extend_context`` on a model rebuilds that module too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.errors import RecipeError
+
+KINDS = ("yarn", "linear", "llama3")
+
+
+def _parameters(config) -> dict:
+    """The config's rotary settings as one flat dict (``rope_type``, ``rope_theta``, any scaling keys)."""
+    if hasattr(config, "rope_parameters"):  # transformers >= 5.0
+        params = dict(config.rope_parameters or {})
+    else:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10_000.0))
+    params.setdefault("rope_type", params.pop("type", "default"))
+    if any(isinstance(value, dict) for value in params.values()):
+        raise RecipeError("extend_context: this model has one RoPE per layer type (nested "
+                          "rope_parameters); it supports one global RoPE only: extend it by hand")
+    return params
+
+
+def trained_length(config) -> int:
+    """The length the model's rotary frequencies were trained for (before any scaling)."""
+    params = _parameters(config)
+    if "original_max_position_embeddings" in params:
+        return int(params["original_max_position_embeddings"])
+    if params["rope_type"] == "linear":
+        return round(config.max_position_embeddings / params["factor"])
+    return int(config.max_position_embeddings)
+
+
+def scaled_parameters(config, new_max_positions: int, kind: str = "yarn") -> dict:
+    """The rotary settings that stretch ``config``'s trained length to ``new_max_positions``."""
+    if kind not in KINDS:
+        raise RecipeError(f"kind={kind!r}: RoPE extension is one of {', '.join(KINDS)} "
+                          f"(yarn keeps the high frequencies; linear divides every position)")
+    params = _parameters(config)
+    current = params["rope_type"]
+    base = {"rope_type": kind, "rope_theta": params["rope_theta"]}
+    if "partial_rotary_factor" in params:
+        base["partial_rotary_factor"] = params["partial_rotary_factor"]
+    if kind == "llama3" or current == "llama3":
+        if kind != current:
+            raise RecipeError(f"kind={kind!r} on a model whose RoPE is {current!r}-scaled: llama3 "
+                              f"scaling extends only a llama3-scaled model (Llama 3.x), and replacing "
+                              f"it would change the frequencies it was trained with; pass "
+                              f"kind={'llama3' if current == 'llama3' else 'yarn'!r}")
+        factor = params["factor"] * new_max_positions / config.max_position_embeddings
+        keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return _checked({**base, **{k: params[k] for k in keys}, "factor": factor}, new_max_positions)
+    if current not in ("default", "linear", "yarn"):
+        raise RecipeError(f"extend_context: this model's RoPE is {current!r}-scaled; only default, "
+                          f"linear, yarn and llama3 RoPE can be extended: extend it by hand")
+    original = trained_length(config)
+    scaled = {**base, "factor": new_max_positions / original}
+    if kind == "yarn":
+        scaled["original_max_position_embeddings"] = original
+    return _checked(scaled, new_max_positions)
+
+
+def _checked(params: dict, new_max_positions: int) -> dict:
+    if params["factor"] < 1:
+        raise RecipeError(f"new_max_positions={new_max_positions} gives a RoPE factor of "
+                          f"{params['factor']:.3g} < 1: extension only lengthens the context; "
+                          f"pass at least the trained length")
+    return params
+
+
+def extend_context(config_or_model, new_max_positions: int, kind: str = "yarn"):
+    """Scale RoPE so positions up to ``new_max_positions`` fit; returns the config, changed in place.
+
+    Args:
+        config_or_model: a transformers config, or a model (its rotary embeddings are rebuilt too).
+        kind: ``"yarn"`` (high frequencies kept, low ones stretched, attention rescaled),
+            ``"linear"`` (every position divided by the factor) or ``"llama3"`` (a larger factor
+            for a model already llama3-scaled, such as Llama 3.2).
+    """
+    if isinstance(new_max_positions, bool) or not isinstance(new_max_positions, int) or new_max_positions < 1:
+        raise RecipeError(f"new_max_positions={new_max_positions!r}: pass the new position limit "
+                          f"as a positive whole number of tokens")
+    model = config_or_model if isinstance(config_or_model, torch.nn.Module) else None
+    config = model.config if model is not None else config_or_model
+    params = scaled_parameters(config, new_max_positions, kind)
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = params
+    else:
+        config.rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    config.max_position_embeddings = new_max_positions
+    if hasattr(config, "validate_rope"):
+        config.validate_rope()
+    if model is not None:
+        _rebuild_rotary(model, config)
+    return config
+
+
+def _rebuild_rotary(model: torch.nn.Module, config) -> None:
+    """Replace every rotary embedding module by one computed from the new config."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "inv_freq"):
+                fresh = type(child)(config=config).to(child.inv_freq.device)
+                setattr(parent, name, fresh)
