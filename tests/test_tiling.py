@@ -142,6 +142,26 @@ def test_tiled_mlp_frees_the_ffn_activations():
     assert 4 * unit * (tokens - chunk) / tokens <= saved <= 7 * unit, (untiled, tiled, unit)
 
 
+def test_bf16_weight_gradients_sum_chunks_in_fp32():
+    """In bf16, 128 chunks' weight gradients summed in bf16 lose bits with every chunk (about 2.7x the
+    untiled error here); summed in fp32 they stay as close to the fp64 gradient as untiled bf16 is."""
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.mlp = LlamaMLP(tiny_config(hidden_size=64, intermediate_size=256)).double()
+    x, weight = torch.randn(2, 1, 2048, 64, dtype=torch.float64)
+    reference = torch.autograd.grad((holder.mlp(x) * weight).sum(), list(holder.mlp.parameters()))
+
+    def error(module) -> float:
+        grads = torch.autograd.grad((module.mlp(x.bfloat16()) * weight.bfloat16()).float().sum(),
+                                    list(module.mlp.parameters()))
+        return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, reference, strict=True))
+
+    untiled = copy.deepcopy(holder).bfloat16()
+    tiled = copy.deepcopy(untiled)
+    tiling.tile_mlp(tiled, 16)
+    assert error(tiled) < 1.5 * error(untiled)
+
+
 def test_tile_mlp_errors():
     with pytest.raises(RecipeError, match="no gated MLP"):
         tiling.tile_mlp(torch.nn.Sequential(torch.nn.Linear(4, 4)), 8)

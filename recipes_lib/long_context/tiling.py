@@ -71,8 +71,9 @@ class _TiledMLPFunction(torch.autograd.Function):
                 if grad_x is not None:
                     grad_x[start:stop] = grads.pop(0)
                 for i, grad in enumerate(grads):
-                    if grad is not None:
-                        grad_params[i] = grad if grad_params[i] is None else grad_params[i].add_(grad)
+                    if grad is not None:  # summed in fp32: bf16 sums lose bits with every chunk
+                        grad_params[i] = grad.float() if grad_params[i] is None else grad_params[i].add_(grad)
+        grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, params, strict=True)]
         grad_x = None if grad_x is None else grad_x.reshape(x.shape)
         # The parameters are inputs of the function: their gradients return through autograd, so
         # hooks, gradient accumulation and sharded wrappers see them as they would untiled.
