@@ -11,6 +11,15 @@ the attention kernel (flash keeps ``q, k, v``, the output and a logsumexp, no ``
 mask, SDPA repeats the key/value heads and keeps the mask it converts, per layer; eager keeps the
 ``heads x seq^2`` probabilities in fp32 and in the compute dtype). ``tests/test_estimate.py`` checks
 these sums against the tensors autograd really saves.
+
+A ``torch.compile``'d layer (``compiled``) keeps what AOTAutograd's min-cut partitioner (Inductor's
+default) saves instead: a matmul's or attention's output, and any tensor a matmul or attention backward
+reads (``ban_recompute_materialized_backward``), is saved; of the rest it saves the fewest bytes that
+backward can recompute the cheap pointwise ops from (the min cut). So each RMSNorm
+keeps an rsqrt, the first the layer's input, the second the o_proj output it recomputes the residual
+sum ``x + o`` from (the fp32 upcasts and the normalised outputs are recomputed); each linear's input is
+kept once (autocast's per-linear casts are one node after CSE); SwiGLU keeps gate and up, not
+``silu(gate)``.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ class Layout:
     attention: str = "sdpa"       # sdpa | flash_attention_2 | eager
     masked: bool = False          # packed documents (position_ids) or padding: a mask per attention call
     mlp: int = 2                  # bytes of the MLP's intermediates (bitsandbytes returns its input's dtype)
+    compiled: bool = False        # torch.compile'd decoder layers (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -89,13 +99,48 @@ def _inputs(s: Shape, lay: Layout) -> list[Term]:
     return terms  # "o" keeps the attention output, already counted with the attention
 
 
+def compiled_modelled(lay: Layout) -> bool:
+    """Whether the compiled formulas apply: full fine-tuning with a fused attention kernel (what notebook
+    02 compiles and the tests check); adapters and eager attention keep eager autograd's terms (an upper
+    bound)."""
+    return lay.compiled and lay.trainable and not lay.adapters and lay.attention != "eager"
+
+
+def _compiled_kept(s: Shape, lay: Layout) -> list[Term]:
+    """What the partitioner keeps of a compiled layer's norms, linear inputs and MLP (attention aside)."""
+    a, r, d, m = lay.compute, lay.residual, s.d, lay.mlp
+    mlp = (Term("MLP gate, up (silu(gate) recomputed)", 2 * m * s.ffn, f"2 x {m} x ffn({s.ffn})") if s.gated
+           else Term("MLP up", m * s.ffn, f"{m} x ffn({s.ffn})"))
+    return [Term("RMSNorm inputs + rsqrt: the layer's input, the attention's o_proj output (upcasts, "
+                 "normalised outputs and the residual sum recomputed)", (r + a) * d + 8,
+                 f"({r} + {a}) x d({d}) + 2 x 4"),
+            Term("q, k, v input (norm output, one copy)", a * d, f"{a} x d({d})"),
+            Term("gate, up input (norm output, one copy)", a * d, f"{a} x d({d})"),
+            Term("down input (MLP product)", m * s.ffn, f"{m} x ffn({s.ffn})"), mlp]
+
+
 def layer_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
     """Bytes per token one decoder layer keeps for backward, tensor by tensor."""
+    if compiled_modelled(lay):
+        return _compiled_kept(s, lay) + _attention(s, lay, seq_len)
     a, r, d = lay.compute, lay.residual, s.d
     norm_h = f" + {r} x d (normalised, trainable weight)" if lay.trainable else ""
     terms = [Term("2 RMSNorms", 2 * (4 * d + 4 + (r * d if lay.trainable else 0)),
                   f"2 x (4 x d({d}) fp32 input + 4 rsqrt{norm_h})")]
     terms += _inputs(s, lay)
+    terms += _attention(s, lay, seq_len)
+    mlp = 3 if s.gated else 1
+    terms.append(Term("MLP gate, up, activation" if s.gated else "MLP up", mlp * lay.mlp * s.ffn,
+                      f"{mlp} x {lay.mlp} x ffn({s.ffn})"))
+    if lay.adapters:
+        n = 7 if s.gated else 6
+        terms.append(Term("LoRA A outputs", n * a * lay.lora_r, f"{n} x {a} x r({lay.lora_r})"))
+    return terms
+
+
+def _attention(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
+    """What attention keeps: q, k, v, its output, a logsumexp (or eager's probabilities), a converted mask."""
+    a, terms = lay.compute, []
     eager = lay.attention == "eager"
     expanded = eager or (lay.masked and lay.attention == "sdpa")  # repeat_kv: keys/values for every head
     kv = s.q if expanded else s.kv
@@ -111,12 +156,6 @@ def layer_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
         terms.append(Term("logsumexp", 4 * s.heads, f"4 x heads({s.heads})"))
     if lay.masked and lay.attention == "sdpa":
         terms.append(Term("mask SDPA converts per layer", a * seq_len, f"{a} x seq({seq_len})"))
-    mlp = 3 if s.gated else 1
-    terms.append(Term("MLP gate, up, activation" if s.gated else "MLP up", mlp * lay.mlp * s.ffn,
-                      f"{mlp} x {lay.mlp} x ffn({s.ffn})"))
-    if lay.adapters:
-        n = 7 if s.gated else 6
-        terms.append(Term("LoRA A outputs", n * a * lay.lora_r, f"{n} x {a} x r({lay.lora_r})"))
     return terms
 
 

@@ -61,6 +61,7 @@ class Plan:
     lora_dropout: float = 0.0
     upcast_fp32: bool = False      # peft's prepare_model_for_kbit_training: embeddings, norms, head in fp32
     ddp_bucket_view: bool = True   # False: DDP's default, a second copy of the gradients in its buckets
+    compiled: bool = False         # torch.compile'd decoder layers: Inductor keeps fewer tensors
     device: str = "cuda"
 
     def check(self) -> Plan:
@@ -110,7 +111,7 @@ def layout(plan: Plan, s: act.Shape) -> act.Layout:
                       plan.method != "full" and autocast and (plan.method == "lora" or plan.upcast_fp32),
                       plan.lora_dropout > 0, plan.lora_r, plan.attention,
                       plan.packed and plan.attention != "flash_attention_2",
-                      residual if plan.method == "qlora" else compute)
+                      residual if plan.method == "qlora" else compute, compiled=plan.compiled)
 
 
 def _counts(config, s: act.Shape, r: int) -> Counts:
