@@ -137,6 +137,14 @@ def test_compiled_layer_formulas_match_what_the_partitioner_saves(case):
     assert expected < eager and abs(saved / expected - 1) < 0.02, (case, saved, expected, eager)
 
 
+def test_compiled_keeps_eager_terms_where_not_modelled():
+    base = Plan("random:llama-3.2-1b", "lora", "bf16", micro_batch=8, seq_len=2048)
+    compiled = estimate(replace(base, compiled=True))
+    assert compiled.peak == estimate(base).peak and "not modelled" in compiled.formulas["activations"][0].name
+    full = replace(base, method="full")
+    assert estimate(replace(full, compiled=True)).peak < estimate(full).peak
+
+
 def _blocks(vocab: int, seq_len: int):
     def stream(micro_batch):
         generator = torch.Generator().manual_seed(0)

@@ -125,7 +125,8 @@ def layer_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
         return _compiled_kept(s, lay) + _attention(s, lay, seq_len)
     a, r, d = lay.compute, lay.residual, s.d
     norm_h = f" + {r} x d (normalised, trainable weight)" if lay.trainable else ""
-    terms = [Term("2 RMSNorms", 2 * (4 * d + 4 + (r * d if lay.trainable else 0)),
+    eager_count = " (compiled, not modelled here: eager autograd's count)" if lay.compiled else ""
+    terms = [Term("2 RMSNorms" + eager_count, 2 * (4 * d + 4 + (r * d if lay.trainable else 0)),
                   f"2 x (4 x d({d}) fp32 input + 4 rsqrt{norm_h})")]
     terms += _inputs(s, lay)
     terms += _attention(s, lay, seq_len)
