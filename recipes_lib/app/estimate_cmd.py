@@ -50,6 +50,7 @@ SWITCHES = {  # flag: (Plan field, help); each also has --no-<flag>
     "--chunked-loss": ("chunked_loss", "fused chunked LM head + cross-entropy instead of full logits"),
     "--packed": ("packed", "documents packed with position_ids, or padded: attention gets a mask"),
     "--upcast-fp32": ("upcast_fp32", "prepare_model_for_kbit_training: embeddings, norms, head in fp32"),
+    "--compiled": ("compiled", "torch.compile'd decoder layers (full fine-tuning, fused attention)"),
 }
 STRATEGY = {"single": "single", "ddp": "ddp", "zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3"}
 
