@@ -234,7 +234,11 @@ if hw.cuda:
     assert eager_rows[-1]["oom"], "eager attention should run out of memory at the longest length"
 assert eager_fit["peak_bytes"] > 4 * tiled_peak[eager_fit["seq_len"]], \
     "eager attention should need several times the memory of the tiled kernel"
-assert sliding_s < flex_causal_s, "the sliding window should beat full causal attention in the same kernel"
+fastest = {(r["implementation"], r["seq_len"]): r["seconds_min"] for r in attn_rows if not r["oom"]}
+# A shared CPU (CI runs two test files at once) can preempt any call: there, compare the fastest.
+assert sliding_s < flex_causal_s if hw.cuda else \
+    fastest[("flex-sliding", longest)] < fastest[("flex-causal", longest)], \
+    "the sliding window should beat full causal attention in the same kernel"
 if hw.cuda:
     targets.check(f"window 4k at {longest // 1024}k tokens >= 3x faster than full causal (fwd+bwd, same "
                   "kernel)", f"{sliding_speedup:.2f}x",
