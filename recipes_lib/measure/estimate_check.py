@@ -117,7 +117,6 @@ def committed_rows() -> list[dict]:
         note = next((NOTES[key] for key, hit in hits if hit), "")
         out.append({"table": table, "row": name, "plan": plan, "measured": measured,
                     "predicted": predicted.peak, "moment": predicted.moment, "note": note,
-                    "raw_error": None if measured is None else predicted.peak / measured - 1,
                     "error": None if measured is None else predicted.peak / measured - 1})
     return out
 
