@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -35,25 +35,39 @@
 
 # %% [markdown]
 # ## Setup
-# On Colab this installs the package (leaving Colab's torch alone); elsewhere it does nothing.
+# On Colab (or wherever `RECIPES_COLAB=1` is set) this cell clones the repository, for its embedded
+# model, data and configs, and installs the package with the notebooks' extras; the torch already
+# installed stays. Elsewhere it does nothing. To run a fork, set `REPO_URL` to it, or run
+# `python scripts/set_repo_url.py <your fork's URL>` once (README, "Colab").
 
 # %%
 import importlib.util
+import os
+import subprocess
 import sys
 
-if "google.colab" in sys.modules and importlib.util.find_spec("recipes_lib") is None:
-    # !git clone -q https://github.com/llm-acceleration-recipes/recipes /content/recipes  # noqa
-    # !pip install -q -e /content/recipes[quant,offload]  # noqa
-    sys.path.insert(0, "/content/recipes")
+REPO_URL = "https://github.com/llm-acceleration-recipes/recipes"
+if "google.colab" in sys.modules or os.environ.get("RECIPES_COLAB") == "1":
+    HOME = os.environ.setdefault("RECIPES_HOME", "/content/recipes")  # where recipes_lib finds data/
+    if not os.path.isdir(HOME):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, HOME], check=True)
+    if importlib.util.find_spec("recipes_lib") is None:  # pip keeps the installed torch (torch>=2.6)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{HOME}[notebooks]"], check=True)
+        importlib.invalidate_caches()
 
 # %% tags=["parameters"]
-PROFILE = "auto"  # "cpu": CI-sized on the embedded model; "gpu": Llama-3.2-1B shape at 2048 tokens
+PROFILE = "auto"  # "cpu": CI-sized on the embedded model; "gpu": Llama-3.2-1B shape at 2048 tokens;
+# "t4" / "l4": the same shape sized for a 16 GB T4 (fp16) / a 24 GB L4, about 10 minutes there
 MODEL = None      # override the profile's model: a hub id, a local path, or random:<shape>
 PROFILES = {
     "cpu": dict(model="data/tiny-llama", seq_len=256, micro_batch=8, accum_steps=4, lora_r=8,
                 steps=5, finetune_steps=150, finetune_batch=16),
     "gpu": dict(model="random:llama-3.2-1b", seq_len=2048, micro_batch=8, accum_steps=4, lora_r=16,
                 steps=6, finetune_steps=300, finetune_batch=16),
+    "t4": dict(model="random:llama-3.2-1b", seq_len=1024, micro_batch=2, accum_steps=2, lora_r=16,
+               steps=5, finetune_steps=300, finetune_batch=16),
+    "l4": dict(model="random:llama-3.2-1b", seq_len=1024, micro_batch=4, accum_steps=4, lora_r=16,
+               steps=5, finetune_steps=300, finetune_batch=16),
 }
 QUALITY_MODEL = "data/tiny-llama"  # the embedded default: it knows its tasks, so quality means something
 FINETUNE_TASK = "reverse"          # a task the embedded model never saw in pre-training
@@ -75,7 +89,7 @@ from transformers import AutoConfig
 
 from recipes_lib import plots, results
 from recipes_lib.core import batches, errors, hardware, losses, models, tasks, train
-from recipes_lib.measure import bench, estimate, estimate_check, flops, predict, quality, timing
+from recipes_lib.measure import bench, estimate, estimate_check, flops, predict, quality, timing, workload
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
 from recipes_lib.memory import offload, qlora
@@ -123,6 +137,7 @@ print(f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {c
       f"{n_params / 1e6:,.1f}M parameters | {len(docs)} documents, {SEQ_LEN} tokens per row")
 if matmul_peak:
     print(f"bf16 matmul peak: {matmul_peak / 1e12:.0f} TFLOP/s measured, {hw.peak_flops / 1e12:.0f} spec")
+notebook.state_runtime(P, *workload.notebook01(P, config))  # this profile's work, at its GPU class's rates
 
 # %% [markdown]
 # ## 1 · QLoRA

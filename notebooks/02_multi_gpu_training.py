@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -54,20 +54,30 @@
 
 # %% [markdown]
 # ## Setup
-# On Colab this installs the package (leaving Colab's torch alone); elsewhere it does nothing.
+# On Colab (or wherever `RECIPES_COLAB=1` is set) this cell clones the repository, for its embedded
+# model, data and configs, and installs the package with the notebooks' extras; the torch already
+# installed stays. Elsewhere it does nothing. To run a fork, set `REPO_URL` to it, or run
+# `python scripts/set_repo_url.py <your fork's URL>` once (README, "Colab").
 
 # %%
 import importlib.util
 import os
+import subprocess
 import sys
 
-if "google.colab" in sys.modules and importlib.util.find_spec("recipes_lib") is None:
-    # !git clone -q https://github.com/llm-acceleration-recipes/recipes /content/recipes  # noqa
-    # !pip install -q -e /content/recipes  # noqa
-    sys.path.insert(0, "/content/recipes")
+REPO_URL = "https://github.com/llm-acceleration-recipes/recipes"
+if "google.colab" in sys.modules or os.environ.get("RECIPES_COLAB") == "1":
+    HOME = os.environ.setdefault("RECIPES_HOME", "/content/recipes")  # where recipes_lib finds data/
+    if not os.path.isdir(HOME):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, HOME], check=True)
+    if importlib.util.find_spec("recipes_lib") is None:  # pip keeps the installed torch (torch>=2.6)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{HOME}[notebooks]"], check=True)
+        importlib.invalidate_caches()
 
 # %% tags=["parameters"]
-PROFILE = "auto"  # "cpu": 2 gloo processes, embedded model; "gpu": one process per GPU, Llama-3.2-1B shape
+PROFILE = "auto"  # "cpu": 2 gloo processes, embedded model; "gpu": one process per GPU, Llama-3.2-1B shape;
+# "t4" / "l4": a 16 / 24 GB GPU. With fewer GPUs than NPROC (Colab), sections 1-3 run the "cpu" sizes on
+# NPROC gloo processes on the CPU, as CI does, and show the committed 2-GPU figures beside them.
 MODEL = None      # override the scale runs' model: a hub id, a local path, or random:<shape>
 # one_launch: a section's runs share one launch of the training script (one start-up of python, torch and
 # transformers) on CPU; on GPUs each run has its processes to itself, so its memory readings are its own.
@@ -85,6 +95,9 @@ PROFILES = {
                 timeline_steps=2,
                 data=dict(seq_len=1024, batch=8, docs=20000, steps=30, warmup=5, workers=4)),
 }
+# A 16 GB T4 or a 24 GB L4 has one GPU: its multi-process runs are the CPU profile's; the data-loading
+# section runs on the GPU, at the full profile's size (the embedded model: seconds).
+PROFILES["t4"] = PROFILES["l4"] = PROFILES["cpu"] | {"data": PROFILES["gpu"]["data"] | dict(workers=2)}
 NPROC = 2  # processes (one per GPU on a GPU machine)
 
 # %%
@@ -107,20 +120,31 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from recipes_lib import plots, results
 from recipes_lib.core import dataload, errors, models
-from recipes_lib.measure import bench, flops, memory, pipeline, predict, timing
+from recipes_lib.measure import bench, flops, memory, pipeline, predict, timing, workload
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
 from recipes_lib.parallel import context, fsdp2, launcher, run, runs, zero
 
+GPUS = torch.cuda.device_count()
+ON_GPUS = hw.cuda and GPUS >= NPROC  # one process per GPU; else NPROC gloo processes on the CPU
+if hw.cuda and not ON_GPUS:
+    P = P | {k: v for k, v in PROFILES["cpu"].items() if k != "data"}
+    print(f"{GPUS} GPU here, {NPROC} processes wanted: sections 1-3 run {NPROC} gloo processes on the CPU at "
+          "the CPU profile's sizes (as CI does), beside the committed 2-GPU figures; section 4 uses the GPU")
 MODEL_NAME = P["model"]
 ROOT = str(models.REPO_ROOT)  # the package's checkout, whatever the working directory (Colab: /content)
 SCRIPT = os.path.join(ROOT, "scripts", "train_distributed.py")
-GPUS = torch.cuda.device_count()
-# The workers import recipes_lib from this checkout, whatever the kernel's working directory.
+# The workers import recipes_lib from this checkout, whatever the kernel's working directory; with too
+# few GPUs they see none, so they join with gloo on the CPU.
 WORKER_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-LAUNCH = dict(timeout_s=P["timeout_s"], env=WORKER_ENV)
+WORKER_ENV |= {} if ON_GPUS or not hw.cuda else {"CUDA_VISIBLE_DEVICES": ""}
+LAUNCH = dict(timeout_s=P["timeout_s"], env=WORKER_ENV, backend="nccl" if ON_GPUS else "gloo")
 CPU = torch.device("cpu")
-print(f"scale model: {MODEL_NAME} | {NPROC} processes, {'nccl' if hw.cuda else 'gloo'} | {GPUS} GPU(s)")
+DIST_DEVICE = hw.device if ON_GPUS else CPU  # where the one-process reference of section 1 trains
+print(f"scale model: {MODEL_NAME} | {NPROC} processes, {'nccl' if ON_GPUS else 'gloo'} | {GPUS} GPU(s)")
+data_params = models.count_parameters(models.load_model("data/tiny-llama", dtype=torch.float32))[1]
+shape = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
+notebook.state_runtime(P, *workload.notebook02(P, shape, data_params, ON_GPUS))  # at its GPU class's rates
 # The correctness runs' options: the same global batches whatever the strategy (fp32).
 CHECK = {"model": P["check_model"], "steps": P["check_steps"], "global-batch": P["check_global_batch"],
          "micro-batch": P["check_micro_batch"], "seq-len": P["check_seq_len"]}
@@ -139,7 +163,7 @@ def reference_run():
     """The one-process reference, trained in this notebook's process (what a worker runs): its result
     and final weights."""
     args = run.parse_args(runs.script_args(CHECK | {"strategy": "single"}))
-    result, model = run.train_rank(args, context.Context(0, 1, 0, hw.device))
+    result, model = run.train_rank(args, context.Context(0, 1, 0, DIST_DEVICE))
     return result, fsdp2.full_state_dict(model)
 
 # %% [markdown]
@@ -166,7 +190,7 @@ def reference_run():
 # reduction order adds rounding of the same size per step, so the tolerance is wider there.
 
 # %%
-LOSS_RTOL, PARAM_ATOL = (1e-5, 1e-5) if not hw.cuda else (1e-4, 1e-4)
+LOSS_RTOL, PARAM_ATOL = (1e-5, 1e-5) if not ON_GPUS else (1e-4, 1e-4)
 os.makedirs("outputs", exist_ok=True)
 CHECKS = ["fsdp2", "fsdp2-no-reshard", "ddp"]  # on NPROC processes, one launch
 checked = {}
@@ -227,9 +251,9 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 
 # %%
 model_config = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
-SCALE = {"model": MODEL_NAME, "seq-len": P["seq_len"], "bf16": hw.cuda, "full-rows": True,
+SCALE = {"model": MODEL_NAME, "seq-len": P["seq_len"], "bf16": ON_GPUS, "full-rows": True,
          "steps": P["steps"], "warmup": P["warmup"], "lora-r": P["lora_r"]}
-SPEED = {"compile": hw.cuda, "loss": P["speed_loss"], "micro-batch": P["speed_micro_batch"]}  # section 3
+SPEED = {"compile": ON_GPUS, "loss": P["speed_loss"], "micro-batch": P["speed_micro_batch"]}  # section 3
 DATA_PARALLEL = ["ddp", "fsdp2", "fsdp2-no-reshard", "fsdp2-offload", "fsdp2-qlora", "deepspeed-zero2",
                  "deepspeed-zero3"]  # on NPROC processes; then naive-mp, one process over the GPUs
 TIMELINE = ["ddp", "fsdp2", "fsdp2-no-reshard", "deepspeed-zero2", "deepspeed-zero3"]  # profiled (2b)
@@ -255,14 +279,15 @@ def scale_values(strategy, nproc, setup=None):
 def scale_runs(named, nproc):
     """`{label: options}` run on `nproc` processes, in one launch where `one_launch`; a run this machine
     cannot make is a row with the reason."""
-    gpus = [GPUS if values["strategy"] == "naive-mp" else nproc for values in named.values()]
+    gpus = [GPUS * ON_GPUS if values["strategy"] == "naive-mp" else nproc for values in named.values()]
     rows = runs.launch_rows(SCRIPT, nproc, list(named.values()), gpus, together=P["one_launch"], **LAUNCH)
     return {n: show(n, r if "error" in r else runs.throughput(r, *RATES)) for n, r in zip(named, rows)}
 
 
 # MFU against the datasheet's dense bf16 peak and the bf16 matmul rate measured here, side by side
-measured_peak = timing.matmul_peak(hw.device, repeats=50) if hw.cuda else None
-RATES = (model_config, hw.peak_flops, measured_peak)
+measured_peak = timing.matmul_peak(hw.device, repeats=50) if ON_GPUS else None
+PEAK = hw.peak_flops if ON_GPUS else None  # no MFU for runs on the CPU
+RATES = (model_config, PEAK, measured_peak)
 
 
 # CPU offload steps AdamW on the host, about 4 s per step at 1B parameters: slow, but timed as often.
@@ -276,7 +301,7 @@ speed = {n: group.pop(SPEED_RUN.format(n)) for n, group in ((1, on_one), (NPROC,
 scale = on_nproc | on_one
 with torch.device("meta"):  # shapes only: the ZeRO-3 config the workers fit to this model
     shapes = AutoModelForCausalLM.from_config(model_config)
-ZERO3 = zero.tune(zero.deepspeed_config(3, P["micro_batch"], P["accum"], NPROC, 1.0, hw.cuda), shapes)
+ZERO3 = zero.tune(zero.deepspeed_config(3, P["micro_batch"], P["accum"], NPROC, 1.0, ON_GPUS), shapes)
 baselines = {"ddp": scale["ddp"].get("engine_config"),
              "deepspeed-zero3": scale["deepspeed-zero3"].get("engine_config") or ZERO3}
 print(json.dumps(baselines, indent=1))
@@ -284,7 +309,7 @@ print(json.dumps(baselines, indent=1))
 # %%
 predicted = {strategy: predict.predicted_run_state(r, model_config, P["lora_r"])
              for strategy, r in scale.items() if "error" not in r}
-UNIT, U = (GiB, "GiB") if hw.cuda else (2**20, "MiB")  # the CPU profile's tiny model: MiB
+UNIT, U = (GiB, "GiB") if ON_GPUS else (2**20, "MiB")  # the CPU profile's tiny model: MiB
 rows = [runs.memory_row(strategy, r, predicted.get(strategy), UNIT, U) for strategy, r in scale.items()]
 memory_table = pd.DataFrame(rows).set_index("strategy")
 display(memory_table.round(2))
@@ -319,7 +344,7 @@ persist = baselines["deepspeed-zero3"]["zero_optimization"]["stage3_param_persis
 embedding = shapes.get_input_embeddings().weight.numel()
 assert persist >= embedding, "ZeRO-3 keeps the embedding (= the tied LM head) gathered"
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-if hw.cuda:
+if ON_GPUS:
     needed = {"fsdp2-offload"} | ({"naive-mp"} if GPUS >= 2 else set()) | \
         ({"deepspeed-zero2", "deepspeed-zero3"} if DEEPSPEED else set())
     assert needed <= set(ok), f"failed on this GPU machine: {sorted(needed - set(ok))}"
@@ -343,30 +368,19 @@ else:  # refused with the reason
 
 # %%
 COMMITTED = os.path.join(ROOT, "results", "02_multi_gpu_training.H200.json")
-if hw.cuda:
-    bars = [{"name": s, "memory": memory.memory_breakdown(r)} for s, r in ok.items()]
-    speeds = [(s, r["tokens_per_s_per_gpu"]) for s, r in ok.items()]
-    source = f"measured here, {GPUS} x {hw.name}"
-elif os.path.exists(COMMITTED):  # show the committed GPU run's figures instead of CPU memory nobody needs
-    committed = json.load(open(COMMITTED))["figures"]["scale"]
-    committed = {s: r for s, r in committed.items() if "error" not in r}
-    bars = [{"name": s, "memory": memory.memory_breakdown(r)} for s, r in committed.items()]
-    speeds = [(s, r["tokens_per_s_per_gpu"]) for s, r in committed.items()]
-    source = ("the committed 2 x H200 run, before these baselines: DDP without bucket view, ZeRO-3 untuned "
-              "(results/02_multi_gpu_training.H200.json); no GPU here")
-else:
-    bars, source = [], None
-    print("no GPU here and no committed results/02_multi_gpu_training.H200.json yet: the 2 x H200 figures so "
-          "far are in the README ('GPU evidence for notebook 02') and results/history/")
-if bars:
-    plots.side_by_side([
-        (plots.memory_bars, dict(rows=bars,
-                                 title=f"Per-GPU peak by strategy\\n({source})")),
-        (plots.value_bars, dict(names=[s for s, _ in speeds], values=[v for _, v in speeds],
-                                ylabel="tokens/s per GPU",
-                                title="Throughput per GPU (bf16, eager)"))],
-        width=7.5, height=4.8)
-    plt.show()
+
+
+where = f"{NPROC} x {hw.name}" if ON_GPUS else f"{NPROC} gloo processes on this CPU"
+panels = plots.strategy_panels(scale, f"measured here, {where}")
+if not ON_GPUS and os.path.exists(COMMITTED):  # beside them, what the same runs measure on 2 GPUs
+    committed = json.load(open(COMMITTED))
+    panels += plots.strategy_panels(committed["figures"]["scale"], "the committed 2 x H200 run, before this "
+                              f"notebook's tuned baselines ({committed['environment']['device']})")
+elif not ON_GPUS:
+    print("no committed results/02_multi_gpu_training.H200.json: the 2 x H200 figures so far are in the "
+          "README ('GPU evidence for notebook 02') and results/history/")
+fig = plots.side_by_side(panels, width=5.5, height=4.8)
+plt.show()
 
 # %% [markdown]
 # ## 2b · Where a step's time goes: a comm/compute timeline
@@ -450,20 +464,20 @@ scaling = scaling_range[0]
 speed_rows = [{"GPUs": n, "tokens/s (all GPUs)": r["tokens_per_s"], "min-max (all GPUs)": bench.spread(r),
                "tokens/s per GPU": r["tokens_per_s_per_gpu"], "min-max per GPU": runs.per_gpu_spread(r),
                "MFU, datasheet peak (%)":
-                   100 * (flops.mfu(r["tokens_per_s_per_gpu"], fpt, hw.peak_flops) or 0),
+                   100 * (flops.mfu(r["tokens_per_s_per_gpu"], fpt, PEAK) or 0),
                "MFU, measured matmul peak (%)":
                    100 * (flops.mfu(r["tokens_per_s_per_gpu"], fpt, measured_peak) or 0),
                "peak (GiB)": (r["peak_bytes"] or 0) / GiB} for n, r in speed.items()]
 display(pd.DataFrame(speed_rows).set_index("GPUs").round(1))
 report("scaling 1 -> 2", **{"speed-up [min-max]": bench.describe_ratio(*scaling_range),
-                            "datasheet peak TFLOP/s": (hw.peak_flops or 0) / 1e12,
+                            "datasheet peak TFLOP/s": (PEAK or 0) / 1e12,
                             "measured matmul TFLOP/s": (measured_peak or 0) / 1e12})
 # FSDP2 against the tuned ZeRO-3 (section 2's eager runs), where DeepSpeed ran
 vs_zero3_range = bench.speed_ratio(ok["fsdp2"], ok["deepspeed-zero3"]) if "deepspeed-zero3" in ok else None
 print("FSDP2 vs ZeRO-3 tokens/s:", bench.describe_ratio(*vs_zero3_range) if vs_zero3_range else "not run")
 
 # %%
-if hw.cuda:
+if ON_GPUS:
     assert measured_peak < 1.1 * hw.peak_flops, "a matmul faster than the datasheet: the timing is wrong"
     assert scaling > 1.5, "2 GPUs should nearly double the throughput (NVLink, communication overlapped)"
     mfu_datasheet, *datasheet_range = mfu_of(speed[NPROC], hw.peak_flops)
@@ -557,6 +571,7 @@ assert fast_t.wait_fraction < naive_t.wait_fraction, "the efficient pipeline wai
 if hw.cuda:
     assert naive_t.wait_fraction > 0.3, "on a GPU, tokenising in the training loop starves a small model"
     assert fast_t.wait_fraction < 0.1 and fast_t.step_s < naive_t.step_s
+if ON_GPUS:
     idle_s = naive_t.wait_s / naive_t.steps
     step_1b = ok["fsdp2"]["step_seconds"] / P["accum"]  # one micro-batch of the 1B model on one GPU
     report("naive pipeline vs a 1B step", **{"GPU idle per batch (ms)": 1e3 * idle_s,
@@ -636,7 +651,7 @@ figures = {"correctness": agreement, "scale": scale, "baselines": baselines,
            "data_loading": {name: vars(t) for name, t in timings.items()},
            "targets": targets.rows}
 board = []
-if hw.cuda:
+if ON_GPUS:
     board.append(results.scoreboard_row("02", "FSDP2 (2 GPUs)", "DDP (gradient_as_bucket_view)",
                                         mem["fsdp2"].peak, mem["ddp"].peak,
                                         ok["fsdp2"]["tokens_per_s_per_gpu"],

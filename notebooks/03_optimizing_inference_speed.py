@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -42,19 +42,29 @@
 
 # %% [markdown]
 # ## Setup
-# On Colab this installs the package (leaving Colab's torch alone); elsewhere it does nothing.
+# On Colab (or wherever `RECIPES_COLAB=1` is set) this cell clones the repository, for its embedded
+# model, data and configs, and installs the package with the notebooks' extras; the torch already
+# installed stays. Elsewhere it does nothing. To run a fork, set `REPO_URL` to it, or run
+# `python scripts/set_repo_url.py <your fork's URL>` once (README, "Colab").
 
 # %%
 import importlib.util
+import os
+import subprocess
 import sys
 
-if "google.colab" in sys.modules and importlib.util.find_spec("recipes_lib") is None:
-    # !git clone -q https://github.com/llm-acceleration-recipes/recipes /content/recipes  # noqa
-    # !pip install -q -e /content/recipes[quant,offload]  # noqa
-    sys.path.insert(0, "/content/recipes")
+REPO_URL = "https://github.com/llm-acceleration-recipes/recipes"
+if "google.colab" in sys.modules or os.environ.get("RECIPES_COLAB") == "1":
+    HOME = os.environ.setdefault("RECIPES_HOME", "/content/recipes")  # where recipes_lib finds data/
+    if not os.path.isdir(HOME):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, HOME], check=True)
+    if importlib.util.find_spec("recipes_lib") is None:  # pip keeps the installed torch (torch>=2.6)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{HOME}[notebooks]"], check=True)
+        importlib.invalidate_caches()
 
 # %% tags=["parameters"]
-PROFILE = "auto"  # "cpu": CI-sized on the embedded models; "gpu": Llama-3.2-1B shape; "auto": gpu if CUDA
+PROFILE = "auto"  # "cpu": CI-sized on the embedded models; "gpu": Llama-3.2-1B shape; "t4" / "l4": the
+# same shape sized for a 16 GB T4 (fp16 GPU; weights in fp32) / a 24 GB L4; "auto": by the GPU found
 MODEL = None      # override the profile's speed model: a hub id, a local path, or random:<shape>
 PROFILES = {
     "cpu": dict(model="data/tiny-llama", prompt_len=32, new_tokens=16, batches=[1, 4], repeats=5,
@@ -71,6 +81,13 @@ PROFILES = {
                 e2e_norm_shape=dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
                 e2e_norm_batch=8, e2e_norm_seq=1024),
 }
+# Smaller GPUs: shorter distillation and healing, GPT-2 small for the end-to-end norm step, shorter prompts.
+PROFILES["l4"] = dict(PROFILES["gpu"], distill_steps=1500, heal_steps=200, eval_examples=100)
+PROFILES["t4"] = dict(PROFILES["l4"], distill_steps=800, distill_batch=128, distill_examples=102_400,
+                      heal_steps=150, heal_batch=32, attention_seq_lens=[1024, 2048, 4096],
+                      e2e_prompt_len=2048, norm_rows=32768, e2e_norm_batch=4,
+                      e2e_norm_shape=dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024,
+                                          vocab_size=50257))
 QUALITY_MODEL = "data/tiny-llama"    # the embedded teacher: it knows its tasks, so quality means something
 LAYERNORM_MODEL = "data/tiny-gpt2"   # the embedded GPT-2-shaped (LayerNorm) model for the RMSNorm swap
 NORM_HIDDEN = 2048                   # the Llama-3.2-1B hidden size, for the norm kernel benchmark
@@ -92,19 +109,21 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from IPython.display import display
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from recipes_lib import plots, results
 from recipes_lib.attention import kernels
 from recipes_lib.core import batches, errors, models, tasks, train
 from recipes_lib.inference import distill, norms, quantize
-from recipes_lib.measure import attention_bench, bench, decode, memory, norm_bench, quality, timing
+from recipes_lib.measure import attention_bench, bench, decode, memory, norm_bench, quality, timing, workload
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
 
 torch._logging.set_logs(inductor=logging.ERROR)  # autotuning chatter would fill the outputs
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a per-call "inputs will be cast to fp16" notice
-BF16 = "bf16" if hw.cuda else "fp32"  # the unquantized baseline's dtype here
+BF16 = {torch.bfloat16: "bf16"}.get(hw.model_dtype, "fp32")  # the unquantized baseline's dtype here
+
+notebook.state_runtime(P, *workload.notebook03(P, AutoConfig.from_pretrained(models.resolve(P["model"]))))
 
 # %% [markdown]
 # ### Held-out quality data

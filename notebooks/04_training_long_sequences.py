@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -37,19 +37,29 @@
 
 # %% [markdown]
 # ## Setup
-# On Colab this installs the package (leaving Colab's torch alone); elsewhere it does nothing.
+# On Colab (or wherever `RECIPES_COLAB=1` is set) this cell clones the repository, for its embedded
+# model, data and configs, and installs the package with the notebooks' extras; the torch already
+# installed stays. Elsewhere it does nothing. To run a fork, set `REPO_URL` to it, or run
+# `python scripts/set_repo_url.py <your fork's URL>` once (README, "Colab").
 
 # %%
 import importlib.util
+import os
+import subprocess
 import sys
 
-if "google.colab" in sys.modules and importlib.util.find_spec("recipes_lib") is None:
-    # !git clone -q https://github.com/llm-acceleration-recipes/recipes /content/recipes  # noqa
-    # !pip install -q -e /content/recipes  # noqa
-    sys.path.insert(0, "/content/recipes")
+REPO_URL = "https://github.com/llm-acceleration-recipes/recipes"
+if "google.colab" in sys.modules or os.environ.get("RECIPES_COLAB") == "1":
+    HOME = os.environ.setdefault("RECIPES_HOME", "/content/recipes")  # where recipes_lib finds data/
+    if not os.path.isdir(HOME):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, HOME], check=True)
+    if importlib.util.find_spec("recipes_lib") is None:  # pip keeps the installed torch (torch>=2.6)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{HOME}[notebooks]"], check=True)
+        importlib.invalidate_caches()
 
 # %% tags=["parameters"]
-PROFILE = "auto"  # "cpu": CI-sized, under a memory budget; "gpu": Llama-3.2-1B shape up to its 128k limit
+PROFILE = "auto"  # "cpu": CI-sized, under a memory budget; "gpu": Llama-3.2-1B shape up to its 128k limit;
+# "t4" / "l4": sized for a 16 GB T4 (fp16) / a 24 GB L4, about 10 minutes there; "auto": by the GPU found
 MODEL = None      # override the profile's model: a hub id, a local path, or random:<shape>
 PROFILES = {
     "cpu": dict(model="random:llama-mini", budget_mib=128, ladder_start=256, ladder_limit=4096,
@@ -70,6 +80,17 @@ PROFILES = {
                                            num_attention_heads=8, num_key_value_heads=8, head_dim=64)),
                 tradeoff_examples=200),
 }
+# A 16 GB T4 (fp16, fp32 master weights): a 360M Llama, since the 1B shape's fp32 weights and AdamW state
+# alone take 20 GB; a 24 GB L4: the 1B shape. Both stop at shorter lengths, sized for about 10 minutes.
+SMALL_CURRICULUM = dict(PROFILES["gpu"]["curriculum"], target=8192, start=1024, steps=120,
+                        tokens_per_step=32768)
+PROFILES["t4"] = dict(PROFILES["gpu"], model="random:llama-360m", ladder_limit=32768,
+                      attn_lengths=[1024, 2048, 4096, 8192, 16384], flex_lengths=[4096, 16384],
+                      slide_at=16384, ce_tokens=4096, ckpt_lengths=[2048, 4096, 8192],
+                      curriculum=SMALL_CURRICULUM, tradeoff_examples=100)
+PROFILES["l4"] = dict(PROFILES["gpu"], ladder_limit=65536, ckpt_lengths=[2048, 4096, 8192],
+                      attn_lengths=[1024, 2048, 4096, 8192, 16384, 32768], curriculum=SMALL_CURRICULUM,
+                      tradeoff_examples=100)
 QUALITY_MODEL = "data/tiny-llama"     # knows the kv retrieval task: the window trade-off is measured on it
 WINDOWS = [16, 32, 64, 128]           # sliding windows (tokens) for the trade-off
 SINKS = 4                             # first tokens visible to every query (StreamingLLM's attention sinks)
@@ -90,17 +111,28 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from IPython.display import display
+from transformers import AutoConfig
 
 from recipes_lib import plots, results
 from recipes_lib.attention import kernels, masks, sliding
 from recipes_lib.core import batches, checkpointing, errors, losses, models, tasks, train
 from recipes_lib.long_context import curriculum, ladder
-from recipes_lib.measure import attention_bench, estimate_check, flops, ladder_bench, loss_bench, quality
+from recipes_lib.measure import (
+    attention_bench,
+    estimate_check,
+    flops,
+    ladder_bench,
+    loss_bench,
+    quality,
+    workload,
+)
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
 
 BUDGET = P["budget_mib"] * 2**20 if P["budget_mib"] else None  # the CPU's stand-in for a small device
 print("memory budget:", "the whole device" if BUDGET is None else f"{P['budget_mib']} MiB")
+
+notebook.state_runtime(P, *workload.notebook04(P, AutoConfig.from_pretrained(models.resolve(P["model"]))))
 
 
 def rel_error(a, b):

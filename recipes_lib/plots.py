@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 
-from .measure.memory import GiB
+from .measure.memory import GiB, memory_breakdown
 
 _PARTS = [("parameters", "#4C72B0"), ("gradients", "#DD8452"), ("optimizer", "#55A868"),
           ("activations", "#C44E52")]
@@ -127,3 +127,23 @@ def curves_with_line(series: dict[str, tuple[Sequence[float], Sequence[float | N
     ax.axhline(line, color="grey", lw=0.8, ls="--", label=line_label)
     ax.legend(fontsize=8)
     return ax
+
+
+def strategy_panels(runs: dict[str, dict], source: str) -> list[tuple]:
+    """``side_by_side`` panels of notebook 02's runs by strategy (those that could be made): per-process
+    peak memory, split into its parts where CUDA measured them (on a CPU: weights + AdamW state per
+    process), and tokens/s per process. ``source`` says where they were measured."""
+    made = {s: r for s, r in runs.items() if "error" not in r}
+    parts = {s: memory_breakdown(r) for s, r in made.items()}
+    if parts and all(parts.values()):
+        left = (memory_bars, dict(rows=[{"name": s, "memory": m} for s, m in parts.items()],
+                                  title=f"Per-GPU peak by strategy\n({source})"))
+    else:
+        left = (value_bars, dict(names=list(made), ylabel="MiB per process", fmt="{:,.1f}",
+                                 values=[(r["param_bytes"] + r["optimizer_bytes"]) / 2**20
+                                         for r in made.values()],
+                                 title=f"Weights + AdamW state per process\n({source})"))
+    right = (value_bars, dict(names=list(made), ylabel="tokens/s per process",
+                              values=[r["tokens_per_s_per_gpu"] for r in made.values()],
+                              title=f"Throughput per process\n({source})"))
+    return [left, right]

@@ -18,8 +18,8 @@ import torch
 import transformers
 
 from .core.hardware import Hardware
+from .core.models import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = Path(os.environ.get("RECIPES_OUTPUTS", REPO_ROOT / "outputs"))
 RESULTS = REPO_ROOT / "results"
 

@@ -34,8 +34,8 @@ def rouge(names):
     try:
         from rouge_score import rouge_scorer
     except ImportError:
-        raise RecipeError("recipes eval scores ROUGE with rouge-score: pip install rouge-score "
-                          "(it is in requirements.txt)") from None
+        raise RecipeError("recipes eval scores ROUGE with rouge-score: pip install 'recipes_lib[eval]' "
+                          "(or pip install rouge-score; requirements.txt has it)") from None
     return rouge_scorer.RougeScorer(list(names), use_stemmer=False)
 
 

@@ -1,14 +1,25 @@
 """What this machine can do: device, precision, attention backends, bitsandbytes, peak FLOP/s.
+
+``gpu_class`` sorts it into the classes the notebooks size their profiles for: ``"t4"`` (16 GB, no
+bf16: fp16 with loss scaling), ``"l4"`` (24 GB: L4, A10), ``"gpu"`` (40 GB and more: A100, H100, H200)
+and ``"cpu"``. ``RECIPES_SIMULATE_GPU=t4`` (or ``l4``) makes a larger GPU act as one of the small
+classes: ``detect`` caps this process's CUDA allocator at that class's memory
+(``torch.cuda.set_per_process_memory_fraction``: past it, allocations raise out-of-memory) and, for
+``t4``, turns bf16 off. Kernel availability and speed are not simulated: an H100 still runs flash
+attention and runs it about 15x faster than a T4.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
+
+from .errors import RecipeError
 
 # The SDPA backends by name, fastest first: the one table every module looks them up in.
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -23,6 +34,21 @@ DATASHEET_BF16_PEAK = {
     "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12, "V100": 125e12,
 }
 
+# Datasheet memory bandwidth (bytes/s), for time estimates of memory-bound work.
+DATASHEET_BANDWIDTH = {
+    "H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
+    "A100": 2.0e12, "A10G": 600e9, "A10": 600e9, "L40S": 864e9, "L40": 864e9, "L4": 300e9,
+    "RTX 4090": 1.0e12, "RTX 3090": 936e9, "T4": 320e9, "V100": 900e9,
+}
+
+# The GPU classes the notebooks' profiles are sized for: memory (bytes) a simulated one is capped at,
+# whether it has bf16, and the datasheet GPU whose rates its time estimates use (T4: fp16 tensor cores).
+GPU_CLASSES = {
+    "t4": dict(memory=15 * 2**30, bf16=False, datasheet="T4", label="T4 (16 GB, fp16 + loss scaling)"),
+    "l4": dict(memory=22 * 2**30, bf16=True, datasheet="L4", label="L4 / A10 (24 GB, bf16)"),
+    "gpu": dict(memory=None, bf16=True, datasheet="H100 SXM", label="A100 / H100 / H200 (40-141 GB)"),
+}
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -35,6 +61,7 @@ class Hardware:
     bitsandbytes: bool
     peak_flops: float | None
     memory_bytes: int | None
+    simulated: str | None = None  # "t4" or "l4" when RECIPES_SIMULATE_GPU makes this GPU act as one
 
     @property
     def cuda(self) -> bool:
@@ -59,6 +86,8 @@ class Hardware:
     def summary(self) -> str:
         peak = f"{self.peak_flops / 1e12:.0f} TFLOP/s bf16 (datasheet)" if self.peak_flops else "unknown"
         memory = f"{self.memory_bytes / 2**30:.0f} GiB" if self.memory_bytes else "host memory"
+        if self.simulated:
+            memory += f", simulating a {GPU_CLASSES[self.simulated]['label']}"
         return (f"device: {self.name} ({self.device.type}, {memory}) | weights dtype: {self.model_dtype} "
                 f"| SDPA backends: {', '.join(self.sdpa_backends)} | bitsandbytes: {self.bitsandbytes} "
                 f"| peak: {peak}")
@@ -99,17 +128,55 @@ def bitsandbytes_works(device: torch.device) -> bool:
         return False
 
 
+def bandwidth_for(name: str) -> float | None:
+    """Datasheet memory bandwidth (bytes/s) for a GPU name as CUDA reports it, or None if unknown."""
+    for key in sorted(DATASHEET_BANDWIDTH, key=len, reverse=True):
+        if key in name:
+            return DATASHEET_BANDWIDTH[key]
+    return None
+
+
+def gpu_class(hw: Hardware) -> str:
+    """The profile class of ``hw``: "cpu", "t4" (under 20 GiB or no bf16), "l4" (under 36 GiB) or "gpu"."""
+    if not hw.cuda:
+        return "cpu"
+    if hw.simulated:
+        return hw.simulated
+    memory = hw.memory_bytes or 0
+    if not hw.bf16 or memory < 20 * 2**30:
+        return "t4"
+    return "l4" if memory < 36 * 2**30 else "gpu"
+
+
+def simulated_class() -> str | None:
+    """``RECIPES_SIMULATE_GPU`` ("t4" or "l4"), checked; None when unset."""
+    name = os.environ.get("RECIPES_SIMULATE_GPU", "").strip().lower() or None
+    if name is not None and name not in ("t4", "l4"):
+        raise RecipeError(f"RECIPES_SIMULATE_GPU={name!r}: set it to 't4' or 'l4', or unset it")
+    return name
+
+
 @functools.cache
 def detect(device: str | None = None) -> Hardware:
-    """Probe the (first) CUDA GPU if there is one, else the CPU."""
+    """Probe the (first) CUDA GPU if there is one, else the CPU; ``RECIPES_SIMULATE_GPU`` shrinks a GPU."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    simulated = None
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         name, bf16 = props.name, torch.cuda.is_bf16_supported()
         memory, peak = props.total_memory, peak_flops_for(props.name)
+        simulated = simulated_class()
+        if simulated:
+            cap = GPU_CLASSES[simulated]["memory"]
+            if cap >= memory:
+                raise RecipeError(f"RECIPES_SIMULATE_GPU={simulated}: this {name} has only "
+                                  f"{memory / 2**30:.0f} GiB, not more than the {cap / 2**30:.0f} GiB "
+                                  "it would cap")
+            torch.cuda.set_per_process_memory_fraction(cap / memory, dev)
+            memory, bf16 = cap, bf16 and GPU_CLASSES[simulated]["bf16"]
     else:
         name, bf16, memory, peak = "CPU", True, None, None
-    return Hardware(dev, name, bf16, sdpa_backends(dev), bitsandbytes_works(dev), peak, memory)
+    return Hardware(dev, name, bf16, sdpa_backends(dev), bitsandbytes_works(dev), peak, memory, simulated)
 
 
 def raise_recompile_limit(limit: int = 64) -> None:

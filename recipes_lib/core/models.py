@@ -22,7 +22,21 @@ from .checkpointing import enable_checkpointing
 from .errors import RecipeError
 from .hardware import Hardware, detect
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # recipes_lib/core/models.py -> the repository
+
+def repo_root() -> Path:
+    """The repository checkout that holds ``data/``, ``configs/``, ``scripts/`` and ``results/``.
+
+    ``RECIPES_HOME`` where set (a package installed from a wheel, next to a clone: what the notebooks'
+    Colab cell sets up), else the checkout this package sits in (a source tree, or ``pip install -e``).
+    """
+    home = os.environ.get("RECIPES_HOME")
+    root = Path(home).expanduser().resolve() if home else Path(__file__).resolve().parents[2]
+    if home and not (root / "data").is_dir():
+        raise RecipeError(f"RECIPES_HOME={home!r} has no data/ folder: point it at a clone of the repository")
+    return root
+
+
+REPO_ROOT = repo_root()  # read once, at import
 
 
 DEFAULT_MODEL = "data/tiny-llama"  # relative paths resolve from the repository root too

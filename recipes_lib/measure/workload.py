@@ -1,0 +1,64 @@
+"""What each notebook's profile computes and moves, roughly: the work behind the runtime each states.
+
+``notebook.state_runtime(P, *workload.notebook01(P, config))`` prints how long that work takes at the
+datasheet rates of the profile's GPU class (a T4 for the ``t4`` profile), the figure the small
+classes' profiles are sized by. Counts are of the dominant loops only, each named below; model
+loading, compilation and Python overheads are not in them.
+"""
+
+from __future__ import annotations
+
+from . import flops
+
+
+def weight_bytes(config, bytes_per_value: int = 2) -> float:
+    """Bytes of the linear layers' and the embedding's weights."""
+    values = sum(i * o for i, o in flops.linear_shapes(config)) + config.vocab_size * config.hidden_size
+    return bytes_per_value * values
+
+
+def notebook01(P: dict, config) -> tuple[float, float]:
+    """About 16 training configurations, each a warm-up, ``steps`` timed steps and a memory step of
+    ``micro_batch`` rows of ``seq_len`` tokens (recomputation counted as a fifth more), each step
+    reading the weights three times (forward, backward, recompute)."""
+    steps = 16 * (P["steps"] + 2)
+    tokens = steps * P["micro_batch"] * P["seq_len"]
+    training = tokens * 1.2 * flops.training_flops_per_token(config, P["seq_len"])
+    return training, steps * 3 * weight_bytes(config)
+
+
+def notebook02(P: dict, config, data_params: int, on_gpus: bool) -> tuple[float, float]:
+    """Sections 1-3 on one process per GPU (about 10 scale runs of ``steps + warmup`` steps of
+    ``micro_batch x accum`` rows; nothing on a GPU when they run on the CPU), and section 4's two
+    pipelines training the embedded model (``data_params`` parameters)."""
+    scale = 10 * (P["steps"] + P["warmup"]) * P["micro_batch"] * P["accum"] * P["seq_len"]
+    dist = scale * flops.training_flops_per_token(config, P["seq_len"]) if on_gpus else 0.0
+    D = P["data"]
+    return dist + 2 * D["steps"] * D["batch"] * D["seq_len"] * 6 * data_params, 0.0
+
+
+def notebook03(P: dict, config) -> tuple[float, float]:
+    """Decoding reads the weights once per step: about 10 models or kernels at each batch size,
+    ``repeats`` x (``new_tokens`` + 1) steps, after a prompt of ``prompt_len`` (2 FLOPs per weight per
+    token). Healing trains the GPT-2 model of section 4 (1024 tokens a row). Distilling the embedded
+    models costs little beside them."""
+    weights = weight_bytes(config)
+    decode_steps = 10 * len(P["batches"]) * P["repeats"] * (P["new_tokens"] + 1)
+    prefill = 10 * sum(P["batches"]) * P["repeats"] * P["prompt_len"] * weights  # 2 FLOPs x values
+    gpt2 = P["e2e_norm_shape"] or dict(n_layer=2, n_embd=256)
+    heal = P["heal_steps"] * P["heal_batch"] * 1024 * 6 * 12 * gpt2["n_layer"] * gpt2["n_embd"] ** 2
+    return prefill + heal, decode_steps * weights
+
+
+def notebook04(P: dict, config) -> tuple[float, float]:
+    """The ladder's probes (about 5 rungs x 3 steps at each doubling length up to ``ladder_limit``,
+    recomputation counted), the kernel timings (about 20 forward+backward calls per length) and the
+    curriculum's two runs of its small model."""
+    lengths = [n for n in (P["ladder_start"] * 2**i for i in range(12)) if n <= P["ladder_limit"]]
+    ladder = sum(5 * 3 * 1.33 * n * flops.training_flops_per_token(config, n) for n in lengths)
+    attention = sum(20 * flops.attention_flops(n, P["attn_heads"], P["head_dim"], backward=True)
+                    for n in P["attn_lengths"])
+    C = P["curriculum"]
+    small = 12 * C["model"].get("hidden_size", 512) ** 2 * C["model"].get("num_hidden_layers", 8)
+    curriculum = 2 * C["steps"] * C["tokens_per_step"] * 6 * small
+    return ladder + attention + curriculum, 5 * 3 * len(lengths) * 3 * weight_bytes(config)
