@@ -267,3 +267,20 @@ def test_fp16_loss_scaling_trains_and_skips_overflowing_steps():
     assert skipped >= 1 and scaler.get_scale() < 2.0**40
     assert all(math.isfinite(loss) for loss in step_losses)
     assert step_losses[-1] < 0.7 * step_losses[skipped]  # it learns once the scale fits
+
+
+def test_train_counts_the_steps_loss_scaling_skipped():
+    """``train`` with fp16 autocast (CPU here, a T4 there) reports the steps its GradScaler skipped and
+    that no inf/NaN step went ahead. A loss scaled by 1e6 overflows fp16 gradients at GradScaler's first
+    scale (2**16): steps are skipped, the scale halves, until it fits; AdamW ignores the loss's scale."""
+    model = tiny_model(64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stats = train.train(model, optimizer, iter(_fp16_batch() * 60), steps=60, autocast_dtype=torch.float16,
+                        loss_fn=lambda m, mb: 1e6 * m(**mb).loss, progress=False)
+    assert stats.skipped_steps >= 1, "a loss of 1e6 x should overflow fp16 gradients at scale 2**16"
+    assert stats.skipped_steps < 60 and stats.unskipped_nonfinite == 0
+    finite = [loss for loss in stats.losses if math.isfinite(loss)]
+    assert finite[-1] < 0.9 * finite[0], "it learns once the scale fits"
+    plain = train.train(tiny_model(64), torch.optim.AdamW(model.parameters()), iter(_fp16_batch() * 2),
+                        steps=2, progress=False)
+    assert plain.skipped_steps == 0 and plain.unskipped_nonfinite == 0  # no scaler: nothing to skip

@@ -26,11 +26,18 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 @dataclass
 class TrainStats:
-    """What a run did: loss per optimizer step, tokens seen, and time per step."""
+    """What a run did: loss per optimizer step, tokens seen, and time per step.
+
+    With fp16 loss scaling: ``skipped_steps``, the steps whose gradients overflowed, so the GradScaler
+    skipped the optimizer step and lowered its scale; ``unskipped_nonfinite``, the steps whose loss was
+    inf or NaN but whose update went ahead anyway (zero in a healthy run).
+    """
 
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     tokens: int = 0
+    skipped_steps: int = 0
+    unskipped_nonfinite: int = 0
 
     @property
     def tokens_per_step(self) -> float:
@@ -233,10 +240,14 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         def one_step(micro_batches=micro_batches, result=result):
             result.append(step_fn(model, optimizer, micro_batches))
 
+        scale = scaler.get_scale() if scaler is not None else None  # a sync, on the fp16 path only
         if clock is not None:
             stats.step_seconds.append(clock(one_step))
         else:
             one_step()
+        skipped = scaler is not None and scaler.get_scale() < scale
+        stats.skipped_steps += skipped
+        stats.unskipped_nonfinite += not skipped and not math.isfinite(result[0])
         if scheduler is not None:
             scheduler.step()
         stats.tokens += sum(real_tokens(mb) for mb in micro_batches)
