@@ -26,12 +26,8 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 @dataclass
 class TrainStats:
-    """What a run did: loss per optimizer step, tokens seen, and time per step.
-
-    With fp16 loss scaling: ``skipped_steps``, the steps whose gradients overflowed, so the GradScaler
-    skipped the optimizer step and lowered its scale; ``unskipped_nonfinite``, the steps whose loss was
-    inf or NaN but whose update went ahead anyway (zero in a healthy run).
-    """
+    """What a run did: loss per optimizer step, tokens seen, time per step; with fp16 loss scaling, the
+    steps the GradScaler skipped (gradients overflowed) and the inf/NaN-loss steps it let through (none)."""
 
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
