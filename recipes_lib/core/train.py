@@ -26,8 +26,7 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 @dataclass
 class TrainStats:
-    """What a run did: loss per optimizer step, tokens seen, time per step; with fp16 loss scaling, the
-    steps the GradScaler skipped (gradients overflowed) and the inf/NaN-loss steps it let through (none)."""
+    """Losses per step, tokens, step times; fp16: steps GradScaler skipped, inf/NaN steps it let through."""
 
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
