@@ -1,11 +1,13 @@
 """The long-context ladder: how long a sequence one training step can take, rung by rung.
 
 A rung is a set of switches on one model: the attention implementation, activation checkpointing
-(every k-th layer, optionally with the saved inputs offloaded to host memory) and the chunked
-cross-entropy that never materialises the ``[tokens, vocab]`` logits. ``longest_trainable`` finds
-each rung's longest sequence at batch 1 by doubling the length until a step runs out of memory,
-then bisecting: running out of memory is a result, not a crash. ``climb`` does it for every rung.
-The step itself is the caller's (``measure.ladder_bench.train_step``): this module measures nothing.
+(every k-th layer, optionally with the saved inputs offloaded to host memory), the chunked
+cross-entropy that never materialises the ``[tokens, vocab]`` logits, the tiled MLP
+(``long_context.tiling``) and a RoPE extension past the position limit (``long_context.rope``).
+``longest_trainable`` finds each rung's longest sequence at batch 1 by doubling the length until a
+step runs out of memory, then bisecting: running out of memory is a result, not a crash. ``climb``
+does it for every rung, each up to its own position limit. The step itself is the caller's
+(``measure.ladder_bench.train_step``): this module measures nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from ..core import checkpointing, models
 from ..core.errors import RecipeError
+from . import rope, tiling
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,29 @@ class Rung:
     offload_activations: bool = False     # checkpointed layers' saved inputs in pinned host memory
     documented_checkpointing: bool = False  # transformers' own ``gradient_checkpointing_enable()``, as
                                             # its docs show it (every layer, its default settings)
+    tile_mlp_tokens: int | None = None    # every decoder MLP computed in chunks of this many tokens
+    rope_positions: int | None = None     # RoPE extended to this many positions (past the model's limit)
 
 
 def apply(model, rung: Rung) -> None:
-    """Switch ``model`` to ``rung``'s attention and checkpointing, in place."""
+    """Switch ``model`` to ``rung``'s attention, checkpointing, MLP tiling and RoPE, in place.
+
+    Whatever an earlier rung set and this one does not is undone: the MLPs are untiled, and RoPE goes
+    back to the model's own settings and position limit (a rung with ``rope_positions`` over that
+    limit extends it, with ``rope.default_kind``: llama3 for a llama3-scaled model, else YaRN), so
+    rungs applied one after another on one model leave nothing behind.
+    """
+    if rung.rope_positions is not None and (isinstance(rung.rope_positions, bool) or not isinstance(
+            rung.rope_positions, int) or rung.rope_positions < 1):
+        raise RecipeError(f"rope_positions={rung.rope_positions!r}: the extended position limit is a "
+                          f"positive whole number of tokens")
+    if rung.tile_mlp_tokens is not None:
+        tiling.tile_mlp(model, rung.tile_mlp_tokens)
+    else:
+        tiling.untile_mlp(model)
+    rope.restore_context(model)
+    if rung.rope_positions and rung.rope_positions > model.config.max_position_embeddings:
+        rope.extend_context(model, rung.rope_positions, rope.default_kind(model.config))
     model.set_attn_implementation(models.attention_implementation(rung.attention))
     if rung.documented_checkpointing:
         if rung.checkpoint_every not in (None, 1) or rung.offload_activations:
@@ -86,22 +108,33 @@ def longest_trainable(step: Callable[[int], dict], start: int, limit: int, refin
     return low, rows
 
 
-def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start: int, limit: int,
-          refine: int = 2, multiple: int | None = None) -> tuple[list[dict], list[dict]]:
+def search_limit(rung: Rung, limit: int) -> int:
+    """The longest length the search probes for ``rung``: ``limit`` (the model's position limit, or lower),
+    or the rung's ``rope_positions`` where it extends RoPE past that."""
+    return max(limit, rung.rope_positions or 0)
+
+
+def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start: int,
+          limit: int | None = None, refine: int = 2,
+          multiple: int | None = None) -> tuple[list[dict], list[dict]]:
     """Each rung's longest trainable length with ``step``'s row there, and every probe of the searches.
 
     Args:
         step: ``(rung, seq_len) -> row`` with ``oom``, and ``peak_bytes``, ``seconds``, ``tokens_per_s``
             when it fits; called on ``model`` after ``apply(model, rung)``.
+        limit: where the search stops (default: the model's own position limit); a rung that extends
+            RoPE searches up to its ``rope_positions`` instead (``search_limit``).
         multiple: the bisection's grid (default ``start``).
     """
+    limit = limit or rope.original_limit(model)
     summary, probes = [], []
     for rung in rungs:
         apply(model, rung)
-        best, rows = longest_trainable(functools.partial(step, rung), start, limit, refine, multiple or start)
+        top = search_limit(rung, limit)
+        best, rows = longest_trainable(functools.partial(step, rung), start, top, refine, multiple or start)
         probes += rows
         at_best = step(rung, best) if best else {"oom": True}
         measured = ("peak_bytes", "seconds", "tokens_per_s")
         fits = {key: None if at_best["oom"] else at_best[key] for key in measured}
-        summary.append({"name": rung.name, "longest": best, "at limit": best == limit, **fits})
+        summary.append({"name": rung.name, "longest": best, "limit": top, "at limit": best == top, **fits})
     return summary, probes

@@ -4,16 +4,20 @@ transformers 5.x keeps the rotary settings in ``config.rope_parameters`` (``rope
 ``factor``, ``original_max_position_embeddings``); ``rope_scaling`` is its deprecated alias, and the
 only field before 5.0. The factor is always counted from the length the model was trained at, so
 extending twice gives the same frequencies as extending once. A model's rotary embedding computes
-its frequencies when built, so ``extend_context`` on a model rebuilds that module too.
+its frequencies when built, so ``extend_context`` on a model rebuilds that module too, and remembers
+the settings it replaced, so that ``restore_context`` can put them back.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from ..core.errors import RecipeError
 
 KINDS = ("yarn", "linear", "llama3")
+_BEFORE = "_rope_before_extension"  # on an extended model: the config's settings extend_context replaced
 
 
 def _parameters(config) -> dict:
@@ -28,6 +32,11 @@ def _parameters(config) -> dict:
         raise RecipeError("extend_context: this model has one RoPE per layer type (nested "
                           "rope_parameters); it supports one global RoPE only: extend it by hand")
     return params
+
+
+def default_kind(config) -> str:
+    """The extension a model calls for: ``"llama3"`` if already llama3-scaled (Llama 3.x), else ``"yarn"``."""
+    return "llama3" if _parameters(config)["rope_type"] == "llama3" else "yarn"
 
 
 def trained_length(config) -> int:
@@ -92,6 +101,8 @@ def extend_context(config_or_model, new_max_positions: int, kind: str = "yarn"):
     model = config_or_model if isinstance(config_or_model, torch.nn.Module) else None
     config = model.config if model is not None else config_or_model
     params = scaled_parameters(config, new_max_positions, kind)
+    if model is not None and _BEFORE not in vars(model):
+        vars(model)[_BEFORE] = {key: copy.deepcopy(getattr(config, key)) for key in _settings(config)}
     if hasattr(config, "rope_parameters"):
         config.rope_parameters = params
     else:
@@ -102,6 +113,29 @@ def extend_context(config_or_model, new_max_positions: int, kind: str = "yarn"):
     if model is not None:
         _rebuild_rotary(model, config)
     return config
+
+
+def restore_context(model: torch.nn.Module) -> bool:
+    """Undo ``extend_context`` on ``model``: its own rotary settings and position limit again, its rotary
+    embeddings rebuilt from them; returns whether there was an extension to undo."""
+    before = vars(model).pop(_BEFORE, None)
+    if before is None:
+        return False
+    for key, value in before.items():
+        setattr(model.config, key, value)
+    _rebuild_rotary(model, model.config)
+    return True
+
+
+def original_limit(model: torch.nn.Module) -> int:
+    """``model``'s position limit before any ``extend_context`` on it."""
+    before = vars(model).get(_BEFORE)
+    return int((before or {}).get("max_position_embeddings", model.config.max_position_embeddings))
+
+
+def _settings(config) -> tuple[str, ...]:
+    rope_keys = ("rope_parameters",) if hasattr(config, "rope_parameters") else ("rope_scaling", "rope_theta")
+    return (*rope_keys, "max_position_embeddings")
 
 
 def _rebuild_rotary(model: torch.nn.Module, config) -> None:

@@ -1,0 +1,109 @@
+"""The long-context recipe on a tiny random Llama: the ladder's tiled-MLP and RoPE-extension rungs (set and
+unset as rungs follow one another, searched past the position limit) and ``recipe.enable``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from transformers import LlamaConfig
+
+from recipes_lib.core import hardware, models, train
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.long_context import ladder, rope, tiling
+from recipes_lib.measure import ladder_bench
+
+CPU = hardware.detect("cpu")
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _loss_and_grads(model, ids, fused_head=True):
+    model.zero_grad(set_to_none=True)
+    loss = train.loss_sum(model, {"input_ids": ids, "labels": ids}, fused_head=fused_head)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_tiled_rung_equals_the_untiled_rung_and_the_next_rung_untiles():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (1, 45), generator=torch.Generator().manual_seed(0))
+    plain = ladder.Rung("plain", checkpoint_every=1, chunked_loss=True, offload_activations=True)
+    tiled = ladder.Rung("tiled", checkpoint_every=1, chunked_loss=True, offload_activations=True,
+                        tile_mlp_tokens=8)  # 45 tokens: five full chunks and a short one
+    ladder.apply(model, plain)
+    assert not tiling.is_tiled(model)
+    loss, grads = _loss_and_grads(model, ids)
+    ladder.apply(model, tiled)
+    assert tiling.is_tiled(model) and all(layer.mlp.tile_chunk_tokens == 8 for layer in model.model.layers)
+    tiled_loss, tiled_grads = _loss_and_grads(model, ids)
+    assert _rel(tiled_loss, loss) < 1e-5
+    assert grads.keys() == tiled_grads.keys() and any("mlp" in name for name in grads)
+    for name in grads:
+        assert _rel(tiled_grads[name], grads[name]) < 1e-5, name
+    ladder.apply(model, plain)
+    assert not tiling.is_tiled(model)
+    assert not any("forward" in vars(layer.mlp) for layer in model.model.layers)
+    again, _ = _loss_and_grads(model, ids)
+    assert _rel(again, loss) < 1e-6
+
+
+def test_rope_rung_trains_past_the_limit_and_a_plain_rung_refuses_it():
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    limit = model.config.max_position_embeddings  # 128
+    extended = ladder.Rung("extended", checkpoint_every=1, chunked_loss=True, tile_mlp_tokens=64,
+                           rope_positions=4 * limit)
+    ladder.apply(model, extended)
+    assert model.config.max_position_embeddings == 4 * limit
+    assert model.config.rope_parameters["rope_type"] == "yarn" and rope.trained_length(model.config) == limit
+    assert rope.original_limit(model) == limit
+    row = ladder_bench.train_step(model, optimizer, 3 * limit, CPU, fused_head=True, name="extended")
+    assert not row["oom"] and row["seq_len"] == 3 * limit and row["peak_bytes"] > 0
+    ladder.apply(model, ladder.Rung("plain", checkpoint_every=1, chunked_loss=True))
+    assert model.config.max_position_embeddings == limit
+    assert model.config.rope_parameters["rope_type"] == "default"
+    assert not tiling.is_tiled(model)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, tiny_model().model.rotary_emb.inv_freq)
+    with pytest.raises(RecipeError, match=f"over this model's limit of {limit} positions.*extend RoPE"):
+        ladder_bench.train_step(model, optimizer, 3 * limit, CPU, fused_head=True, name="plain")
+    with pytest.raises(RecipeError, match="rope_positions"):
+        ladder.apply(model, ladder.Rung("bad", rope_positions=0))
+
+
+def test_rope_rung_keeps_a_llama3_scaled_model_llama3():
+    model = tiny_model(rope_parameters=dict(LLAMA3_ROPE))
+    ladder.apply(model, ladder.Rung("extended", rope_positions=512))
+    params = model.config.rope_parameters
+    assert params["rope_type"] == "llama3" and params["factor"] == 8.0 * 512 / 128
+    assert params["original_max_position_embeddings"] == 16
+    assert rope.default_kind(LlamaConfig.from_json_file(models.SHAPES_DIR / "llama-3.2-1b.json")) == "llama3"
+    assert rope.default_kind(tiny_config()) == "yarn"
+    ladder.apply(model, ladder.Rung("plain"))
+    assert model.config.rope_parameters == LLAMA3_ROPE and model.config.max_position_embeddings == 128
+
+
+def test_climb_goes_past_the_position_limit_only_for_rungs_that_extend_rope():
+    model = tiny_model()
+    calls = []
+
+    def step(rung, n):
+        calls.append((rung.name, n, model.config.max_position_embeddings))
+        models.check_seq_len(model, n)  # what train_step checks first
+        return {"oom": n > 1000, "peak_bytes": n, "seconds": 1.0, "tokens_per_s": n}
+
+    rungs = [ladder.Rung("plain", checkpoint_every=1),
+             ladder.Rung("extended", checkpoint_every=1, tile_mlp_tokens=32, rope_positions=2048),
+             ladder.Rung("plain again", checkpoint_every=1)]
+    summary, probes = ladder.climb(model, rungs, step, start=32, multiple=32)
+    assert [r["limit"] for r in summary] == [128, 2048, 128]
+    assert [r["longest"] for r in summary] == [128, 896, 128]  # 512 fits, 1024 not: 768, then 896 (refine=2)
+    assert [r["at limit"] for r in summary] == [True, False, True]
+    assert max(n for name, n, _ in calls if name != "extended") == 128
+    assert all(limit == (2048 if name == "extended" else 128) for name, _, limit in calls)
+    assert ladder.search_limit(rungs[1], 128) == 2048 and ladder.search_limit(rungs[0], 128) == 128
+    assert not tiling.is_tiled(model) and len(probes) == len(calls) - 3
