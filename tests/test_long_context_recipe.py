@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 
 from recipes_lib.core import hardware, models, train
 from recipes_lib.core.errors import RecipeError
-from recipes_lib.long_context import ladder, rope, tiling
+from recipes_lib.long_context import ladder, recipe, rope, tiling
 from recipes_lib.measure import ladder_bench
 
 CPU = hardware.detect("cpu")
@@ -107,3 +107,42 @@ def test_climb_goes_past_the_position_limit_only_for_rungs_that_extend_rope():
     assert all(limit == (2048 if name == "extended" else 128) for name, _, limit in calls)
     assert ladder.search_limit(rungs[1], 128) == 2048 and ladder.search_limit(rungs[0], 128) == 128
     assert not tiling.is_tiled(model) and len(probes) == len(calls) - 3
+
+
+def test_enable_applies_the_whole_recipe_and_keeps_the_math():
+    seq = 300  # over the tiny model's 128 positions
+    reference = tiny_model()
+    rope.extend_context(reference, seq, "yarn")  # the same model, RoPE extended, nothing else
+    model = tiny_model(attn_implementation="eager")
+    done = recipe.enable(model, seq)
+    assert done["attention"] == "sdpa" and model.config._attn_implementation == "sdpa"
+    assert done["rope"] == {"kind": "yarn", "from": 128, "to": seq, "factor": seq / 128}
+    assert model.config.max_position_embeddings == seq
+    assert done["tile_mlp_tokens"] == 150 == recipe.default_tile_tokens(model.config, seq)  # ffn = 2 x d
+    assert done["tiled_mlps"] == 2 and tiling.is_tiled(model) and done["checkpointed_layers"] == 2
+    assert all(layer.gradient_checkpointing for layer in model.model.layers) and done["offload_activations"]
+    text = recipe.describe(done)
+    assert "yarn x2.34375 (128 -> 300 positions)" in text and "chunks of 150 tokens" in text
+    assert "offloaded to host memory" in text
+    ids = torch.randint(0, 64, (1, seq), generator=torch.Generator().manual_seed(5))
+    loss, grads = _loss_and_grads(model.train(), ids)
+    ref_loss, ref_grads = _loss_and_grads(reference.train(), ids)
+    assert _rel(loss, ref_loss) < 1e-5
+    for name in ref_grads:
+        assert _rel(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_enable_within_the_limit_and_its_options():
+    model = tiny_model()
+    done = recipe.enable(model, 100, tile_tokens=16, offload=False, checkpoint_every=2)
+    assert done["rope"] is None and model.config.max_position_embeddings == 128
+    assert done["tile_mlp_tokens"] == 16 and model.model.layers[0].mlp.tile_chunk_tokens == 16
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
+    assert "RoPE as trained" in recipe.describe(done) and "offloaded" not in recipe.describe(done)
+    llama3 = tiny_model(rope_parameters=dict(LLAMA3_ROPE))
+    assert recipe.enable(llama3, 512)["rope"]["kind"] == "llama3"
+    assert recipe.default_tile_tokens(LlamaConfig.from_json_file(models.SHAPES_DIR / "llama-3.2-1b.json"),
+                                      2**19) == 2**17  # intermediate 8192 = 4 x hidden 2048
+    for bad in (dict(seq_len=0), dict(seq_len=64, tile_tokens=0)):
+        with pytest.raises(RecipeError, match="seq_len|chunk_tokens"):
+            recipe.enable(tiny_model(), **bad)
