@@ -121,3 +121,28 @@ def test_cli_help_lists_every_key_and_bad_config_exits_2(capsys):
     assert all(f"  {key.split('.')[1]}:" in shown for key in config.keys())
     assert cli.main(["train", str(EXAMPLE), "lerning_rate=1"]) == 2
     assert "unknown key 'lerning_rate'" in capsys.readouterr().err
+
+
+LONG = ["max_steps=2", "seq_len=2560", "micro_batch=1", "global_batch=1", "validation_fraction=0",
+        "checkpoint.every=0", "log.progress=false", "log.tensorboard=false"]  # 2560 > the 2048 positions
+
+
+def test_long_context_trains_past_the_position_limit(tmp_path, capsys):
+    cfg = config.load(EXAMPLE, [*LONG, f"output.dir={tmp_path}", "long_context=true", "output.merge=true"])
+    result = trainer.run(cfg)
+    out = capsys.readouterr().out
+    assert "long context for 2,560 tokens: sdpa attention, RoPE yarn x1.25 (2,048 -> 2,560 positions)" in out
+    assert "4 MLPs tiled in chunks of 854 tokens, 4 layers checkpointed" in out  # 2560 / (768 / 256)
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values())
+    assert result["final_loss"] == losses[2]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # the base, as it was trained
+    assert merged.config.max_position_embeddings == 2560
+    assert merged.config.rope_parameters["rope_type"] == "yarn"
+    with pytest.raises(RecipeError, match=r"data.seq_len: SEQ_LEN=2560 is over this model's limit of 2048 "
+                                          r"positions.*model.long_context: true"):
+        trainer.run(config.load(EXAMPLE, [*LONG, f"output.dir={tmp_path / 'plain'}"]))
+    with pytest.raises(RecipeError, match="set model.chunked_loss: true"):
+        config.load(EXAMPLE, [*LONG, "long_context=true", "chunked_loss=false"])
+    with pytest.raises(RecipeError, match="one-GPU recipe: set train.strategy: single"):
+        config.load(EXAMPLE, [*LONG, "long_context=true", "strategy=ddp"])

@@ -5,7 +5,8 @@
 whole with pydantic. Every mistake becomes one ``RecipeError`` that names the key, what is allowed
 and what to change: unknown keys (with the nearest valid one), wrong types, and impossible
 combinations (offloaded AdamW with gradient clipping, QLoRA with parameter offload, activation
-offload without checkpointing, QLoRA or fp16 under DeepSpeed). ``reference_yaml()`` writes every
+offload without checkpointing, QLoRA or fp16 under DeepSpeed, the long-context recipe without the
+chunked loss or in several processes). ``reference_yaml()`` writes every
 key with its default and its description: ``configs/reference.yaml`` is that file, and
 ``recipes train --help`` prints it.
 """
@@ -46,6 +47,9 @@ class ModelConfig(_Section):
     checkpointing: bool = Field(False, description="activation checkpointing of decoder layers")
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every k-th layer (1 = all)")
     offload_activations: bool = Field(False, description="checkpointed layers' inputs in pinned host memory")
+    long_context: bool = Field(False, description="long-context recipe for data.seq_len (ALST): RoPE "
+                               "extended past the position limit, tiled MLP, layers checkpointed, "
+                               "inputs offloaded")
     chunked_loss: bool = Field(True, description="fused chunked LM head + cross-entropy (no full logits)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU has it, fp16 with loss scaling otherwise, fp32 on CPU")
@@ -124,6 +128,12 @@ class RunConfig(_Section):
         if self.model.offload_activations and not self.model.checkpointing:
             raise ValueError("model.offload_activations moves the checkpointed layers' inputs: "
                              "set model.checkpointing: true")
+        if self.model.long_context and not self.model.chunked_loss:
+            raise ValueError("model.long_context computes the loss in chunks (the [tokens, vocab] logits of "
+                             "a long sequence do not fit): set model.chunked_loss: true")
+        if self.model.long_context and self.train.strategy != "single":
+            raise ValueError(f"model.long_context is the one-GPU recipe: set train.strategy: single (it is "
+                             f"{self.train.strategy!r}), or model.long_context: false")
         if self.train.global_batch % self.train.micro_batch:
             raise ValueError(f"train.global_batch={self.train.global_batch} is not a multiple of "
                              f"train.micro_batch={self.train.micro_batch}: change one of them")

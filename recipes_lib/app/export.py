@@ -73,6 +73,8 @@ MAPPING = {
 UNMAPPED = {
     "model.sliding_window": "Axolotl has no sliding-window switch for Llama-family models",
     "model.checkpoint_every": "Axolotl checkpoints every decoder layer",
+    "model.long_context": "write Axolotl's own switches: `tiled_mlp: true`, `gradient_checkpointing: true`, "
+                          "`activation_offloading: true`, and `rope_scaling` past the position limit",
     "optim.offload": "Axolotl has no torchao offloaded AdamW; DeepSpeed ZeRO's offload_optimizer is nearest",
     "train.eval_batches": "Axolotl evaluates the whole validation split",
     "log.progress": "Axolotl always shows the Trainer's progress bar",

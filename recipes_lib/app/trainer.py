@@ -23,6 +23,7 @@ import torch
 from ..attention import sliding
 from ..core import checkpointing, hardware, losses, models, train
 from ..core.errors import RecipeError
+from ..long_context import recipe
 from ..measure import flops
 from ..memory import offload, qlora
 from ..parallel import context
@@ -62,9 +63,21 @@ def build_model(cfg: RunConfig, hw: hardware.Hardware) -> torch.nn.Module:
             model = qlora.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout)
     if m.sliding_window:
         sliding.use_sliding_window(models.unwrap(model), m.sliding_window)
-    if m.checkpointing:
+    if m.long_context:  # it checkpoints every checkpoint_every-th layer itself, the inputs offloaded
+        print(recipe.describe(recipe.enable(model, cfg.data.seq_len, checkpoint_every=m.checkpoint_every)))
+    elif m.checkpointing:
         checkpointing.enable_checkpointing(model, every=m.checkpoint_every, offload=m.offload_activations)
     return model.train()
+
+
+def check_positions(model, cfg: RunConfig) -> None:
+    """Refuse a ``data.seq_len`` over the model's position limit (where RoPE would extrapolate), naming the
+    switch that extends it."""
+    try:
+        models.check_seq_len(models.unwrap(model), cfg.data.seq_len)
+    except RecipeError as error:
+        raise RecipeError(f"data.seq_len: {error} recipes train does both with model.long_context: true.") \
+            from None
 
 
 def tokenizer_for(cfg: RunConfig):
@@ -138,6 +151,8 @@ def save_outputs(model, lm, tokenizer, cfg: RunConfig, out_dir: Path, hw: hardwa
     if cfg.output.merge and cfg.model.method != "full":  # into an unquantized base: QLoRA's land on bf16
         _, dtype = precision(cfg, hw)
         base = models.load_model(cfg.model.source, dtype=dtype, hw=hw)
+        if cfg.model.long_context:  # the positions the adapters were trained with
+            recipe.extend_rope_for(base, cfg.data.seq_len)
         merged = qlora.load_adapter(base, folder).merge_and_unload()
         merged.save_pretrained(out_dir / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out_dir / "merged")
@@ -169,6 +184,7 @@ def _run(cfg: RunConfig, ctx, resume_from: str | None) -> dict:
     train_docs, val_docs = data.load_documents(cfg.data, tokenizer)
     validation = validation_batches(val_docs, cfg, tokenizer.pad_token_id)
     lm = build_model(cfg, hw)
+    check_positions(lm, cfg)
     per_token = flops.training_flops_per_token(models.unwrap(lm).config, cfg.data.seq_len,
                                                _trainable_fraction(lm))  # before ZeRO-3 partitions it
     autocast_dtype, _ = precision(cfg, hw)

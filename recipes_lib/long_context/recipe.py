@@ -33,6 +33,18 @@ def default_tile_tokens(config, seq_len: int) -> int:
     return math.ceil(seq_len / pieces)
 
 
+def extend_rope_for(model, seq_len: int) -> dict | None:
+    """Extend ``model``'s RoPE to ``seq_len`` positions where that is over its limit (``rope.default_kind``);
+    returns the kind, the old and new limits and the factor, or None where ``seq_len`` fits already."""
+    config = model.config
+    if seq_len <= config.max_position_embeddings:
+        return None
+    before, kind = config.max_position_embeddings, rope.default_kind(config)
+    rope.extend_context(model, seq_len, kind)
+    params = getattr(model.config, "rope_parameters", None) or model.config.rope_scaling
+    return {"kind": kind, "from": before, "to": seq_len, "factor": params["factor"]}
+
+
 def enable(model, seq_len: int, *, tile_tokens: int | None = None, offload: bool = True,
            checkpoint_every: int = 1) -> dict:
     """Apply the long-context recipe for sequences of ``seq_len`` tokens to ``model``; returns what it did.
@@ -55,12 +67,7 @@ def enable(model, seq_len: int, *, tile_tokens: int | None = None, offload: bool
     if attention not in FUSED:
         attention = models.attention_implementation("sdpa")
         model.set_attn_implementation(attention)
-    extension = None
-    if seq_len > config.max_position_embeddings:
-        before, kind = config.max_position_embeddings, rope.default_kind(config)
-        rope.extend_context(model, seq_len, kind)
-        params = getattr(model.config, "rope_parameters", None) or model.config.rope_scaling
-        extension = {"kind": kind, "from": before, "to": seq_len, "factor": params["factor"]}
+    extension = extend_rope_for(model, seq_len)
     tile = default_tile_tokens(model.config, seq_len) if tile_tokens is None else tile_tokens
     tiled = tiling.tile_mlp(model, tile)
     layers = checkpointing.enable_checkpointing(model, every=checkpoint_every, offload=offload)
