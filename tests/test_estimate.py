@@ -15,6 +15,7 @@ from recipes_lib.app import estimate_cmd
 from recipes_lib.app.config import validate
 from recipes_lib.core import batches, checkpointing, hardware, models, train
 from recipes_lib.core.errors import RecipeError
+from recipes_lib.long_context import tiling
 from recipes_lib.measure import activations as act
 from recipes_lib.measure import advisor, bench, estimate_check
 from recipes_lib.measure.estimate import Plan, estimate, for_hardware, layout, model_config
@@ -102,11 +103,37 @@ def _expected_saved(config, plan: Plan, model, tokens: int) -> float:
     expected = tokens * (s.layers * per_layer - act.first_layer_saving(s, lay)
                          + act.per_token(act.non_layer_terms(s, lay, True, rope_rows)))
     expected += act.chunked_loss(s, lay, tokens, 1024, plan.method == "full", 4).held.value
+    # A tiled MLP's linears run without autograd in forward: nothing saves their weights' copies.
+    untiled = [(n, p) for n, p in model.named_parameters() if not (plan.tile_mlp_tokens and ".mlp." in n)]
     if plan.precision == "mixed":  # autocast's bf16 copies of the fp32 linear weights, saved for backward
-        expected += 2 * sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "layers." in n)
+        expected += 2 * sum(p.numel() for n, p in untiled if p.dim() == 2 and "layers." in n)
     if plan.method == "lora" and plan.precision != "fp32":  # and of the fp32 adapters
-        expected += 2 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        expected += 2 * sum(p.numel() for _, p in untiled if p.requires_grad)
     return expected
+
+
+@pytest.mark.parametrize("case", ["full bf16", "lora bf16", "full fp32 weights, bf16 autocast",
+                                  "lora bf16 packed"])
+def test_tiled_layer_formulas_match_what_autograd_saves(case):
+    """A tiled MLP keeps only its input: the formulas without the MLP's [tokens, intermediate] tensors."""
+    config = tiny_config(256, hidden_size=64, intermediate_size=192, head_dim=16, max_position_embeddings=256)
+    method, precision, packed, attention = SAVED_CASES[case]
+    plan = Plan("tiny", method, precision, micro_batch=2, seq_len=96, packed=packed, attention=attention,
+                tile_mlp_tokens=40, device="cpu")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention).train()
+    if method == "lora":
+        model = qlora.add_lora(model, r=plan.lora_r)
+    tiling.tile_mlp(model, plan.tile_mlp_tokens)
+    ids = torch.randint(256, (2, 96), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    if packed:
+        batch["position_ids"] = torch.cat([torch.arange(40), torch.arange(56)]).repeat(2, 1)
+    saved = _saved_bytes(model, batch, None if precision == "fp32" else torch.bfloat16)
+    expected = _expected_saved(config, plan, model, 2 * 96)
+    untiled = _expected_saved(config, replace(plan, tile_mlp_tokens=0), model, 2 * 96)
+    assert expected < untiled and abs(saved / expected - 1) < 0.02, (case, saved, expected, untiled)
 
 
 COMPILED_CASES = {"full bf16": ("bf16", False), "full bf16 packed": ("bf16", True),
@@ -157,7 +184,9 @@ def _blocks(vocab: int, seq_len: int):
 @pytest.mark.parametrize("changes", [dict(chunked_loss=False), dict(), dict(packed=True),
                                      dict(attention="eager", chunked_loss=False),
                                      dict(method="lora", checkpoint_every=1, packed=True),
-                                     dict(checkpoint_every=2, accum_steps=2)])
+                                     dict(checkpoint_every=2, accum_steps=2), dict(tile_mlp_tokens=100),
+                                     dict(tile_mlp_tokens=100, checkpoint_every=1, offload_activations=True),
+                                     dict(method="lora", tile_mlp_tokens=64, packed=True)])
 def test_cpu_steps_measured_by_the_tracker(tiny_model_dir, changes):
     plan = replace(Plan(tiny_model_dir, "full", "fp32", micro_batch=4, seq_len=96, packed=False,
                         optimizer="loop", device="cpu"), **changes)
@@ -168,7 +197,9 @@ def test_cpu_steps_measured_by_the_tracker(tiny_model_dir, changes):
         model = models.load_model(tiny_model_dir, hw=CPU, attn_implementation=plan.attention)
         model = qlora.add_lora(model, r=plan.lora_r) if plan.method == "lora" else model
         if plan.checkpoint_every:
-            checkpointing.enable_checkpointing(model, plan.checkpoint_every)
+            checkpointing.enable_checkpointing(model, plan.checkpoint_every, offload=plan.offload_activations)
+        if plan.tile_mlp_tokens:
+            tiling.tile_mlp(model, plan.tile_mlp_tokens)
         return model
 
     blocks = _blocks(config.vocab_size, 96)
@@ -178,6 +209,61 @@ def test_cpu_steps_measured_by_the_tracker(tiny_model_dir, changes):
     measured = bench.run(cfg, stream, CPU, steps=1)["memory"].peak
     predicted = estimate(plan, config).peak
     assert abs(predicted / measured - 1) < 0.10, (changes, predicted, measured)
+
+
+def test_tiled_mlp_measured_on_cpu(tmp_path):
+    """A wide MLP (intermediate = 8 x hidden), every layer checkpointed: the step's CPU peak with the MLP
+    whole and tiled, each against its estimate, and the saving tiling brings against the predicted one."""
+    torch.manual_seed(0)
+    config = tiny_config(256, hidden_size=64, intermediate_size=512, max_position_embeddings=1024)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    plan = Plan(str(tmp_path), "full", "fp32", micro_batch=1, seq_len=1024, packed=False, checkpoint_every=1,
+                optimizer="loop", device="cpu")
+    peaks = {}
+    for tile in (0, 128):
+        def build(tile=tile):
+            model = models.load_model(str(tmp_path), hw=CPU)
+            checkpointing.enable_checkpointing(model, 1)
+            return tiling.tile_mlp(model, tile) and model if tile else model
+
+        adamw = lambda m: torch.optim.AdamW(m.parameters())  # noqa: E731
+        cfg = bench.Config(f"tile {tile}", build, adamw, 1, fused_head=True)
+        measured = bench.run(cfg, _blocks(256, 1024), CPU, steps=1)["memory"].peak
+        predicted = estimate(replace(plan, tile_mlp_tokens=tile), config).peak
+        assert abs(predicted / measured - 1) < 0.10, (tile, predicted, measured)
+        peaks[tile] = measured, predicted
+    (untiled, predicted_untiled), (tiled, predicted_tiled) = peaks[0], peaks[128]
+    assert tiled < 0.75 * untiled
+    saving, predicted_saving = untiled - tiled, predicted_untiled - predicted_tiled
+    assert abs(predicted_saving / saving - 1) < 0.15, (saving, predicted_saving)
+
+
+def test_tiled_rung_saves_the_mlp_share_and_offload_counts_host_memory():
+    """1B shape, 2^19 tokens, every layer checkpointed and offloaded: the peak is the first layer's backward,
+    where the untiled MLP holds 4 [tokens, ffn] tensors (gate, up, SiLU, product) and its backward 2 more
+    and a [tokens, d] gradient; tiled, the backward holds 2 [tokens, d] gradients, one chunk of the 6
+    [chunk, ffn] tensors and its output, and the MLP weights' gradients summed in fp32 (+ one chunk's), or,
+    where that is less, the attention's backward (incoming, output, q, k, v gradients) is the widest."""
+    n, ffn, d, q, kv = 2**19, 8192, 2048, 2048, 512
+    base = Plan("random:llama-3.2-1b", "full", "bf16", micro_batch=1, seq_len=n, packed=False,
+                optimizer="foreach", checkpoint_every=1, offload_activations=True, rope_positions=n)
+    untiled = estimate(base)
+    for chunk in (n // 4, 8192):
+        tiled = estimate(replace(base, tile_mlp_tokens=chunk))
+        assert tiled.moment == untiled.moment == "backward, first layer"
+        held_untiled = n * (2 * 6 * ffn + 2 * d)
+        held_tiled = max(n * 2 * 2 * d + chunk * (2 * 6 * ffn + 2 * d) + 3 * d * ffn * (4 + 2),
+                         n * (2 * (2 * q + 2 * kv) + 2 * d))
+        saving, hand = untiled.peak - tiled.peak, held_untiled - held_tiled
+        assert abs(saving / hand - 1) < 0.01, (chunk, saving, hand)
+        assert tiled.host == untiled.host == 16 * 2 * d * n  # 16 layers' bf16 inputs, 2 GiB each
+    assert 0.35 < 1 - estimate(replace(base, tile_mlp_tokens=n // 4)).peak / untiled.peak < 0.45
+    odd = estimate(replace(base, seq_len=3 * 2**17, tile_mlp_tokens=8192))
+    assert odd.host == 16 * 2**31 and "rounded up to a power of two" in odd.host_formulas[0].formula
+    assert estimate(replace(base, offload_activations=False)).host == 0
+    assert estimate(replace(base, device="cpu")).host == 0  # host memory is the device's
+    with pytest.raises(RecipeError, match="over this model's limit"):
+        estimate(replace(base, rope_positions=0))
 
 
 def test_advisor_lists_cheaper_changes_first_until_it_fits():
@@ -242,6 +328,11 @@ def test_cli_from_a_train_config_with_flags_and_a_gpu(tmp_path, capsys):
     assert "does not fit on L4" in out and "+ chunked loss" in out and "fits (costs" in out
     assert _cli([str(path), "--chunked-loss", "--checkpointing", "--micro-batch", "1", "--gpu", "H100"]) == 0
     assert "fits on H100" in capsys.readouterr().out
+    assert _cli([str(path), "--checkpointing", "--offload-activations", "--micro-batch", "1", "--seq-len",
+                 "524288", "--rope-positions", "524288", "--tile-mlp-tokens", "8192", "--chunked-loss"]) == 0
+    out = capsys.readouterr().out
+    assert "MLP tiled in chunks of 8,192 tokens, RoPE extended to 524,288 positions" in out
+    assert "host memory: 64.00 GiB" in out and "offloaded checkpointed inputs (pinned)" in out  # fp32 inputs
 
 
 def test_cli_errors_are_one_line(capsys):
@@ -257,6 +348,12 @@ def test_plan_of_a_train_config():
     plan = estimate_cmd.plan_of(cfg, gpus=4)
     assert (plan.strategy, plan.gpus, plan.accum_steps) == ("fsdp2-no-reshard", 4, 2)
     assert (plan.method, plan.checkpoint_every, plan.precision) == ("qlora", 2, "mixed")
+    long = estimate_cmd.plan_of(validate({"model": {"source": "random:llama-3.2-1b", "method": "full",
+                                                    "attention": "eager", "long_context": True},
+                                          "data": {"seq_len": 2**19}}))
+    assert (long.tile_mlp_tokens, long.rope_positions, long.checkpoint_every) == (2**17, 2**19, 1)
+    assert long.offload_activations and long.chunked_loss and long.attention == "sdpa"
+    assert estimate(long).host > 0
 
 
 def test_recipes_estimate_is_a_subcommand(capsys):

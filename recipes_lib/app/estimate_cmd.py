@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from ..core.errors import RecipeError
+from ..long_context import recipe
 from ..measure import advisor
 from ..measure.estimate import (
     ATTENTIONS,
@@ -43,6 +45,8 @@ FLAGS = {  # flag: (Plan field, type, help)
     "--optimizer": ("optimizer", str, f"AdamW: one of {', '.join(OPTIMIZERS)} (offload: state on the CPU)"),
     "--lora-r": ("lora_r", int, "adapter rank (lora, qlora)"),
     "--lora-dropout": ("lora_dropout", float, "adapter dropout (its masks and inputs are kept)"),
+    "--tile-mlp-tokens": ("tile_mlp_tokens", int, "tiled MLP: tokens per chunk (0: the MLP whole)"),
+    "--rope-positions": ("rope_positions", int, "RoPE extended to this many positions (0: as trained)"),
 }
 SWITCHES = {  # flag: (Plan field, help); each also has --no-<flag>
     "--checkpointing": ("checkpoint_every", "checkpoint every decoder layer (--checkpoint-every 1)"),
@@ -76,11 +80,18 @@ def add_parser(commands) -> None:
 
 def plan_of(cfg: run_config.RunConfig, gpus: int = 1) -> Plan:
     """The plan a ``recipes train`` config describes, on ``gpus`` ranks (the trainer's choices:
-    trainable weights in fp32 under bf16 autocast, fused AdamW or torchao's offload, packed rows)."""
+    trainable weights in fp32 under bf16 autocast, fused AdamW or torchao's offload, packed rows; with
+    ``model.long_context``, what ``long_context.recipe.enable`` sets for ``data.seq_len``)."""
     m, t = cfg.model, cfg.train
     strategy = STRATEGY.get(t.strategy) or ("fsdp2-offload" if t.cpu_offload else
                                            "fsdp2" if t.reshard else "fsdp2-no-reshard")
-    return Plan(model=m.source, method=m.method, precision="fp32" if m.precision == "fp32" else "mixed",
+    long = {}
+    if m.long_context:
+        seq = cfg.data.seq_len
+        long = dict(checkpoint_every=m.checkpoint_every, offload_activations=True, rope_positions=seq,
+                    tile_mlp_tokens=recipe.default_tile_tokens(model_config(m.source), seq))
+        long |= {"attention": "sdpa"} if m.attention == "eager" else {}
+    plan = Plan(model=m.source, method=m.method, precision="fp32" if m.precision == "fp32" else "mixed",
                 strategy=strategy, gpus=gpus, micro_batch=t.micro_batch, seq_len=cfg.data.seq_len,
                 accum_steps=max(t.global_batch // (t.micro_batch * gpus), 1),
                 checkpoint_every=m.checkpoint_every if m.checkpointing else 0,
@@ -88,6 +99,7 @@ def plan_of(cfg: run_config.RunConfig, gpus: int = 1) -> Plan:
                 attention="flash_attention_2" if m.attention == "flex_attention" else m.attention,
                 packed=True, optimizer="offload" if cfg.optim.offload else "fused", lora_r=m.lora_r,
                 lora_dropout=m.lora_dropout)
+    return replace(plan, **long)
 
 
 def _plan(args) -> Plan:
@@ -110,13 +122,18 @@ def describe(result) -> str:
     lines = [f"{p.model}: {p.method}, {p.precision}, {p.strategy} on {p.gpus} GPU(s), "
              f"micro-batch {p.micro_batch} x {p.seq_len} tokens, accumulation {p.accum_steps}, checkpointing "
              f"{'every ' + str(p.checkpoint_every) if p.checkpoint_every else 'off'}, "
-             f"{'chunked loss' if p.chunked_loss else 'full logits'}, {p.attention}, AdamW {p.optimizer}",
+             f"{'chunked loss' if p.chunked_loss else 'full logits'}, {p.attention}, AdamW {p.optimizer}"
+             + (f", MLP tiled in chunks of {p.tile_mlp_tokens:,} tokens" if p.tile_mlp_tokens else "")
+             + (f", RoPE extended to {p.rope_positions:,} positions" if p.rope_positions else ""),
              f"predicted peak per GPU: {result.peak / GiB:.2f} GiB, at the {result.moment}"]
     for part, value in result.parts.items():
         lines.append(f"  {part:12s} {value / GiB:9.3f} GiB")
         lines += [f"      {t.name}: {t.formula} = {t.value / GiB:.3f} GiB"
                   for t in result.formulas.get(part, [])]
     lines.append("moments (GiB): " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in result.moments.items()))
+    if result.host_formulas:
+        lines.append(f"host memory: {result.host / GiB:.2f} GiB")
+        lines += [f"      {t.name}: {t.formula} = {t.value / GiB:.3f} GiB" for t in result.host_formulas]
     return "\n".join(lines)
 
 
@@ -132,7 +149,8 @@ def main(args) -> int:
         return 2
     if args.json:
         print(json.dumps({"plan": vars(plan), "peak_bytes": result.peak, "moment": result.moment,
-                          "parts_bytes": result.parts, "moments_bytes": result.moments, "advice": advice},
+                          "parts_bytes": result.parts, "moments_bytes": result.moments,
+                          "host_bytes": result.host, "advice": advice},
                          indent=1))
     else:
         print(describe(result) + (f"\n\n{advice}" if advice else ""))

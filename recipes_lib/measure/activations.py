@@ -20,6 +20,9 @@ keeps an rsqrt, the first the layer's input, the second the o_proj output it rec
 sum ``x + o`` from (the fp32 upcasts and the normalised outputs are recomputed); each linear's input is
 kept once (autocast's per-linear casts are one node after CSE); SwiGLU keeps gate and up, not
 ``silu(gate)``.
+
+A tiled MLP (``tiled_mlp``, ``long_context.tiling``) keeps only its input: the ``[tokens, intermediate]``
+tensors exist for one chunk at a time, while its backward recomputes that chunk (``tiled_mlp_backward``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Layout:
     masked: bool = False          # packed documents (position_ids) or padding: a mask per attention call
     mlp: int = 2                  # bytes of the MLP's intermediates (bitsandbytes returns its input's dtype)
     compiled: bool = False        # torch.compile'd decoder layers (see the module docstring)
+    tiled_mlp: bool = False       # the MLP computed in chunks of tokens, keeping only its input
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ def _inputs(s: Shape, lay: Layout) -> list[Term]:
                               ("down", s.ffn, 1)]
     cast = lay.residual != a  # fp32 residual under autocast: each linear casts its own copy
     terms = []
+    if lay.tiled_mlp:  # the MLP's linears see one chunk at a time: the tiled function keeps the norm output
+        groups = groups[:2]
+        terms.append(Term("tiled MLP input (norm output, all it keeps)", lay.residual * s.d,
+                          f"{lay.residual} x d({s.d})"))
     for name, width, n in groups:
         if lay.adapters and lay.adapter_dropout:  # each adapter drops out its own copy, and keeps the mask
             terms.append(Term(f"{name} adapter inputs after dropout", n * (a + 1) * width,
@@ -101,9 +109,10 @@ def _inputs(s: Shape, lay: Layout) -> list[Term]:
 
 def compiled_modelled(lay: Layout) -> bool:
     """Whether the compiled formulas apply: full fine-tuning with a fused attention kernel (what notebook
-    02 compiles and the tests check); adapters and eager attention keep eager autograd's terms (an upper
-    bound)."""
-    return lay.compiled and lay.trainable and not lay.adapters and lay.attention != "eager"
+    02 compiles and the tests check); adapters, eager attention and a tiled MLP keep eager autograd's
+    terms (an upper bound)."""
+    return (lay.compiled and lay.trainable and not lay.adapters and lay.attention != "eager"
+            and not lay.tiled_mlp)
 
 
 def _compiled_kept(s: Shape, lay: Layout) -> list[Term]:
@@ -131,10 +140,11 @@ def layer_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
     terms += _inputs(s, lay)
     terms += _attention(s, lay, seq_len)
     mlp = 3 if s.gated else 1
-    terms.append(Term("MLP gate, up, activation" if s.gated else "MLP up", mlp * lay.mlp * s.ffn,
-                      f"{mlp} x {lay.mlp} x ffn({s.ffn})"))
+    if not lay.tiled_mlp:
+        terms.append(Term("MLP gate, up, activation" if s.gated else "MLP up", mlp * lay.mlp * s.ffn,
+                          f"{mlp} x {lay.mlp} x ffn({s.ffn})"))
     if lay.adapters:
-        n = 7 if s.gated else 6
+        n = 4 if lay.tiled_mlp else 7 if s.gated else 6  # tiled: the MLP's adapters see one chunk at a time
         terms.append(Term("LoRA A outputs", n * a * lay.lora_r, f"{n} x {a} x r({lay.lora_r})"))
     return terms
 
@@ -190,13 +200,39 @@ def backward_transient(s: Shape, lay: Layout, seq_len: int) -> Term:
     """Bytes per token a layer's backward holds on top of what it kept: the incoming gradient of the
     residual stream, and the MLP's gradients at their widest (the product's gradient and the two it
     splits into, less the product itself, which the down projection's backward frees), or the eager
-    softmax's fp32 gradients in and out."""
-    a, width = lay.mlp, 2 if s.gated else 1
-    mlp = Term("MLP backward gradients", a * width * s.ffn + lay.residual * s.d,
-               f"{a} x {width} x ffn({s.ffn}) + {lay.residual} x d({s.d})")
+    softmax's fp32 gradients in and out. A tiled MLP holds the incoming gradient and the input gradient
+    it fills chunk by chunk (one chunk's tensors: ``tiled_mlp_backward``)."""
+    a, width, r = lay.mlp, 2 if s.gated else 1, lay.residual
+    if lay.tiled_mlp:
+        mlp = Term("tiled MLP backward: incoming + input gradient", 2 * r * s.d, f"2 x {r} x d({s.d})")
+    else:
+        mlp = Term("MLP backward gradients", a * width * s.ffn + r * s.d,
+                   f"{a} x {width} x ffn({s.ffn}) + {r} x d({s.d})")
     if lay.attention == "eager" and 8 * s.heads * seq_len > mlp.value:
         return Term("eager softmax backward", 8 * s.heads * seq_len, f"8 x heads({s.heads}) x seq({seq_len})")
     return mlp
+
+
+def attention_backward(s: Shape, lay: Layout) -> Term:
+    """Bytes per token a fused attention's backward holds on top of what the layer kept: the incoming
+    gradient of the residual stream, the attention output's gradient, and the query, key and value
+    gradients (at every head's width where the key/value heads were repeated)."""
+    a, r = lay.compute, lay.residual
+    kv = s.q if lay.attention == "eager" or (lay.masked and lay.attention == "sdpa") else s.kv
+    return Term("attention backward: incoming, output, q, k, v gradients", a * (2 * s.q + 2 * kv) + r * s.d,
+                f"{a} x (2 x q({s.q}) + 2 x kv({kv})) + {r} x d({s.d})")
+
+
+def tiled_mlp_backward(s: Shape, lay: Layout, chunk: int, mlp_params: int, param_bytes: int) -> Term:
+    """Bytes (for the whole step, not per token) a tiled MLP's backward holds besides its per-token
+    gradients: one chunk's recomputed gate, up, activation and product, its gradients at their widest and
+    its output; and the trained MLP weights' gradients summed in fp32 over the chunks, with one chunk's
+    gradients in the weights' dtype (``mlp_params``: the MLP's trained parameters, one layer)."""
+    c, m = chunk, lay.mlp
+    weights = mlp_params * (4 + param_bytes)
+    return Term("tiled MLP backward: one chunk + fp32 weight-gradient sums", 6 * m * s.ffn * c + m * s.d * c
+                + weights, f"(6 x {m} x ffn({s.ffn}) + {m} x d({s.d})) x chunk({c}) + {mlp_params:,} "
+                f"trained MLP parameters x (4 + {param_bytes}) B")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ class Plan:
     upcast_fp32: bool = False      # peft's prepare_model_for_kbit_training: embeddings, norms, head in fp32
     ddp_bucket_view: bool = True   # False: DDP's default, a second copy of the gradients in its buckets
     compiled: bool = False         # torch.compile'd decoder layers: Inductor keeps fewer tensors
+    tile_mlp_tokens: int = 0       # 0: the MLP whole; n: tiled in chunks of n tokens (long_context.tiling)
+    rope_positions: int = 0        # 0: the model's position limit; n: RoPE extended to n positions
     device: str = "cuda"
 
     def check(self) -> Plan:
@@ -73,6 +75,9 @@ class Plan:
         for key in ("gpus", "micro_batch", "seq_len", "accum_steps", "chunk_size", "lora_r"):
             if getattr(self, key) < 1:
                 raise RecipeError(f"{key}={getattr(self, key)}: a positive whole number")
+        for key in ("tile_mlp_tokens", "rope_positions"):
+            if getattr(self, key) < 0:
+                raise RecipeError(f"{key}={getattr(self, key)}: 0 (off) or a positive whole number of tokens")
         if self.checkpoint_every < 0:
             raise RecipeError(f"checkpoint_every={self.checkpoint_every}: 0 (none) or every k-th layer")
         if self.offload_activations and not self.checkpoint_every:
@@ -111,7 +116,8 @@ def layout(plan: Plan, s: act.Shape) -> act.Layout:
                       plan.method != "full" and autocast and (plan.method == "lora" or plan.upcast_fp32),
                       plan.lora_dropout > 0, plan.lora_r, plan.attention,
                       plan.packed and plan.attention != "flash_attention_2",
-                      residual if plan.method == "qlora" else compute, compiled=plan.compiled)
+                      residual if plan.method == "qlora" else compute, compiled=plan.compiled,
+                      tiled_mlp=plan.tile_mlp_tokens > 0)
 
 
 def _counts(config, s: act.Shape, r: int) -> Counts:
@@ -165,9 +171,13 @@ def estimate(plan: Plan, config=None) -> Estimate:
     plan.check()
     config = config or model_config(plan.model)
     s = act.Shape.of(config)
-    if plan.seq_len > getattr(config, "max_position_embeddings", math.inf):
+    if plan.seq_len > max(getattr(config, "max_position_embeddings", math.inf), plan.rope_positions):
         raise RecipeError(f"seq_len={plan.seq_len} is over this model's limit of "
-                          f"{config.max_position_embeddings} positions: lower it, or extend RoPE first")
+                          f"{config.max_position_embeddings} positions: lower it, or extend RoPE first "
+                          f"(rope_positions, --rope-positions)")
+    if plan.tile_mlp_tokens and not s.gated:
+        raise RecipeError(f"tile_mlp_tokens={plan.tile_mlp_tokens}: only a gated MLP (Llama, Qwen, Mistral) "
+                          f"is tiled; {config.model_type}'s is not: set it to 0")
     lay = layout(plan, s)
     counts = _counts(config, s, plan.lora_r)
     return moments(plan, s, lay, counts, _states(plan, counts, s, config))

@@ -123,8 +123,9 @@ def committed_rows() -> list[dict]:
 
 def ladder_plans(rows: list[dict], rungs, model: str, hw) -> list[Plan]:
     """Each probe of the long-context ladder (``long_context.ladder.climb``'s rows, one step at batch 1) as
-    the plan it ran: full fine-tuning with torch's AdamW, and its rung's attention, checkpointing, offload
-    and loss (``rungs``: the ``ladder.Rung``s, read by their attributes), on the machine ``hw``."""
+    the plan it ran: full fine-tuning with torch's AdamW, and its rung's attention, checkpointing, offload,
+    loss, MLP tiling and RoPE extension (``rungs``: the ``ladder.Rung``s, read by their attributes), on the
+    machine ``hw``."""
     by_name = {rung.name: rung for rung in rungs}
     plans = []
     for row in rows:
@@ -132,7 +133,9 @@ def ladder_plans(rows: list[dict], rungs, model: str, hw) -> list[Plan]:
         every = rung.checkpoint_every or int(rung.documented_checkpointing)
         plan = Plan(model, "full", "bf16", micro_batch=1, seq_len=row["seq_len"], packed=False,
                     optimizer="foreach", attention=rung.attention, checkpoint_every=every,
-                    chunked_loss=rung.chunked_loss, offload_activations=rung.offload_activations)
+                    chunked_loss=rung.chunked_loss, offload_activations=rung.offload_activations,
+                    tile_mlp_tokens=rung.tile_mlp_tokens or 0,
+                    rope_positions=rung.rope_positions or 0)
         plans.append(for_hardware(plan, hw))
     return plans
 

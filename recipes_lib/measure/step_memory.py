@@ -5,11 +5,14 @@ of ``measure.activations``, each moment of the step (see ``estimate``'s docstrin
 weights (with autocast's bf16 copies of fp32 weights, FSDP2's gathered layers), gradients (kept from
 earlier micro-batches, growing during backward, FSDP2's unsharded layer gradients), optimizer state
 (with the step's temporaries), activations (saved, recomputed, a layer's backward temporaries) and the
-loss, plus a fixed CUDA workspace. The peak is the largest moment.
+loss, plus a fixed CUDA workspace. The peak is the largest moment. Host memory is counted apart: the
+checkpointed layers' inputs that activation offloading keeps there (AdamW's or FSDP2's offloaded state
+is not counted in it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from . import activations as act
@@ -31,7 +34,8 @@ class Counts:
 
 @dataclass
 class Estimate:
-    """Predicted bytes per GPU: the peak, its split, every moment's total and the formulas."""
+    """Predicted bytes per GPU: the peak, its split, every moment's total and the formulas; and the bytes
+    of host memory the step holds (offloaded activations), with theirs."""
 
     plan: object
     peak: float
@@ -39,6 +43,8 @@ class Estimate:
     parts: dict[str, float]
     moments: dict[str, float]
     formulas: dict[str, list[act.Term]] = field(default_factory=dict)
+    host: float = 0.0
+    host_formulas: list[act.Term] = field(default_factory=list)
 
     def gib(self) -> dict[str, float]:
         return {k: v / GiB for k, v in self.parts.items()} | {"peak": self.peak / GiB}
@@ -62,8 +68,7 @@ def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states: list[act.Ter
     non_layer = act.non_layer_terms(s, lay, plan.chunked_loss, 1 if plan.packed else plan.micro_batch)
     saving = act.Term("first layer's input norm keeps nothing (frozen embeddings)",
                       -act.first_layer_saving(s, lay), "-(4 x d + 4)")
-    transient = [act.Term(f"{t.name} (one layer)", t.value, t.formula)
-                 for t in [act.backward_transient(s, lay, plan.seq_len)]]
+    transient = _transient(plan, s, lay, n)
 
     def tokens(terms, how=""):
         return _scaled(terms, n, f"tokens({n}){how}")
@@ -117,17 +122,46 @@ def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states: list[act.Ter
         "backward, last layer": moment(copies[1], max(kept_grads, head_grad + layer_grad) + unsharded,
                                        "the head's and the last layer's" + (" (unsharded, bf16 and fp32)"
                                                                              if unsharded else ""),
-                                       stored + tokens(non_layer[1:]) + last + tokens(transient), []),
+                                       stored + tokens(non_layer[1:]) + last + transient, []),
         "backward, first layer": moment(copies[2], max(grads + unsharded - layer_grad, kept_grads),
                                         "all but the first layer's",
-                                        first + tokens(transient + non_layer[1:]), []),
+                                        first + transient + tokens(non_layer[1:]), []),
         "optimizer step": moment(0, grads, "all", [], [], step_temp),
     }
     sums = {name: {part: sum(t.value for t in terms) for part, terms in parts.items()}
             for name, parts in table.items()}
     totals = {name: sum(parts.values()) for name, parts in sums.items()}
     peak = max(totals, key=totals.get)
-    return Estimate(plan, totals[peak], peak, sums[peak], totals, table[peak])
+    host = _host(plan, s, lay, n, n_ckpt) if plan.offload_activations and cuda else []
+    return Estimate(plan, totals[peak], peak, sums[peak], totals, table[peak],
+                    sum(t.value for t in host), host)
+
+
+def _transient(plan, s: act.Shape, lay: act.Layout, n: int) -> list[act.Term]:
+    """One layer's backward temporaries (bytes): its MLP's (a tiled MLP's with one chunk's tensors and its
+    weight-gradient sums) or its attention's, whichever is larger."""
+    def scaled(term: act.Term) -> act.Term:
+        return act.Term(f"{term.name} (one layer)", term.value * n, f"({term.formula}) x tokens({n})")
+
+    mlp = [scaled(act.backward_transient(s, lay, plan.seq_len))]
+    if lay.tiled_mlp:
+        per_linear = s.d * s.ffn if plan.method == "full" else plan.lora_r * (s.d + s.ffn)  # weight or A + B
+        trained = (3 if s.gated else 2) * per_linear
+        mlp.append(act.tiled_mlp_backward(s, lay, min(plan.tile_mlp_tokens, n), trained, _grad_bytes(plan)))
+    attention = scaled(act.attention_backward(s, lay))
+    return [attention] if attention.value > sum(t.value for t in mlp) else mlp
+
+
+def _host(plan, s: act.Shape, lay: act.Layout, n: int, checkpointed: int) -> list[act.Term]:
+    """Pinned host memory of the offloaded checkpointed inputs: CUDA's pinned allocator rounds each block
+    up to a power of two, and keeps it cached for the next step."""
+    if not checkpointed:
+        return []
+    block = lay.residual * s.d * n
+    pinned = 2 ** math.ceil(math.log2(block))
+    return [act.Term("offloaded checkpointed inputs (pinned)", checkpointed * pinned,
+                     f"{checkpointed} layers x {lay.residual} x d({s.d}) x tokens({n}) = {block:,} B each, "
+                     f"{pinned:,} B pinned (rounded up to a power of two)")]
 
 
 def _sharded_mp(plan) -> bool:
@@ -155,14 +189,18 @@ def _weight_copies(plan, s: act.Shape, c: Counts, layers: int, checkpointed: lis
         return root, root + 2 * layer, root + layer
     if plan.precision == "fp32" or plan.strategy.startswith("deepspeed"):
         return 0, 0, 0
+    # A tiled MLP's linears run without autograd in forward: autocast caches their copies until the forward
+    # ends, but backward keeps none (it casts again, one chunk at a time).
+    tiled = (3 if s.gated else 2) * bool(plan.tile_mlp_tokens)  # linears of the MLP, untiled: none
     if plan.method != "full":  # fp32 adapters' bf16 copies; an upcast fp32 head's, kept with full logits
         head = 2 * c.embed if plan.upcast_fp32 else 0
-        return 2 * c.lora + head, 2 * c.lora + (0 if plan.chunked_loss else head), 0
+        kept = 2 * (c.lora - tiled * plan.lora_r * (s.d + s.ffn) * s.layers)
+        return 2 * c.lora + head, kept + (0 if plan.chunked_loss else head), 0
     if plan.precision != "mixed":
         return 0, 0, 0
     kept_layers = sum(not ck for ck in checkpointed)
-    head = c.embed * 2
-    return 2 * c.linear * layers + head, 2 * c.linear * kept_layers + (0 if plan.chunked_loss else head), 0
+    head, kept = c.embed * 2, 2 * (c.linear - tiled * s.d * s.ffn) * kept_layers
+    return 2 * c.linear * layers + head, kept + (0 if plan.chunked_loss else head), 0
 
 
 def _optimizer_temporary(plan, opt: float, c: Counts, s: act.Shape) -> float:
