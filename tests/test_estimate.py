@@ -376,3 +376,21 @@ def test_plans_for_this_machine_and_the_notebook_tables():
     advice = estimate_check.oom_advice(rows, [plan, replace(plan, micro_batch=64)], CPU, budget=2**20)
     assert len(advice) == 1 and advice[0].startswith("ran out: does not fit on 1 MiB")
     assert estimate_check.oom_advice(rows[:1], [plan], CPU) == ["no row ran out of memory"]
+
+
+def test_longest_fitting_length_and_what_stops_it():
+    config = model_config("random:llama-3.2-1b")
+    base = Plan("random:llama-3.2-1b", "full", "bf16", micro_batch=1, packed=False, optimizer="foreach",
+                checkpoint_every=1, offload_activations=True, tile_mlp_tokens=8192)
+
+    def at(n):
+        return replace(base, seq_len=n, rope_positions=n)
+
+    _, h100 = advisor.capacity("H100")
+    longest, why = estimate_check.longest_fitting(at, h100, config=config)
+    assert why == "GPU memory" and longest % 1024 == 0 and longest > 2**19
+    assert estimate(at(longest), config).peak <= h100 < estimate(at(longest + 1024), config).peak
+    host = 64 * GiB  # 16 layers x 2 x 2048 B per token: 2^20 tokens fill it
+    assert estimate_check.longest_fitting(at, h100, host, config=config) == (2**20, "host memory")
+    assert estimate_check.longest_fitting(at, h100, start=4096, cap=2**16, config=config) == (2**16, "cap")
+    assert estimate_check.longest_fitting(at, GiB, config=config) == (None, "GPU memory")

@@ -8,6 +8,7 @@ GPUs), then predicts it. Nothing here is fitted: a row that misses says why in i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 
 from ..core import batches, models
@@ -138,6 +139,33 @@ def ladder_plans(rows: list[dict], rungs, model: str, hw) -> list[Plan]:
                     rope_positions=rung.rope_positions or 0)
         plans.append(for_hardware(plan, hw))
     return plans
+
+
+def longest_fitting(plan_at: Callable[[int], Plan], gpu_bytes: float, host_bytes: float | None = None,
+                    start: int = 1024, cap: int = 2**24, config=None) -> tuple[int | None, str]:
+    """The longest length whose plan ``plan_at(n)`` is predicted to fit ``gpu_bytes`` of GPU memory (and
+    ``host_bytes`` of host memory for offloaded activations), and what stops a longer one: ``"GPU memory"``,
+    ``"host memory"`` or ``"cap"`` (``cap`` tokens reached). Doubles from ``start``, then bisects on
+    multiples of ``start``, as the ladder's search does; ``(None, why)`` if ``start`` does not fit."""
+    def stop(n: int) -> str | None:
+        predicted = estimate(plan_at(n), config)
+        if predicted.peak > gpu_bytes:
+            return "GPU memory"
+        return "host memory" if host_bytes is not None and predicted.host > host_bytes else None
+
+    best, length = None, start
+    while length <= cap and (why := stop(length)) is None:
+        best, length = length, length * 2
+    if length > cap:
+        return best, "cap"
+    low, high = best, length
+    while low is not None and high - low > start:
+        middle = (low + high) // 2 // start * start
+        if (reason := stop(middle)) is None:
+            low = middle
+        else:
+            high, why = middle, reason
+    return low, why
 
 
 def side_by_side(rows: list[dict], plans: list[Plan], config=None):
