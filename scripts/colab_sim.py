@@ -388,8 +388,10 @@ class Harness:
     # 1
     def clone(self) -> None:
         if (ROOT / ".git").exists():
-            listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], check=True,
-                                    capture_output=True).stdout.decode().split("\0")
+            # tracked files and untracked ones .gitignore lets through: a copy of a working tree (the GPU
+            # machine's) can carry a stale index that misses files added since
+            ls = ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+            listed = subprocess.run(ls, check=True, capture_output=True).stdout.decode().split("\0")
             copied = 0
             for rel in filter(None, listed):
                 src, dst = ROOT / rel, self.home / rel

@@ -205,3 +205,10 @@ def test_recipes_home_points_the_package_at_a_clone(tmp_path):
     env["RECIPES_HOME"] = str(tmp_path / "nowhere")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "has no data/ folder" in out.stderr
+
+
+def test_compute_dtype_is_what_the_kernels_run_in():
+    assert hardware.detect("cpu").compute_dtype == torch.float32
+    assert gpu(80).compute_dtype == torch.bfloat16
+    assert gpu(15, bf16=False).compute_dtype == torch.float16  # a T4: fp16 kernels, fp32 weights
+    assert gpu(15, bf16=False).model_dtype == torch.float32

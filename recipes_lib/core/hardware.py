@@ -75,6 +75,11 @@ class Hardware:
         return torch.bfloat16 if self.bf16 else torch.float16
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype the kernels run in: the autocast dtype on a GPU (fp16 on a T4), else the weights'."""
+        return self.amp_dtype or self.model_dtype
+
+    @property
     def needs_loss_scaling(self) -> bool:
         return self.amp_dtype == torch.float16
 
@@ -101,11 +106,12 @@ def peak_flops_for(name: str) -> float | None:
     return None
 
 
-def sdpa_backends(device: torch.device) -> tuple[str, ...]:
-    """SDPA kernels that actually run here, found by trying each on a small causal bf16/fp32 input."""
+def sdpa_backends(device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, ...]:
+    """SDPA kernels that actually run here, found by trying each on a small causal input of ``dtype``
+    (default: bf16 on a GPU, fp32 on a CPU; a GPU without bf16 runs its kernels in fp16)."""
     from torch.nn.attention import sdpa_kernel
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     q = torch.randn(1, 2, 128, 64, device=device, dtype=dtype)
     found = []
     for name, backend in SDPA_BACKENDS.items():
@@ -172,11 +178,13 @@ def detect(device: str | None = None) -> Hardware:
                 raise RecipeError(f"RECIPES_SIMULATE_GPU={simulated}: this {name} has only "
                                   f"{memory / 2**30:.0f} GiB, not more than the {cap / 2**30:.0f} GiB "
                                   "it would cap")
-            torch.cuda.set_per_process_memory_fraction(cap / memory, dev)
+            torch.cuda.set_per_process_memory_fraction(cap / memory, torch.cuda.current_device())
             memory, bf16 = cap, bf16 and GPU_CLASSES[simulated]["bf16"]
     else:
         name, bf16, memory, peak = "CPU", True, None, None
-    return Hardware(dev, name, bf16, sdpa_backends(dev), bitsandbytes_works(dev), peak, memory, simulated)
+    kernel_dtype = None if dev.type != "cuda" else torch.bfloat16 if bf16 else torch.float16
+    return Hardware(dev, name, bf16, sdpa_backends(dev, kernel_dtype), bitsandbytes_works(dev), peak, memory,
+                    simulated)
 
 
 def raise_recompile_limit(limit: int = 64) -> None:

@@ -15,8 +15,9 @@ def time_attention(implementation: str, seq_len: int, heads: int, head_dim: int,
                    batch: int = 1) -> dict:
     """Median time (with min and max) and peak extra memory of one attention call, or OOM.
 
-    Inputs are ``[batch, heads, seq_len, head_dim]`` in the device's weight dtype; the peak excludes
-    them. The call is forward + backward (``backward``) or forward only (no autograd graph).
+    Inputs are ``[batch, heads, seq_len, head_dim]`` in the device's compute dtype (``hw.compute_dtype``:
+    bf16, fp16 on a T4, fp32 on a CPU); the peak excludes them. The call is forward + backward
+    (``backward``) or forward only (no autograd graph).
     FlexAttention is timed compiled (on CPU too, where it has no backward); on CPU its peak is not
     measured (None): the allocation tracker cannot run inside it. TFLOP/s count the pairs the mask
     keeps (causal: half; ``flex-causal`` ignores ``window``), at the median call (``tflops``) and at
@@ -30,7 +31,7 @@ def time_attention(implementation: str, seq_len: int, heads: int, head_dim: int,
 
 
 def _measure(implementation, seq_len, heads, head_dim, hw, window, backward, repeats, batch) -> dict:
-    q, k, v = random_qkv(batch, heads, seq_len, head_dim, hw.device, hw.model_dtype, requires_grad=backward)
+    q, k, v = random_qkv(batch, heads, seq_len, head_dim, hw.device, hw.compute_dtype, requires_grad=backward)
     grad = torch.randn_like(q) if backward else None
 
     def call():
