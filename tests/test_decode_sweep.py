@@ -1,0 +1,58 @@
+"""Issue 20's decode library: the bandwidth floor against hand counts, the fixed + per-layer cost model
+against a known truth, the student it chooses, and the size sweep on a tiny shape on CPU."""
+
+import pytest
+from conftest import tiny_config, tiny_model
+from transformers import LlamaForCausalLM
+
+from recipes_lib.inference import quantize
+from recipes_lib.measure import decode_floor
+from recipes_lib.measure.estimate import model_config
+
+LLAMA_1B = model_config("random:llama-3.2-1b")
+LLAMA_8B = model_config("random:llama-3.1-8b")
+
+
+def test_1b_weights_per_token_and_floor_match_the_hand_count():
+    per_layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192  # q, o; k, v; gate, up, down
+    head = 128256 * 2048
+    parts = decode_floor.step_bytes(LLAMA_1B, batch=1, context=544, fmt="bf16")
+    assert parts["linear"] == 2 * 16 * per_layer and parts["lm_head"] == 2 * head
+    assert parts["linear"] + parts["lm_head"] == pytest.approx(2.47e9, rel=2e-3)  # the issue's 2.47 GB
+    assert parts["kv_cache"] == 544 * 16 * 2 * 8 * 64 * 2 and parts["embedding"] == 2048 * 2
+    # the issue's H200 floor: 1,712 tokens/s at ~4.3 TB/s, weights and KV over the copy bandwidth
+    floor = decode_floor.floor_tokens_per_s(LLAMA_1B, 1, decode_floor.mean_context(512, 64), "bf16", 4.3e12)
+    assert floor == pytest.approx(1712, rel=0.03)
+    shared = parts["linear"] + parts["lm_head"] + parts["norms"]  # read once for the batch
+    per_sequence = parts["kv_cache"] + parts["embedding"]
+    batch16 = decode_floor.floor_tokens_per_s(LLAMA_1B, 16, 544, "bf16", 4.3e12)
+    assert batch16 == pytest.approx(16 * 4.3e12 / (shared + 16 * per_sequence))
+
+
+def test_quantized_formats_count_their_scales():
+    assert decode_floor.linear_bytes(256, 64, "int8") == 256 * 64 + 64 * 2
+    assert decode_floor.linear_bytes(256, 64, "int4", group_size=128) == 256 * 64 / 2 + 2 * 64 * 4
+    with pytest.raises(ValueError, match="fmt="):
+        decode_floor.linear_bytes(256, 64, "fp8")
+    int8 = decode_floor.step_bytes(LLAMA_8B, 1, 0, "int8")
+    bf16 = decode_floor.step_bytes(LLAMA_8B, 1, 0, "bf16")
+    assert 0.5 < (int8["linear"] + int8["lm_head"]) / (bf16["linear"] + bf16["lm_head"]) < 0.501
+
+
+def test_int8_bytes_match_the_quantized_model_and_parameters_match_the_model():
+    model, _ = quantize.int8_weight_only(tiny_model(), backend="pytorch")  # fp32: 4-byte scales
+    parts = decode_floor.step_bytes(model.config, fmt="int8", act_bytes=4)
+    assert quantize.linear_weight_bytes(model)[0] == parts["linear"] + parts["lm_head"]
+    for tied in (True, False):
+        config = tiny_config(tie_word_embeddings=tied)
+        counted = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+        assert decode_floor.parameter_count(config) == counted
+
+
+def test_step_bytes_are_the_fixed_part_plus_the_layers():
+    for fmt in decode_floor.FORMATS:
+        total = decode_floor.step_bytes(LLAMA_8B, 4, 300, fmt)["total"]
+        split = (decode_floor.head_bytes(LLAMA_8B, fmt, 4)
+                 + 32 * decode_floor.layer_bytes(LLAMA_8B, fmt, 4, 300))
+        assert total == pytest.approx(split)
+
