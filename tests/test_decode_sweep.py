@@ -5,12 +5,20 @@ import pytest
 from conftest import tiny_config, tiny_model
 from transformers import LlamaForCausalLM
 
+from recipes_lib.core.errors import RecipeError
 from recipes_lib.inference import quantize
-from recipes_lib.measure import decode_floor
+from recipes_lib.measure import decode_cost, decode_floor
 from recipes_lib.measure.estimate import model_config
 
-LLAMA_1B = model_config("random:llama-3.2-1b")
-LLAMA_8B = model_config("random:llama-3.1-8b")
+
+def shape(name, layers=None):
+    config = model_config(f"random:{name}")
+    config.num_hidden_layers = layers or config.num_hidden_layers
+    return config
+
+
+LLAMA_1B = shape("llama-3.2-1b")
+LLAMA_8B = shape("llama-3.1-8b")
 
 
 def test_1b_weights_per_token_and_floor_match_the_hand_count():
@@ -56,3 +64,47 @@ def test_step_bytes_are_the_fixed_part_plus_the_layers():
                  + 32 * decode_floor.layer_bytes(LLAMA_8B, fmt, 4, 300))
         assert total == pytest.approx(split)
 
+
+TRUTH = decode_cost.CostModel(overhead_s=0.4e-3, layer_latency_s=20e-6, bandwidth=3e12, context=544)
+
+
+def points(shapes_depths):
+    return [(shape(s, d), TRUTH.step_s(shape(s, d)))
+            for s, d in shapes_depths]
+
+
+def test_cost_model_recovers_a_known_fixed_and_per_layer_truth():
+    measured = points([("llama-3.2-1b", 16), ("llama-3.2-1b", 8), ("llama-3.1-8b", 32), ("llama-3.1-8b", 16)])
+    fitted = decode_cost.fit(measured, context=544)
+    for key in ("overhead_s", "layer_latency_s", "bandwidth"):
+        assert getattr(fitted, key) == pytest.approx(getattr(TRUTH, key), rel=1e-6)
+    # one width at two depths: the bandwidth given, the fixed and per-layer latencies recovered
+    known = decode_cost.fit(measured[:2], bandwidth=3e12, context=544)
+    assert (known.overhead_s, known.layer_latency_s) == pytest.approx((0.4e-3, 20e-6), rel=1e-6)
+    split = TRUTH.fixed_s(LLAMA_1B), TRUTH.per_layer_s(LLAMA_1B)  # what decode.step_split would find
+    assert (known.fixed_s(LLAMA_1B), known.per_layer_s(LLAMA_1B)) == pytest.approx(split)
+    assert decode_cost.residuals(known, measured) == pytest.approx([0] * 4, abs=1e-9)
+    with pytest.raises(RecipeError, match="second width"):
+        decode_cost.fit(measured[:2], context=544)
+    with pytest.raises(RecipeError, match="two depths"):
+        decode_cost.fit(measured[:1], bandwidth=3e12, context=544)
+
+
+def test_student_keeps_head_dim_and_head_ratio():
+    student = decode_cost.student_config(LLAMA_8B, 12, 6)
+    assert (student.head_dim, student.num_attention_heads, student.num_key_value_heads) == (128, 24, 6)
+    assert (student.hidden_size, student.intermediate_size, student.num_hidden_layers) == (3072, 10752, 12)
+    same = decode_cost.student_config(LLAMA_8B, 32, 8)
+    assert (same.hidden_size, same.intermediate_size) == (4096, 14336)
+    assert LLAMA_8B.num_hidden_layers == 32  # the teacher's config is not changed
+
+
+def test_chosen_student_meets_the_target_and_no_larger_one_does():
+    student = decode_cost.choose_student(LLAMA_8B, 2.0, TRUTH)
+    assert student.speedup >= 2.0 and student.speedup == TRUTH.speedup(student.config, LLAMA_8B)
+    assert student.parameters == decode_floor.parameter_count(student.config)
+    larger = [c for c in decode_cost.candidates(LLAMA_8B)
+              if decode_floor.parameter_count(c) > student.parameters]
+    assert larger and all(TRUTH.speedup(c, LLAMA_8B) < 2.0 for c in larger)
+    with pytest.raises(RecipeError, match="fastest reaches"):
+        decode_cost.choose_student(LLAMA_8B, 1000.0, TRUTH)
