@@ -1,24 +1,19 @@
 """Issue 20's decode library: the bandwidth floor against hand counts, the fixed + per-layer cost model
 against a known truth, the student it chooses, and the size sweep on a tiny shape on CPU."""
 
+import json
+
 import pytest
+import torch
 from conftest import tiny_config, tiny_model
 from transformers import LlamaForCausalLM
 
 from recipes_lib.core.errors import RecipeError
 from recipes_lib.inference import quantize
-from recipes_lib.measure import decode_cost, decode_floor
-from recipes_lib.measure.estimate import model_config
+from recipes_lib.measure import decode_cost, decode_floor, decode_sweep
 
-
-def shape(name, layers=None):
-    config = model_config(f"random:{name}")
-    config.num_hidden_layers = layers or config.num_hidden_layers
-    return config
-
-
-LLAMA_1B = shape("llama-3.2-1b")
-LLAMA_8B = shape("llama-3.1-8b")
+LLAMA_1B = decode_sweep.shape_config("llama-3.2-1b")
+LLAMA_8B = decode_sweep.shape_config("llama-3.1-8b")
 
 
 def test_1b_weights_per_token_and_floor_match_the_hand_count():
@@ -69,7 +64,7 @@ TRUTH = decode_cost.CostModel(overhead_s=0.4e-3, layer_latency_s=20e-6, bandwidt
 
 
 def points(shapes_depths):
-    return [(shape(s, d), TRUTH.step_s(shape(s, d)))
+    return [(decode_sweep.shape_config(s, d), TRUTH.step_s(decode_sweep.shape_config(s, d)))
             for s, d in shapes_depths]
 
 
@@ -108,3 +103,69 @@ def test_chosen_student_meets_the_target_and_no_larger_one_does():
     assert larger and all(TRUTH.speedup(c, LLAMA_8B) < 2.0 for c in larger)
     with pytest.raises(RecipeError, match="fastest reaches"):
         decode_cost.choose_student(LLAMA_8B, 1000.0, TRUTH)
+
+
+def test_analyse_fits_each_format_and_chooses_the_student():
+    measured = [("llama-3.2-1b", 16), ("llama-3.2-1b", 8), ("llama-3.1-8b", 32)]
+    rows = [{"shape": s, "layers": d, "format": "bf16", "batch": 1, "skipped": None,
+             "parameters": decode_floor.parameter_count(c), "ms_per_decode_step": 1e3 * t}
+            for (s, d), (c, t) in zip(measured, points(measured))]
+    rows.append({**rows[0], "format": "int4", "skipped": "no int4 kernel here"})
+    out = decode_sweep.analyse({"rows": rows, "context": 544, "act_bytes": 2, "bandwidth": 2e12})
+    assert list(out["cost_models"]) == ["bf16 batch 1"]
+    fitted = out["cost_models"]["bf16 batch 1"]
+    assert fitted["bandwidth"] == pytest.approx(3e12, rel=1e-6)  # fitted from two widths, not the 2e12 given
+    expected = decode_cost.choose_student(LLAMA_8B, 2.0, TRUTH)
+    student = out["student"]
+    assert (student["layers"], student["hidden_size"]) == (expected.layers, expected.hidden_size)
+
+
+def test_int4_says_why_it_cannot_run_on_cpu():
+    model = tiny_model()
+    assert quantize.int4_unavailable(model).startswith("no int4 kernel here")
+    with pytest.raises(RecipeError, match="no int4 kernel here"):
+        quantize.int4_weight_only(model)
+
+
+def test_sweep_runs_a_tiny_shape_on_cpu(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = decode_sweep.main(["--shapes", "llama-mini", "--formats", "bf16", "int8", "int4",
+                                "--batches", "1", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "2",
+                                "--eager", "--out", str(out)])
+    bf16, int8, int4 = result["rows"]
+    assert [r["format"] for r in (bf16, int8, int4)] == ["bf16", "int8", "int4"]
+    for row in (bf16, int8):
+        assert row["skipped"] is None and row["compiled"] is False and row["decode_tokens_per_s"] > 0
+        share = row["decode_tokens_per_s"] / row["floor_tokens_per_s"]
+        assert row["pct_of_floor"] == pytest.approx(100 * share)
+    assert int8["floor_tokens_per_s"] > 1.5 * bf16["floor_tokens_per_s"]  # fp32 on CPU: int8 reads ~1/4
+    assert int8["speedup_vs_bf16"] == pytest.approx(int8["decode_tokens_per_s"] / bf16["decode_tokens_per_s"])
+    assert int8["speedup_min"] <= int8["speedup_vs_bf16"] <= int8["speedup_max"]
+    assert bf16["speedup_vs_bf16"] == 1.0 and bf16["speedup_min"] is None
+    assert int4["skipped"].startswith("no int4 kernel here") and int4["speedup_vs_bf16"] is None
+    assert "bf16 batch 1" in result["analysis"]["not_fitted"]  # one depth: no fixed/per-layer split
+    assert json.loads(out.read_text())["rows"][1]["backend"] == "pytorch"
+    assert [r["skipped"] for r in decode_sweep.table(result["rows"])[2:]] == [int4["skipped"]]
+    assert torch.get_default_device().type == "cpu"  # build's device context did not leak
+
+
+def test_merge_joins_commands_and_compares_across_them(tmp_path):
+    def result(fmt, rate, prompt_len=512):
+        row = {"shape": "llama-3.2-1b", "layers": 16, "format": fmt, "batch": 1, "skipped": None,
+               "parameters": decode_floor.parameter_count(LLAMA_1B), "ms_per_decode_step": 1e3 / rate,
+               "decode_tokens_per_s": rate, "decode_tokens_per_s_min": 0.9 * rate,
+               "decode_tokens_per_s_max": 1.1 * rate, "floor_tokens_per_s": 1700, "pct_of_floor": rate / 17,
+               "backend": "torchao"}
+        return {"bandwidth": 3e12 if fmt == "bf16" else 2e12, "prompt_len": prompt_len, "new_tokens": 64,
+                "context": 544.5, "act_bytes": 2, "rows": [row]}
+
+    paths = [tmp_path / "bf16.json", tmp_path / "int8.json", tmp_path / "all.json"]
+    paths[0].write_text(json.dumps(result("bf16", 600)))
+    paths[1].write_text(json.dumps(result("int8", 900)))
+    merged = decode_sweep.main(["--merge", str(paths[0]), str(paths[1]), "--out", str(paths[2])])
+    assert merged["bandwidth"] == 2.5e12 and len(merged["rows"]) == 2
+    assert merged["rows"][1]["speedup_vs_bf16"] == pytest.approx(1.5)
+    assert merged["rows"][1]["speedup_min"] == pytest.approx(0.9 * 900 / (1.1 * 600))
+    assert json.loads(paths[2].read_text())["analysis"]["not_fitted"]
+    with pytest.raises(RecipeError, match="different prompt lengths"):
+        decode_sweep.merge([result("bf16", 600), result("int8", 900, prompt_len=128)])
