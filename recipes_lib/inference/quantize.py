@@ -12,6 +12,10 @@
 
 Without torchao (it is installed on GPU machines only) ``int8_weight_only`` falls back to
 ``Int8WeightOnlyLinear``, the same arithmetic in plain PyTorch.
+
+- **int4 weight-only** (torchao ``Int4WeightOnlyConfig``, tile-packed for PyTorch's tinygemm kernel
+  ``_weight_int4pack_mm``): 4-bit weights in groups of 128 inputs with a bf16 scale and zero per group.
+  CUDA only (compute capability 8.0 or newer) and bf16 weights; ``int4_unavailable`` says why not here.
 """
 
 from __future__ import annotations
@@ -98,6 +102,38 @@ def int8_weight_only(model: nn.Module, backend: str = "auto") -> tuple[nn.Module
                       "weight-only layer instead (same arithmetic, no torchao kernels).", stacklevel=2)
     _replace_linears(model)
     return model, "pytorch"
+
+
+def int4_unavailable(model: nn.Module) -> str | None:
+    """Why ``int4_weight_only`` cannot run on ``model`` here, or None if it can."""
+    weight = next(model.parameters())
+    if not torchao_available():
+        return "no int4 kernel here: torchao is not installed (pip install torchao)"
+    if weight.device.type != "cuda":
+        return f"no int4 kernel here: torchao's int4 kernel (tinygemm) needs CUDA, not {weight.device}"
+    if torch.cuda.get_device_capability(weight.device)[0] < 8:
+        return "no int4 kernel here: tinygemm needs compute capability 8.0 or newer"
+    if weight.dtype != torch.bfloat16:
+        return f"no int4 kernel here: tinygemm needs bf16 weights, not {weight.dtype}"
+    return None
+
+
+def int4_weight_only(model: nn.Module, group_size: int = 128) -> tuple[nn.Module, str]:
+    """Quantize every ``nn.Linear`` of ``model`` (whose inputs divide into groups) in place to int4
+    weight-only with torchao's tinygemm layout; returns (model, backend). Raises where there is no kernel."""
+    existing, missing = quantization_of(model), int4_unavailable(model)
+    if existing is not None:
+        raise RecipeError(f"this model is already quantized ({existing}): quantize the bf16 model instead.")
+    if missing is not None:
+        raise RecipeError(missing)
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    # set_inductor_config=False: see int8_weight_only (tuning is the benchmark's choice)
+    config = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+                                  set_inductor_config=False)
+    quantize_(model, config, filter_fn=lambda module, _: isinstance(module, nn.Linear)
+              and module.in_features % group_size == 0)
+    return model, "torchao"
 
 
 def _replace_linears(module: nn.Module) -> None:

@@ -1,0 +1,171 @@
+"""Issue 20's decode library: the bandwidth floor against hand counts, the fixed + per-layer cost model
+against a known truth, the student it chooses, and the size sweep on a tiny shape on CPU."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from transformers import LlamaForCausalLM
+
+from recipes_lib.core.errors import RecipeError
+from recipes_lib.inference import quantize
+from recipes_lib.measure import decode_cost, decode_floor, decode_sweep
+
+LLAMA_1B = decode_sweep.shape_config("llama-3.2-1b")
+LLAMA_8B = decode_sweep.shape_config("llama-3.1-8b")
+
+
+def test_1b_weights_per_token_and_floor_match_the_hand_count():
+    per_layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192  # q, o; k, v; gate, up, down
+    head = 128256 * 2048
+    parts = decode_floor.step_bytes(LLAMA_1B, batch=1, context=544, fmt="bf16")
+    assert parts["linear"] == 2 * 16 * per_layer and parts["lm_head"] == 2 * head
+    assert parts["linear"] + parts["lm_head"] == pytest.approx(2.47e9, rel=2e-3)  # the issue's 2.47 GB
+    assert parts["kv_cache"] == 544 * 16 * 2 * 8 * 64 * 2 and parts["embedding"] == 2048 * 2
+    # the issue's H200 floor: 1,712 tokens/s at ~4.3 TB/s, weights and KV over the copy bandwidth
+    floor = decode_floor.floor_tokens_per_s(LLAMA_1B, 1, decode_floor.mean_context(512, 64), "bf16", 4.3e12)
+    assert floor == pytest.approx(1712, rel=0.03)
+    shared = parts["linear"] + parts["lm_head"] + parts["norms"]  # read once for the batch
+    per_sequence = parts["kv_cache"] + parts["embedding"]
+    batch16 = decode_floor.floor_tokens_per_s(LLAMA_1B, 16, 544, "bf16", 4.3e12)
+    assert batch16 == pytest.approx(16 * 4.3e12 / (shared + 16 * per_sequence))
+
+
+def test_quantized_formats_count_their_scales():
+    assert decode_floor.linear_bytes(256, 64, "int8") == 256 * 64 + 64 * 2
+    assert decode_floor.linear_bytes(256, 64, "int4", group_size=128) == 256 * 64 / 2 + 2 * 64 * 4
+    with pytest.raises(ValueError, match="fmt="):
+        decode_floor.linear_bytes(256, 64, "fp8")
+    int8 = decode_floor.step_bytes(LLAMA_8B, 1, 0, "int8")
+    bf16 = decode_floor.step_bytes(LLAMA_8B, 1, 0, "bf16")
+    assert 0.5 < (int8["linear"] + int8["lm_head"]) / (bf16["linear"] + bf16["lm_head"]) < 0.501
+
+
+def test_int8_bytes_match_the_quantized_model_and_parameters_match_the_model():
+    model, _ = quantize.int8_weight_only(tiny_model(), backend="pytorch")  # fp32: 4-byte scales
+    parts = decode_floor.step_bytes(model.config, fmt="int8", act_bytes=4)
+    assert quantize.linear_weight_bytes(model)[0] == parts["linear"] + parts["lm_head"]
+    for tied in (True, False):
+        config = tiny_config(tie_word_embeddings=tied)
+        counted = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+        assert decode_floor.parameter_count(config) == counted
+
+
+def test_step_bytes_are_the_fixed_part_plus_the_layers():
+    for fmt in decode_floor.FORMATS:
+        total = decode_floor.step_bytes(LLAMA_8B, 4, 300, fmt)["total"]
+        split = (decode_floor.head_bytes(LLAMA_8B, fmt, 4)
+                 + 32 * decode_floor.layer_bytes(LLAMA_8B, fmt, 4, 300))
+        assert total == pytest.approx(split)
+
+
+TRUTH = decode_cost.CostModel(overhead_s=0.4e-3, layer_latency_s=20e-6, bandwidth=3e12, context=544)
+
+
+def points(shapes_depths):
+    return [(decode_sweep.shape_config(s, d), TRUTH.step_s(decode_sweep.shape_config(s, d)))
+            for s, d in shapes_depths]
+
+
+def test_cost_model_recovers_a_known_fixed_and_per_layer_truth():
+    measured = points([("llama-3.2-1b", 16), ("llama-3.2-1b", 8), ("llama-3.1-8b", 32), ("llama-3.1-8b", 16)])
+    fitted = decode_cost.fit(measured, context=544)
+    for key in ("overhead_s", "layer_latency_s", "bandwidth"):
+        assert getattr(fitted, key) == pytest.approx(getattr(TRUTH, key), rel=1e-6)
+    # one width at two depths: the bandwidth given, the fixed and per-layer latencies recovered
+    known = decode_cost.fit(measured[:2], bandwidth=3e12, context=544)
+    assert (known.overhead_s, known.layer_latency_s) == pytest.approx((0.4e-3, 20e-6), rel=1e-6)
+    split = TRUTH.fixed_s(LLAMA_1B), TRUTH.per_layer_s(LLAMA_1B)  # what decode.step_split would find
+    assert (known.fixed_s(LLAMA_1B), known.per_layer_s(LLAMA_1B)) == pytest.approx(split)
+    assert decode_cost.residuals(known, measured) == pytest.approx([0] * 4, abs=1e-9)
+    with pytest.raises(RecipeError, match="second width"):
+        decode_cost.fit(measured[:2], context=544)
+    with pytest.raises(RecipeError, match="two depths"):
+        decode_cost.fit(measured[:1], bandwidth=3e12, context=544)
+
+
+def test_student_keeps_head_dim_and_head_ratio():
+    student = decode_cost.student_config(LLAMA_8B, 12, 6)
+    assert (student.head_dim, student.num_attention_heads, student.num_key_value_heads) == (128, 24, 6)
+    assert (student.hidden_size, student.intermediate_size, student.num_hidden_layers) == (3072, 10752, 12)
+    same = decode_cost.student_config(LLAMA_8B, 32, 8)
+    assert (same.hidden_size, same.intermediate_size) == (4096, 14336)
+    assert LLAMA_8B.num_hidden_layers == 32  # the teacher's config is not changed
+
+
+def test_chosen_student_meets_the_target_and_no_larger_one_does():
+    student = decode_cost.choose_student(LLAMA_8B, 2.0, TRUTH)
+    assert student.speedup >= 2.0 and student.speedup == TRUTH.speedup(student.config, LLAMA_8B)
+    assert student.parameters == decode_floor.parameter_count(student.config)
+    larger = [c for c in decode_cost.candidates(LLAMA_8B)
+              if decode_floor.parameter_count(c) > student.parameters]
+    assert larger and all(TRUTH.speedup(c, LLAMA_8B) < 2.0 for c in larger)
+    with pytest.raises(RecipeError, match="fastest reaches"):
+        decode_cost.choose_student(LLAMA_8B, 1000.0, TRUTH)
+
+
+def test_analyse_fits_each_format_and_chooses_the_student():
+    measured = [("llama-3.2-1b", 16), ("llama-3.2-1b", 8), ("llama-3.1-8b", 32)]
+    rows = [{"shape": s, "layers": d, "format": "bf16", "batch": 1, "skipped": None,
+             "parameters": decode_floor.parameter_count(c), "ms_per_decode_step": 1e3 * t}
+            for (s, d), (c, t) in zip(measured, points(measured))]
+    rows.append({**rows[0], "format": "int4", "skipped": "no int4 kernel here"})
+    out = decode_sweep.analyse({"rows": rows, "context": 544, "act_bytes": 2, "bandwidth": 2e12})
+    assert list(out["cost_models"]) == ["bf16 batch 1"]
+    fitted = out["cost_models"]["bf16 batch 1"]
+    assert fitted["bandwidth"] == pytest.approx(3e12, rel=1e-6)  # fitted from two widths, not the 2e12 given
+    expected = decode_cost.choose_student(LLAMA_8B, 2.0, TRUTH)
+    student = out["student"]
+    assert (student["layers"], student["hidden_size"]) == (expected.layers, expected.hidden_size)
+
+
+def test_int4_says_why_it_cannot_run_on_cpu():
+    model = tiny_model()
+    assert quantize.int4_unavailable(model).startswith("no int4 kernel here")
+    with pytest.raises(RecipeError, match="no int4 kernel here"):
+        quantize.int4_weight_only(model)
+
+
+def test_sweep_runs_a_tiny_shape_on_cpu(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = decode_sweep.main(["--shapes", "llama-mini", "--formats", "bf16", "int8", "int4",
+                                "--batches", "1", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "2",
+                                "--eager", "--out", str(out)])
+    bf16, int8, int4 = result["rows"]
+    assert [r["format"] for r in (bf16, int8, int4)] == ["bf16", "int8", "int4"]
+    for row in (bf16, int8):
+        assert row["skipped"] is None and row["compiled"] is False and row["decode_tokens_per_s"] > 0
+        share = row["decode_tokens_per_s"] / row["floor_tokens_per_s"]
+        assert row["pct_of_floor"] == pytest.approx(100 * share)
+    assert int8["floor_tokens_per_s"] > 1.5 * bf16["floor_tokens_per_s"]  # fp32 on CPU: int8 reads ~1/4
+    assert int8["speedup_vs_bf16"] == pytest.approx(int8["decode_tokens_per_s"] / bf16["decode_tokens_per_s"])
+    assert int8["speedup_min"] <= int8["speedup_vs_bf16"] <= int8["speedup_max"]
+    assert bf16["speedup_vs_bf16"] == 1.0 and bf16["speedup_min"] is None
+    assert int4["skipped"].startswith("no int4 kernel here") and int4["speedup_vs_bf16"] is None
+    assert "bf16 batch 1" in result["analysis"]["not_fitted"]  # one depth: no fixed/per-layer split
+    assert json.loads(out.read_text())["rows"][1]["backend"] == "pytorch"
+    assert [r["skipped"] for r in decode_sweep.table(result["rows"])[2:]] == [int4["skipped"]]
+    assert torch.get_default_device().type == "cpu"  # build's device context did not leak
+
+
+def test_merge_joins_commands_and_compares_across_them(tmp_path):
+    def result(fmt, rate, prompt_len=512):
+        row = {"shape": "llama-3.2-1b", "layers": 16, "format": fmt, "batch": 1, "skipped": None,
+               "parameters": decode_floor.parameter_count(LLAMA_1B), "ms_per_decode_step": 1e3 / rate,
+               "decode_tokens_per_s": rate, "decode_tokens_per_s_min": 0.9 * rate,
+               "decode_tokens_per_s_max": 1.1 * rate, "floor_tokens_per_s": 1700, "pct_of_floor": rate / 17,
+               "backend": "torchao"}
+        return {"bandwidth": 3e12 if fmt == "bf16" else 2e12, "prompt_len": prompt_len, "new_tokens": 64,
+                "context": 544.5, "act_bytes": 2, "rows": [row]}
+
+    paths = [tmp_path / "bf16.json", tmp_path / "int8.json", tmp_path / "all.json"]
+    paths[0].write_text(json.dumps(result("bf16", 600)))
+    paths[1].write_text(json.dumps(result("int8", 900)))
+    merged = decode_sweep.main(["--merge", str(paths[0]), str(paths[1]), "--out", str(paths[2])])
+    assert merged["bandwidth"] == 2.5e12 and len(merged["rows"]) == 2
+    assert merged["rows"][1]["speedup_vs_bf16"] == pytest.approx(1.5)
+    assert merged["rows"][1]["speedup_min"] == pytest.approx(0.9 * 900 / (1.1 * 600))
+    assert json.loads(paths[2].read_text())["analysis"]["not_fitted"]
+    with pytest.raises(RecipeError, match="different prompt lengths"):
+        decode_sweep.merge([result("bf16", 600), result("int8", 900, prompt_len=128)])
