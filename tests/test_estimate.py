@@ -17,7 +17,7 @@ from recipes_lib.core import batches, checkpointing, hardware, models, train
 from recipes_lib.core.errors import RecipeError
 from recipes_lib.long_context import tiling
 from recipes_lib.measure import activations as act
-from recipes_lib.measure import advisor, bench, estimate_check
+from recipes_lib.measure import advisor, bench, estimate_check, flops, memory
 from recipes_lib.measure.estimate import Plan, estimate, for_hardware, layout, model_config
 from recipes_lib.measure.memory import GiB
 from recipes_lib.memory import qlora
@@ -394,3 +394,34 @@ def test_longest_fitting_length_and_what_stops_it():
     assert estimate_check.longest_fitting(at, h100, host, config=config) == (2**20, "host memory")
     assert estimate_check.longest_fitting(at, h100, start=4096, cap=2**16, config=config) == (2**16, "cap")
     assert estimate_check.longest_fitting(at, GiB, config=config) == (None, "GPU memory")
+
+
+def test_host_columns_and_what_the_recipe_reaches(monkeypatch):
+    config = model_config("random:llama-3.2-1b")
+    plan = Plan("random:llama-3.2-1b", "full", "bf16", micro_batch=1, seq_len=131072, packed=False,
+                optimizer="foreach", checkpoint_every=1, offload_activations=True, tile_mlp_tokens=16384)
+    predicted = estimate(plan, config)
+    assert predicted.host == 16 * 131072 * 2048 * 2  # a layer's bf16 input per layer, a power of two already
+    rows = [{"name": "offloaded", "seq_len": 131072, "oom": False, "peak_bytes": predicted.peak,
+             "host_bytes": 2 * predicted.host}]
+    table = estimate_check.side_by_side(rows, [plan], config, host=True)
+    assert table.loc["offloaded", "host predicted (GiB)"] == 8.0
+    assert table.loc["offloaded", "host measured (GiB)"] == 16.0
+    assert "host predicted (GiB)" not in estimate_check.side_by_side(rows, [plan], config).columns
+    ratio = flops.scaled_step_seconds(config, 2 * 131072, 131072, 1.0)
+    assert 2 < ratio < 4  # linear weights, quadratic attention
+    monkeypatch.setattr(memory, "host_total_bytes", lambda: 120 * GiB)  # a GPU machine's RAM, not this one's
+    h200 = replace(CPU, device=torch.device("cuda"), memory_bytes=141 * 10**9, name="NVIDIA H200")
+    reach = estimate_check.reach(plan, h200, 131072, 15.0, time_limit_s=10**6, config=config)
+    assert reach["longest by memory"] == 2**20 and reach["what stops"] == reach["memory stops it at"] == \
+        "host memory"  # 16 layers x 2^20 tokens x 4 KiB = 64 GiB pinned; the next block size would be 128
+    assert reach["longest in time"] == 2**20 and reach["host (GiB)"] == 64 and reach["GPU peak (GiB)"] < 100
+    slow = estimate_check.reach(plan, h200, 131072, 15.0, time_limit_s=240, config=config)
+    assert slow["what stops"] == "time" and slow["longest by memory"] == 2**20
+    in_time = slow["longest in time"]
+    assert flops.scaled_step_seconds(config, in_time, 131072, 15.0) <= 240
+    assert flops.scaled_step_seconds(config, in_time + 1024, 131072, 15.0) > 240
+    cpu_plan = replace(plan, device="cpu")
+    on_cpu = estimate_check.reach(cpu_plan, CPU, 131072, 15.0, 600, budget=GiB, config=config)
+    assert on_cpu["longest by memory"] is None and on_cpu["what stops"] == on_cpu["memory stops it at"] == \
+        "GPU memory" and len(on_cpu) == 3

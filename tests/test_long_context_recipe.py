@@ -3,6 +3,9 @@ unset as rungs follow one another, searched past the position limit) and ``recip
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
@@ -10,8 +13,8 @@ from transformers import LlamaConfig
 
 from recipes_lib.core import hardware, models, train
 from recipes_lib.core.errors import RecipeError
-from recipes_lib.long_context import ladder, recipe, rope, tiling
-from recipes_lib.measure import ladder_bench
+from recipes_lib.long_context import ladder, recipe, retrieval, rope, tiling
+from recipes_lib.measure import flops, ladder_bench
 
 CPU = hardware.detect("cpu")
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -146,3 +149,70 @@ def test_enable_within_the_limit_and_its_options():
     for bad in (dict(seq_len=0), dict(seq_len=64, tile_tokens=0)):
         with pytest.raises(RecipeError, match="seq_len|chunk_tokens"):
             recipe.enable(tiny_model(), **bad)
+
+
+def test_past_the_limit_adds_the_tiled_mlp_then_the_rope_extension():
+    base = ladder.Rung("+ activation offloading", "sdpa", 1, chunked_loss=True, offload_activations=True)
+    tiled, extended = ladder.past_the_limit(base, 512, 4096)
+    assert (tiled.name, tiled.tile_mlp_tokens, tiled.rope_positions) == ("+ tiled MLP", 512, None)
+    assert tiled.offload_activations and tiled.chunked_loss and tiled.checkpoint_every == 1
+    assert extended == dataclasses.replace(tiled, name="+ RoPE extension", rope_positions=4096)
+
+
+def test_train_step_reports_host_memory_and_mfu_where_known_and_the_ladder_table():
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ladder.apply(model, ladder.Rung("offloaded", "sdpa", 1, chunked_loss=True, offload_activations=True))
+    row = ladder_bench.train_step(model, optimizer, 64, CPU, True, name="x")
+    assert row["host_bytes"] is None and row["mfu"] is None  # a CPU: host memory is the device's; no peak
+    rated = dataclasses.replace(CPU, peak_flops=1e12)
+    row = ladder_bench.train_step(model, optimizer, 64, rated, True, name="x")
+    per_token = flops.training_flops_per_token(model.config, 64)
+    assert row["mfu"] == pytest.approx(row["tokens_per_s"] * per_token / 1e12)
+    summary, _ = ladder.climb(model, [ladder.Rung("a")], lambda rung, n: {
+        "oom": False, "peak_bytes": 2**30, "host_bytes": 2**31, "seconds": 2.0, "tokens_per_s": n / 2,
+        "mfu": 0.25}, start=64, limit=128)
+    assert summary[0]["host_bytes"] == 2**31 and summary[0]["mfu"] == 0.25
+    ran_out = {"name": "b", "longest": None, "at limit": False, "peak_bytes": None, "seconds": None,
+               "tokens_per_s": None}  # no host_bytes or mfu: a step function that does not report them
+    table = ladder_bench.summary_table([summary[0], ran_out], 0)
+    assert table.loc["a", "longest"] == 128 and table.loc["a", "host GiB"] == 2.0
+    assert table.loc["a", "MFU %"] == 25.0 and table.loc["a", "step s"] == 2.0
+    assert table.loc["b", "host GiB"] == "-" and table.loc["b", "MFU %"] == "-"
+    assert table.loc["b", "x baseline"] == 0
+
+
+def test_retrieval_prompts_fill_a_length_and_spans_grow_with_distance(tokenizer):
+    n_facts = retrieval.facts_for(tokenizer, 256)
+    sets = retrieval.kv_sets(n_facts, [0, n_facts // 2, n_facts - 1], 3)
+    lengths = [len(tokenizer(ex.text, add_special_tokens=False)["input_ids"]) + 2  # bos and eos
+               for examples in sets.values() for ex in examples]
+    assert 0.75 * 256 < max(lengths) <= 256 and len(lengths) == 9
+    spans = retrieval.mean_spans(tokenizer, sets)
+    assert spans[0] < spans[1] < spans[2] < 256
+    assert retrieval.beyond([10, 200, 300], {"a": [1.0, 0.5, 0.0], "b": [0.0, 1.0, 1.0]}, 100) == \
+        {"a": 0.25, "b": 1.0}
+    with pytest.raises(RecipeError, match="beyond 100 tokens"):
+        retrieval.beyond([10, 50], {"a": [1.0, 1.0]}, 100)
+    with pytest.raises(RecipeError, match="at least 2 facts"):
+        retrieval.facts_for(tokenizer, 8)
+    rows = retrieval.training_rows(tokenizer, 256, 4)
+    row = next(rows)
+    assert row["input_ids"].shape == (1, 256) and (row["labels"] != -100).sum() > 128  # every token scored
+    with pytest.raises(RecipeError, match="min_facts"):
+        retrieval.training_rows(tokenizer, 256, 4, min_facts=n_facts + 1)
+
+
+def test_before_and_after_extends_rope_and_fine_tunes(tiny_model_dir, tokenizer):
+    sets = retrieval.kv_sets(retrieval.facts_for(tokenizer, 128), [0, 4], 2)
+    accuracy, stats = retrieval.before_and_after(tiny_model_dir, tokenizer, 32, 128, sets, steps=2, lr=1e-3,
+                                                 min_facts=4)
+    assert list(accuracy) == ["as trained", "yarn x4, not fine-tuned", "yarn x4, fine-tuned (2 rows)"]
+    assert all(len(values) == 2 and all(0 <= a <= 1 for a in values) for values in accuracy.values())
+    assert len(stats.losses) == 2 and all(math.isfinite(loss) for loss in stats.losses)
+    model = models.load_model(tiny_model_dir)
+    before = [p.detach().clone() for p in model.parameters()]
+    rope.extend_context(model, 128, "yarn", trained=32)
+    retrieval.finetune(model, tokenizer, 128, steps=1, lr=1e-2, min_facts=4)
+    assert model.config.rope_parameters["factor"] == 4.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

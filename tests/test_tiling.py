@@ -224,3 +224,29 @@ def test_extend_context_errors():
         rope.extend_context(tiny_config(), 512, "ntk")
     with pytest.raises(RecipeError, match="llama3"):
         rope.extend_context(tiny_config(), 512, "llama3")
+
+
+def test_agreement_reports_the_tiled_mlp_against_the_untiled_one(monkeypatch):
+    model = tiny_model()
+    errors = tiling.agreement(model, tokens=50, chunk_tokens=16)  # 16 does not divide 50
+    weights = ["d gate_proj.weight", "d up_proj.weight", "d down_proj.weight"]
+    assert list(errors) == ["output", "d input", *weights]
+    assert all(e < 1e-5 for e in errors.values()) and tiling.is_tiled(model)
+    plain_forward = LlamaMLP.forward
+    monkeypatch.setattr(tiling, "_untiled", lambda mlp, x: 1.01 * plain_forward(mlp, x))  # a wrong tiling
+    errors = tiling.agreement(tiny_model(), tokens=50, chunk_tokens=16)
+    assert errors["output"] == pytest.approx(0.01, rel=1e-3) and errors["d input"] > 1e-3
+
+
+def test_extend_context_counts_from_a_given_trained_length():
+    config = tiny_config()  # 128 positions
+    rope.extend_context(config, 64, "yarn", trained=16)  # trained on 16-token rows: x4, below the limit
+    assert config.max_position_embeddings == 64
+    assert config.rope_parameters["factor"] == 4.0
+    assert config.rope_parameters["original_max_position_embeddings"] == 16
+    linear = rope.extend_context(tiny_config(), 64, "linear", trained=16)
+    assert linear.rope_parameters["factor"] == 4.0 and rope.trained_length(linear) == 16
+    with pytest.raises(RecipeError, match="trained=0"):
+        rope.extend_context(tiny_config(), 64, "yarn", trained=0)
+    with pytest.raises(RecipeError, match="llama3-scaled RoPE names its own"):
+        rope.extend_context(LlamaConfig.from_json_file(LLAMA_1B), 524288, "llama3", trained=8192)

@@ -12,6 +12,7 @@ does it for every rung, each up to its own position limit. The step itself is th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,13 @@ class Rung:
                                             # its docs show it (every layer, its default settings)
     tile_mlp_tokens: int | None = None    # every decoder MLP computed in chunks of this many tokens
     rope_positions: int | None = None     # RoPE extended to this many positions (past the model's limit)
+
+
+def past_the_limit(rung: Rung, tile_mlp_tokens: int, rope_positions: int) -> list[Rung]:
+    """The two rungs ALST adds on top of ``rung``: ``+ tiled MLP`` (chunks of ``tile_mlp_tokens``), then
+    ``+ RoPE extension`` (the same, with RoPE extended to ``rope_positions``)."""
+    tiled = dataclasses.replace(rung, name="+ tiled MLP", tile_mlp_tokens=tile_mlp_tokens)
+    return [tiled, dataclasses.replace(tiled, name="+ RoPE extension", rope_positions=rope_positions)]
 
 
 def apply(model, rung: Rung) -> None:
@@ -121,7 +129,8 @@ def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start
 
     Args:
         step: ``(rung, seq_len) -> row`` with ``oom``, and ``peak_bytes``, ``seconds``, ``tokens_per_s``
-            when it fits; called on ``model`` after ``apply(model, rung)``.
+            when it fits (``host_bytes`` and ``mfu`` too where it has them, else None in the summary);
+            called on ``model`` after ``apply(model, rung)``.
         limit: where the search stops (default: the model's own position limit); a rung that extends
             RoPE searches up to its ``rope_positions`` instead (``search_limit``).
         multiple: the bisection's grid (default ``start``).
@@ -134,7 +143,7 @@ def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start
         best, rows = longest_trainable(functools.partial(step, rung), start, top, refine, multiple or start)
         probes += rows
         at_best = step(rung, best) if best else {"oom": True}
-        measured = ("peak_bytes", "seconds", "tokens_per_s")
-        fits = {key: None if at_best["oom"] else at_best[key] for key in measured}
+        measured = ("peak_bytes", "host_bytes", "seconds", "tokens_per_s", "mfu")
+        fits = {key: None if at_best["oom"] else at_best.get(key) for key in measured}
         summary.append({"name": rung.name, "longest": best, "limit": top, "at limit": best == top, **fits})
     return summary, probes

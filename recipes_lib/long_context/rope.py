@@ -49,8 +49,9 @@ def trained_length(config) -> int:
     return int(config.max_position_embeddings)
 
 
-def scaled_parameters(config, new_max_positions: int, kind: str = "yarn") -> dict:
-    """The rotary settings that stretch ``config``'s trained length to ``new_max_positions``."""
+def scaled_parameters(config, new_max_positions: int, kind: str = "yarn", trained: int | None = None) -> dict:
+    """The rotary settings that stretch ``config``'s trained length (or ``trained``) to
+    ``new_max_positions``."""
     if kind not in KINDS:
         raise RecipeError(f"kind={kind!r}: RoPE extension is one of {', '.join(KINDS)} "
                           f"(yarn keeps the high frequencies; linear divides every position)")
@@ -60,6 +61,9 @@ def scaled_parameters(config, new_max_positions: int, kind: str = "yarn") -> dic
     if "partial_rotary_factor" in params:
         base["partial_rotary_factor"] = params["partial_rotary_factor"]
     if kind == "llama3" or current == "llama3":
+        if trained is not None:
+            raise RecipeError("trained= sets the length a default, linear or yarn RoPE was trained at; a "
+                              "llama3-scaled RoPE names its own (original_max_position_embeddings)")
         if kind != current:
             raise RecipeError(f"kind={kind!r} on a model whose RoPE is {current!r}-scaled: llama3 "
                               f"scaling extends only a llama3-scaled model (Llama 3.x), and replacing "
@@ -71,7 +75,7 @@ def scaled_parameters(config, new_max_positions: int, kind: str = "yarn") -> dic
     if current not in ("default", "linear", "yarn"):
         raise RecipeError(f"extend_context: this model's RoPE is {current!r}-scaled; only default, "
                           f"linear, yarn and llama3 RoPE can be extended: extend it by hand")
-    original = trained_length(config)
+    original = trained_length(config) if trained is None else _positive(trained, "trained")
     scaled = {**base, "factor": new_max_positions / original}
     if kind == "yarn":
         scaled["original_max_position_embeddings"] = original
@@ -86,7 +90,13 @@ def _checked(params: dict, new_max_positions: int) -> dict:
     return params
 
 
-def extend_context(config_or_model, new_max_positions: int, kind: str = "yarn"):
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"{name}={value!r}: pass a positive whole number of tokens")
+    return value
+
+
+def extend_context(config_or_model, new_max_positions: int, kind: str = "yarn", trained: int | None = None):
     """Scale RoPE so positions up to ``new_max_positions`` fit; returns the config, changed in place.
 
     Args:
@@ -94,13 +104,14 @@ def extend_context(config_or_model, new_max_positions: int, kind: str = "yarn"):
         kind: ``"yarn"`` (high frequencies kept, low ones stretched, attention rescaled),
             ``"linear"`` (every position divided by the factor) or ``"llama3"`` (a larger factor
             for a model already llama3-scaled, such as Llama 3.2).
+        trained: the length the model was trained at where its config allows more than it saw (the
+            embedded model's limit is 2048 positions, its rows were 256 tokens): the factor and YaRN's
+            ``original_max_position_embeddings`` count from it. Default: ``trained_length(config)``.
     """
-    if isinstance(new_max_positions, bool) or not isinstance(new_max_positions, int) or new_max_positions < 1:
-        raise RecipeError(f"new_max_positions={new_max_positions!r}: pass the new position limit "
-                          f"as a positive whole number of tokens")
+    new_max_positions = _positive(new_max_positions, "new_max_positions")
     model = config_or_model if isinstance(config_or_model, torch.nn.Module) else None
     config = model.config if model is not None else config_or_model
-    params = scaled_parameters(config, new_max_positions, kind)
+    params = scaled_parameters(config, new_max_positions, kind, trained)
     if model is not None and _BEFORE not in vars(model):
         vars(model)[_BEFORE] = {key: copy.deepcopy(getattr(config, key)) for key in _settings(config)}
     if hasattr(config, "rope_parameters"):

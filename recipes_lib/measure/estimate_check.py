@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..core import batches, models
-from . import advisor
+from . import advisor, flops, memory
 from .estimate import Plan, estimate, for_hardware, model_config
 
 RESULTS = models.REPO_ROOT / "results"
@@ -168,10 +168,12 @@ def longest_fitting(plan_at: Callable[[int], Plan], gpu_bytes: float, host_bytes
     return low, why
 
 
-def side_by_side(rows: list[dict], plans: list[Plan], config=None):
+def side_by_side(rows: list[dict], plans: list[Plan], config=None, host: bool = False):
     """A pandas table of measured rows (``bench.run``'s or ``ladder_bench.train_step``'s) beside the peak
     predicted for each one's plan: GiB on a GPU, MiB on a CPU, the error in % (NaN where it ran out of
-    memory) and the moment of the predicted peak."""
+    memory) and the moment of the predicted peak. With ``host``, also the host memory predicted for
+    offloaded activations (``Estimate.host``) beside the rows' ``host_bytes`` ("-" where a row has none:
+    on a CPU the host memory is the device's, and the peak counts it)."""
     import pandas as pd
 
     lengths = {row.get("seq_len") for row in rows}
@@ -181,12 +183,51 @@ def side_by_side(rows: list[dict], plans: list[Plan], config=None):
         unit, scale = ("GiB", 2**30) if plan.device == "cuda" else ("MiB", 2**20)
         measured = row["memory"].peak if row.get("memory") else row.get("peak_bytes")
         name = row["name"] + (f" @ {row['seq_len']:,}" if len(lengths) > 1 else "")
-        records.append({"configuration": name, f"predicted ({unit})": round(predicted.peak / scale, 2),
-                        f"measured ({unit})": "OOM" if measured is None else round(measured / scale, 2),
-                        "error %": float("nan") if measured is None
-                        else round(100 * (predicted.peak / measured - 1), 1),
-                        "peak at": predicted.moment})
+        record = {"configuration": name, f"predicted ({unit})": round(predicted.peak / scale, 2),
+                  f"measured ({unit})": "OOM" if measured is None else round(measured / scale, 2),
+                  "error %": float("nan") if measured is None
+                  else round(100 * (predicted.peak / measured - 1), 1),
+                  "peak at": predicted.moment}
+        if host:
+            record[f"host predicted ({unit})"] = round(predicted.host / scale, 2)
+            record[f"host measured ({unit})"] = "-" if row.get("host_bytes") is None else round(
+                row["host_bytes"] / scale, 2)
+        records.append(record)
     return pd.DataFrame(records).set_index("configuration")
+
+
+def reach(plan: Plan, hw, measured_len: int, measured_seconds: float, time_limit_s: float,
+          budget: int | None = None, start: int = 1024, config=None) -> dict:
+    """What the estimate predicts ``plan`` reaches at other lengths (RoPE extended to each), at batch 1 on
+    the machine ``hw``: the longest length memory allows (``longest_fitting``: the GPU's usable memory or
+    ``budget`` bytes, and on CUDA the host's physical memory for the offloaded activations), its predicted
+    GPU peak and host bytes, the step time there (``flops.scaled_step_seconds`` from a step measured at
+    ``measured_len`` tokens in ``measured_seconds``), and what stops a longer run: memory, or ``"time"``
+    where that step would take over ``time_limit_s``. ``longest in time`` is the longest length whose
+    predicted step takes at most ``time_limit_s`` (on multiples of ``start``; None if none does)."""
+    config = config or model_config(plan.model)
+
+    def plan_at(n: int) -> Plan:
+        return replace(plan, seq_len=n, rope_positions=max(n, plan.rope_positions))
+
+    gpu_bytes = budget or advisor.usable(hw.memory_bytes)
+    host_bytes = memory.host_total_bytes() if hw.cuda else None
+    longest, why = longest_fitting(plan_at, gpu_bytes, host_bytes, start=start, config=config)
+    out = {"longest by memory": longest, "memory stops it at": why}
+    if longest is None:
+        return out | {"what stops": why}
+
+    def seconds(n: int) -> float:
+        return flops.scaled_step_seconds(config, n, measured_len, measured_seconds)
+
+    low, high = 0, longest // start  # bisect on multiples of start: the step's time grows with length
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if seconds(middle * start) <= time_limit_s else (low, middle - 1)
+    predicted, slow = estimate(plan_at(longest), config), seconds(longest) > time_limit_s
+    return out | {"GPU peak (GiB)": predicted.peak / 2**30, "host (GiB)": predicted.host / 2**30,
+                  "step s there": seconds(longest), "what stops": "time" if slow else why,
+                  "longest in time": low * start or None}
 
 
 def oom_advice(rows: list[dict], plans: list[Plan], hw, budget: int | None = None, config=None) -> list[str]:

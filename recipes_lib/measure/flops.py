@@ -49,6 +49,16 @@ def training_flops_per_token(config, seq_len: int, trainable_fraction: float = 1
     return weights + attention
 
 
+def scaled_step_seconds(config, seq_len: int, measured_len: int, measured_seconds: float) -> float:
+    """A batch-1 step's seconds at ``seq_len`` from one measured at ``measured_len``, in proportion to their
+    model FLOPs (the weights' linear term and causal attention's quadratic one, ``training_flops_per_token``):
+    the measured step's MFU carried over to the other length."""
+    def work(n: int) -> float:
+        return n * training_flops_per_token(config, n)
+
+    return measured_seconds * work(seq_len) / work(measured_len)
+
+
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float | None) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s over the peak (None if the peak is unknown)."""
     if not peak_flops:

@@ -2,7 +2,9 @@
 
 The long-context ladder (``long_context.ladder``) searches each rung's longest trainable length
 with this step: one AdamW step of the one training loop (``core.train.optimizer_step``), timed by
-the one timer, its peak by the one tracker, running out of memory a row (``oom_as_result``).
+the one timer, its peak by the one tracker, running out of memory a row (``oom_as_result``). Beside the
+device's peak, a step on CUDA reports the pinned host memory it held (offloaded activations), and
+every step that fits its model FLOPs utilisation (``flops.mfu``, None without a datasheet peak).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 from ..core import models, train
 from ..core.hardware import Hardware
-from . import memory, timing
+from . import flops, memory, timing
 
 
 def random_batch(vocab_size: int, seq_len: int, device, seed: int = 0) -> dict:
@@ -25,6 +27,11 @@ def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = 
                budget_bytes: int | None = None, name: str = "", repeats: int = 1) -> dict:
     """One optimizer step at batch 1 and ``seq_len`` tokens: peak bytes, seconds and tokens/s, or OOM.
 
+    The row also has ``host_bytes``: the pinned host memory the step held at its peak on CUDA (the
+    offloaded activations, in the allocator's power-of-two blocks), None on a CPU, whose host memory is
+    the device's (``peak_bytes`` counts it); and ``mfu``: model FLOPs (``flops.training_flops_per_token``,
+    no recomputation) per second over ``hw.peak_flops``, None where that is unknown (a CPU).
+
     With ``repeats`` > 1, ``repeats`` more steps are timed after the measured one: ``seconds`` and
     ``tokens_per_s`` are then their median, with ``_min``/``_max`` over them.
 
@@ -34,7 +41,7 @@ def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = 
             CPU run, which never runs out, plays the game of a smaller device).
     """
     models.check_seq_len(model, seq_len)  # past the position limit RoPE would extrapolate silently
-    row = {"name": name, "seq_len": seq_len, "peak_bytes": None, "seconds": None}
+    row = {"name": name, "seq_len": seq_len, "peak_bytes": None, "host_bytes": None, "seconds": None}
     row |= memory.oom_as_result(lambda: _measure(model, optimizer, seq_len, hw, fused_head, repeats))
     if budget_bytes is not None and row["peak_bytes"] is not None and row["peak_bytes"] > budget_bytes:
         row["oom"] = True
@@ -42,6 +49,8 @@ def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = 
         row["tokens_per_s"] = seq_len / row["seconds"]
         row["tokens_per_s_min"] = seq_len / row["seconds_max"]
         row["tokens_per_s_max"] = seq_len / row["seconds_min"]
+        per_token = flops.training_flops_per_token(model.config, seq_len)
+        row["mfu"] = flops.mfu(row["tokens_per_s"], per_token, hw.peak_flops)
     return row
 
 
@@ -54,11 +63,33 @@ def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool, rep
                              fused_head=fused_head)
 
     try:
-        with memory.peak_memory(hw.device, states) as peak:
+        with memory.peak_memory(hw.device, states) as peak, memory.host_peak_memory(hw.device) as host:
             took = timing.Timing.of([timing.seconds(step, hw.device)])
         if repeats > 1:
             took = timing.time_it(step, hw.device, repeats, warmup=0)
     finally:
         optimizer.zero_grad(set_to_none=True)  # a step that ran out of memory leaves gradients behind
     return {"oom": False, "seconds": took.median, "seconds_min": took.low, "seconds_max": took.high,
-            "peak_bytes": peak["peak"]}
+            "peak_bytes": peak["peak"], "host_bytes": host.get("peak")}
+
+
+def summary_table(rows: list[dict], baseline: int):
+    """``long_context.ladder.climb``'s summary rows as a pandas table, one row per rung: its longest length
+    and whether that is the search's limit, then one step there: peak device memory (GiB), pinned host
+    memory (GiB, "-" where none was read), seconds, tokens/s and MFU (%, "-" without a datasheet peak), and
+    the length over the ``baseline``-th rung's."""
+    import pandas as pd
+
+    def cell(value, scale=1.0, digits=2):
+        return "-" if value is None else round(value * scale, digits)
+
+    def gib(value):
+        return cell(value, 2**-30, 3)
+
+    base = rows[baseline]["longest"] or 1
+    records = [{"rung": r["name"], "longest": r["longest"], "at limit": r["at limit"],
+                "peak GiB": gib(r["peak_bytes"]), "host GiB": gib(r.get("host_bytes")),
+                "step s": cell(r["seconds"]), "tokens/s": cell(r["tokens_per_s"], digits=0),
+                "MFU %": cell(r.get("mfu"), 100, 1), "x baseline": round((r["longest"] or 0) / base, 2)}
+               for r in rows]
+    return pd.DataFrame(records).set_index("rung")

@@ -11,6 +11,7 @@ on the accelerator) and ``activations`` = peak minus those three: activations an
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -162,6 +163,30 @@ def peak_memory(device: torch.device, baseline: Iterable[torch.Tensor] = ()):
         with tracker:
             yield result
         result["peak"] = tracker.peak
+
+
+@contextlib.contextmanager
+def host_peak_memory(device: torch.device):
+    """Yield a dict whose ``"peak"`` is, on CUDA, the most pinned host memory handed out inside the block
+    (``torch.cuda.host_memory_stats``' active bytes, in its power-of-two blocks: offloaded activations);
+    the dict stays empty on a CPU, where host memory is the device's memory, and with a torch that keeps
+    no such statistics (before 2.7). Where ``active_bytes`` is missing it reads the pool's bytes instead."""
+    result: dict[str, int] = {}
+    reset = getattr(torch.cuda, "reset_peak_host_memory_stats", None)
+    if device.type != "cuda" or reset is None:
+        yield result
+        return
+    torch.cuda.synchronize(device)
+    reset()
+    yield result
+    torch.cuda.synchronize(device)
+    stats = torch.cuda.host_memory_stats()
+    result["peak"] = int(stats.get("active_bytes.peak", stats.get("allocated_bytes.peak", 0)))
+
+
+def host_total_bytes() -> int:
+    """The machine's physical memory in bytes (what pinned, unswappable host buffers can at most take)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def is_oom(error: BaseException) -> bool:

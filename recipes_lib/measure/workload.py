@@ -51,14 +51,20 @@ def notebook03(P: dict, config) -> tuple[float, float]:
 
 
 def notebook04(P: dict, config) -> tuple[float, float]:
-    """The ladder's probes (about 5 rungs x 3 steps at each doubling length up to ``ladder_limit``,
-    recomputation counted), the kernel timings (about 20 forward+backward calls per length) and the
-    curriculum's two runs of its small model."""
-    lengths = [n for n in (P["ladder_start"] * 2**i for i in range(12)) if n <= P["ladder_limit"]]
-    ladder = sum(5 * 3 * 1.33 * n * flops.training_flops_per_token(config, n) for n in lengths)
+    """The ladder's probes (6 rungs x 3 steps at each doubling length up to ``ladder_limit`` or the model's
+    position limit, and one rung up to ``rope_positions``, recomputation counted), the kernel timings
+    (about 20 forward+backward calls per length), the curriculum's two runs of its small model, and the
+    long-context fine-tune of the embedded model (about 3.3M parameters, rows of 1024 tokens)."""
+    limit = min(P["ladder_limit"], config.max_position_embeddings)
+    short = [n for n in (P["ladder_start"] * 2**i for i in range(24)) if n <= limit]
+    long = [n for n in (P["ladder_start"] * 2**i for i in range(24)) if n <= max(limit, P["rope_positions"])]
+    steps = [(6, n) for n in short] + [(1, n) for n in long]
+    ladder = sum(rungs * 3 * 1.33 * n * flops.training_flops_per_token(config, n) for rungs, n in steps)
     attention = sum(20 * flops.attention_flops(n, P["attn_heads"], P["head_dim"], backward=True)
                     for n in P["attn_lengths"])
-    C = P["curriculum"]
+    C, K = P["curriculum"], P["long_kv"]
     small = 12 * C["model"].get("hidden_size", 512) ** 2 * C["model"].get("num_hidden_layers", 8)
     curriculum = 2 * C["steps"] * C["tokens_per_step"] * 6 * small
-    return ladder + attention + curriculum, 5 * 3 * len(lengths) * 3 * weight_bytes(config)
+    finetune = K["steps"] * K["batch"] * 1024 * 6 * 3.3e6
+    weight_reads = sum(rungs * 3 * 3 for rungs, _ in steps) * weight_bytes(config)
+    return ladder + attention + curriculum + finetune, weight_reads
