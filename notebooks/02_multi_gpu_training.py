@@ -143,8 +143,8 @@ CPU = torch.device("cpu")
 DIST_DEVICE = hw.device if ON_GPUS else CPU  # where the one-process reference of section 1 trains
 print(f"scale model: {MODEL_NAME} | {NPROC} processes, {'nccl' if ON_GPUS else 'gloo'} | {GPUS} GPU(s)")
 data_params = models.count_parameters(models.load_model("data/tiny-llama", dtype=torch.float32))[1]
-shape = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
-notebook.state_runtime(P, *workload.notebook02(P, shape, data_params, ON_GPUS))  # at its GPU class's rates
+model_config = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
+notebook.state_runtime(P, *workload.notebook02(P, model_config, data_params, ON_GPUS))  # class's rates
 # The correctness runs' options: the same global batches whatever the strategy (fp32).
 CHECK = {"model": P["check_model"], "steps": P["check_steps"], "global-batch": P["check_global_batch"],
          "micro-batch": P["check_micro_batch"], "seq-len": P["check_seq_len"]}
@@ -253,7 +253,6 @@ assert by["ddp"]["param bytes / rank"] == by["single"]["param bytes / rank"], "D
 #   `contiguous_gradients` on. ZeRO-2: DeepSpeed's 5e8-element buckets, `overlap_comm` on.
 
 # %%
-model_config = AutoConfig.from_pretrained(models.resolve(MODEL_NAME))
 SCALE = {"model": MODEL_NAME, "seq-len": P["seq_len"], "bf16": ON_GPUS, "full-rows": True,
          "steps": P["steps"], "warmup": P["warmup"], "lora-r": P["lora_r"]}
 SPEED = {"compile": ON_GPUS, "loss": P["speed_loss"], "micro-batch": P["speed_micro_batch"]}  # section 3

@@ -134,14 +134,6 @@ def bitsandbytes_works(device: torch.device) -> bool:
         return False
 
 
-def bandwidth_for(name: str) -> float | None:
-    """Datasheet memory bandwidth (bytes/s) for a GPU name as CUDA reports it, or None if unknown."""
-    for key in sorted(DATASHEET_BANDWIDTH, key=len, reverse=True):
-        if key in name:
-            return DATASHEET_BANDWIDTH[key]
-    return None
-
-
 def gpu_class(hw: Hardware) -> str:
     """The profile class of ``hw``: "cpu", "t4" (under 20 GiB or no bf16), "l4" (under 36 GiB) or "gpu"."""
     if not hw.cuda:

@@ -52,10 +52,8 @@ def apply(model, rung: Rung) -> None:
     limit extends it, with ``rope.default_kind``: llama3 for a llama3-scaled model, else YaRN), so
     rungs applied one after another on one model leave nothing behind.
     """
-    if rung.rope_positions is not None and (isinstance(rung.rope_positions, bool) or not isinstance(
-            rung.rope_positions, int) or rung.rope_positions < 1):
-        raise RecipeError(f"rope_positions={rung.rope_positions!r}: the extended position limit is a "
-                          f"positive whole number of tokens")
+    if rung.rope_positions is not None:
+        rope.positive_tokens(rung.rope_positions, "rope_positions")
     if rung.tile_mlp_tokens is not None:
         tiling.tile_mlp(model, rung.tile_mlp_tokens)
     else:

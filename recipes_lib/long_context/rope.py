@@ -75,7 +75,7 @@ def scaled_parameters(config, new_max_positions: int, kind: str = "yarn", traine
     if current not in ("default", "linear", "yarn"):
         raise RecipeError(f"extend_context: this model's RoPE is {current!r}-scaled; only default, "
                           f"linear, yarn and llama3 RoPE can be extended: extend it by hand")
-    original = trained_length(config) if trained is None else _positive(trained, "trained")
+    original = trained_length(config) if trained is None else positive_tokens(trained, "trained")
     scaled = {**base, "factor": new_max_positions / original}
     if kind == "yarn":
         scaled["original_max_position_embeddings"] = original
@@ -90,7 +90,8 @@ def _checked(params: dict, new_max_positions: int) -> dict:
     return params
 
 
-def _positive(value, name: str) -> int:
+def positive_tokens(value, name: str) -> int:
+    """``value`` if it is a positive whole number of tokens, else a RecipeError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise RecipeError(f"{name}={value!r}: pass a positive whole number of tokens")
     return value
@@ -108,7 +109,7 @@ def extend_context(config_or_model, new_max_positions: int, kind: str = "yarn", 
             embedded model's limit is 2048 positions, its rows were 256 tokens): the factor and YaRN's
             ``original_max_position_embeddings`` count from it. Default: ``trained_length(config)``.
     """
-    new_max_positions = _positive(new_max_positions, "new_max_positions")
+    new_max_positions = positive_tokens(new_max_positions, "new_max_positions")
     model = config_or_model if isinstance(config_or_model, torch.nn.Module) else None
     config = model.config if model is not None else config_or_model
     params = scaled_parameters(config, new_max_positions, kind, trained)
