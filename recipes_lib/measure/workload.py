@@ -8,13 +8,12 @@ loading, compilation and Python overheads are not in them.
 
 from __future__ import annotations
 
-from . import flops
+from . import decode_floor, flops
 
 
 def weight_bytes(config, bytes_per_value: int = 2) -> float:
-    """Bytes of the linear layers' and the embedding's weights."""
-    values = sum(i * o for i, o in flops.linear_shapes(config)) + config.vocab_size * config.hidden_size
-    return bytes_per_value * values
+    """Bytes of the model's weights (``decode_floor.parameter_count``) at ``bytes_per_value`` each."""
+    return bytes_per_value * decode_floor.parameter_count(config)
 
 
 def notebook01(P: dict, config) -> tuple[float, float]:
