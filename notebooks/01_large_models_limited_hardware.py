@@ -148,7 +148,8 @@ notebook.state_runtime(P, *workload.notebook01(P, config))  # this profile's wor
 # NF4 (0.5 byte, plus 1/64 byte of 8-bit block scales and a sliver of fp32 second-level scales:
 # **0.516 byte**) and trains low-rank adapters `B·A` of rank `r` beside every linear layer:
 # `r·(d_in + d_out)` parameters each, in fp32 with fp32 gradients and moments (16 bytes each).
-# Embeddings and norms stay in bf16. The prediction below comes from the config alone.
+# Embeddings and norms stay in bf16 (fp16 on a GPU without bf16, a T4). The prediction below comes
+# from the config alone.
 
 # %%
 weight_bytes = torch.tensor([], dtype=hw.model_dtype).element_size()

@@ -618,15 +618,16 @@ cases = {
         SCRIPT, torch.cuda.device_count() + 1, backend="nccl")) if hw.cuda else None,
     "NCCL on a machine without CUDA": None if hw.cuda else attempt(
         "NCCL on a machine without CUDA", lambda: launcher.launch(SCRIPT, 2, backend="nccl")),
-    "a port in use": attempt("a port in use", lambda: launcher.launch(SCRIPT, 2, port=busy.getsockname()[1])),
+    "a port in use": attempt("a port in use", lambda: launcher.launch(
+        SCRIPT, 2, port=busy.getsockname()[1], backend=LAUNCH["backend"])),
     "a wrong DeepSpeed config": attempt("a wrong DeepSpeed config", lambda: zero.check_deepspeed_config(
         zero.load_deepspeed_config(wrong_ds), micro_batch=2, accum_steps=2, world_size=2)),
     "a missing DeepSpeed config": attempt("a missing DeepSpeed config",
                                           lambda: zero.load_deepspeed_config("no/such/zero3.json")),
-    "a failing worker": attempt("a failing worker",
-                                lambda: launcher.launch(failing, 2, timeout_s=120, echo=False)),
-    "a hung worker (timeout 5 s)": attempt("a hung worker (timeout 5 s)",
-                                           lambda: launcher.launch(hung, 2, timeout_s=5, echo=False)),
+    "a failing worker": attempt("a failing worker", lambda: launcher.launch(
+        failing, 2, timeout_s=120, echo=False, backend=LAUNCH["backend"])),
+    "a hung worker (timeout 5 s)": attempt("a hung worker (timeout 5 s)", lambda: launcher.launch(
+        hung, 2, timeout_s=5, echo=False, backend=LAUNCH["backend"])),
 }
 busy.close()
 psutil.wait_procs(children(), timeout=1)  # up to a second for the last exits

@@ -365,6 +365,21 @@ def test_recipes_estimate_is_a_subcommand(capsys):
     assert "method='dora'; choose one of full, lora, qlora" in capsys.readouterr().err
 
 
+def test_plans_for_gpus_with_and_without_bf16():
+    """A T4 trains full fine-tuning in fp32 weights under fp16 autocast, but holds QLoRA's frozen base in
+    fp16 (``models.load_model``): the estimate must take the same dtypes, or it misses by a third."""
+    def gpu(bf16):
+        return hardware.Hardware(torch.device("cuda"), "test GPU", bf16, ("math",), True, 1e14, 16 * GiB)
+
+    t4, l4 = gpu(False), gpu(True)
+    assert (t4.model_dtype, t4.compute_dtype, l4.model_dtype) == (torch.float32, torch.float16, torch.bfloat16)
+    full, qlora_plan = Plan("data/tiny-llama", "full", "bf16"), Plan("data/tiny-llama", "qlora", "bf16")
+    assert for_hardware(full, t4).precision == "mixed" and for_hardware(qlora_plan, t4).precision == "bf16"
+    assert for_hardware(full, l4).precision == for_hardware(qlora_plan, l4).precision == "bf16"
+    assert for_hardware(replace(full, precision="fp32"), l4).precision == "fp32"  # the plan's choice, kept
+    assert estimate(for_hardware(full, t4)).peak > estimate(for_hardware(full, l4)).peak
+
+
 def test_plans_for_this_machine_and_the_notebook_tables():
     plan = for_hardware(Plan("data/tiny-llama", "qlora", "bf16", optimizer="offload"), CPU)
     assert (plan.device, plan.precision, plan.optimizer) == ("cpu", "fp32", "loop")

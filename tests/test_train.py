@@ -284,3 +284,18 @@ def test_train_counts_the_steps_loss_scaling_skipped():
     plain = train.train(tiny_model(64), torch.optim.AdamW(model.parameters()), iter(_fp16_batch() * 2),
                         steps=2, progress=False)
     assert plain.skipped_steps == 0 and plain.unskipped_nonfinite == 0  # no scaler: nothing to skip
+
+
+def test_train_warns_when_every_fp16_step_overflows():
+    """An fp16 forward that itself makes inf (a loss of inf here) overflows at every scale: each step is
+    skipped, the scale halves towards 0, ``train`` says what to change, and counts every step as skipped
+    (at a scale of 0 the scale no longer falls, but the scaler still skips)."""
+    model = tiny_model(64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    start = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="overflowed even at a scale below 1"):
+        stats = train.train(model, optimizer, iter(_fp16_batch() * 170), steps=170,
+                            autocast_dtype=torch.float16, progress=False,
+                            loss_fn=lambda m, mb: m(**mb).loss * float("inf"))
+    assert stats.skipped_steps == 170 and stats.unskipped_nonfinite == 0
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))

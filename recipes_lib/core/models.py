@@ -114,21 +114,23 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return tokenizer
 
 
-def _quantization_config(quantization: str | None, hw: Hardware,
-                         quant_storage: torch.dtype = torch.uint8) -> BitsAndBytesConfig | None:
+def _quantization_config(quantization: str | None, hw: Hardware, quant_storage: torch.dtype = torch.uint8,
+                         compute_dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
     if quantization not in QUANTIZATIONS:
         raise RecipeError(f"quantization={quantization!r}; choose one of {QUANTIZATIONS}")
     if quantization is None:
         return None
     if not hw.bitsandbytes:
         warnings.warn(f"quantization={quantization!r} needs bitsandbytes with a kernel for {hw.name} "
-                      f"(pip install bitsandbytes); loading unquantized {hw.model_dtype} weights instead.",
+                      f"(pip install bitsandbytes); loading unquantized {compute_dtype or hw.compute_dtype} "
+                      "weights instead.",
                       stacklevel=3)
         return None
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=hw.model_dtype, bnb_4bit_quant_storage=quant_storage)
+                              bnb_4bit_compute_dtype=compute_dtype or hw.compute_dtype,
+                              bnb_4bit_quant_storage=quant_storage)
 
 
 def attention_implementation(requested: str) -> str:
@@ -152,12 +154,15 @@ def load_model(name: str = DEFAULT_MODEL, quantization: str | None = None, attn_
         quantization: None, ``"nf4"`` (4-bit NF4 with double quantization, QLoRA's base) or ``"int8"``.
         attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ``"flex_attention"``.
         gradient_checkpointing: recompute each layer's activations in the backward pass.
-        dtype: weight dtype; defaults to bf16/fp16 on a GPU and fp32 on CPU.
+        dtype: weight dtype. Defaults to ``hw.model_dtype`` (bf16 on a GPU that has it, fp32 on CPU and
+            on fp16-only GPUs, whose loss-scaled training needs fp32 masters); a quantized model's
+            base is frozen, so it defaults to ``hw.compute_dtype`` (fp16 on a T4).
         quant_storage: the dtype NF4 values are packed into (bf16 lets FSDP shard them like any weight).
     """
     hw = hw or detect()
-    quant = _quantization_config(quantization, hw, quant_storage)
-    kwargs = {"dtype": dtype or hw.model_dtype,
+    dtype = dtype or (hw.compute_dtype if quantization else hw.model_dtype)
+    quant = _quantization_config(quantization, hw, quant_storage, dtype)
+    kwargs = {"dtype": dtype,
               "attn_implementation": attention_implementation(attn_implementation)}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": hw.device})

@@ -13,6 +13,7 @@ import functools
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -240,7 +241,14 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             stats.step_seconds.append(clock(one_step))
         else:
             one_step()
-        skipped = scaler is not None and scaler.get_scale() < scale
+        # A skipped step halves the scale; at 0 (2**16 halved 150 times) every step is skipped unchanged.
+        skipped = scaler is not None and (scaler.get_scale() < scale or scale == 0.0)
+        if skipped and scale >= 1.0 > scaler.get_scale():
+            warnings.warn(f"fp16 loss scaling: step {index} overflowed even at a scale below 1, so the "
+                          "fp16 forward or backward itself makes inf/NaN (not the scaling): every step from "
+                          "here on is skipped and nothing trains. Lower the learning rate, train in bf16 "
+                          "where the GPU has it, or pass autocast_dtype=None (fp32).",
+                          RuntimeWarning, stacklevel=2)
         stats.skipped_steps += skipped
         stats.unskipped_nonfinite += not skipped and not math.isfinite(result[0])
         if scheduler is not None:
