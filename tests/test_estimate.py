@@ -372,7 +372,8 @@ def test_plans_for_gpus_with_and_without_bf16():
         return hardware.Hardware(torch.device("cuda"), "test GPU", bf16, ("math",), True, 1e14, 16 * GiB)
 
     t4, l4 = gpu(False), gpu(True)
-    assert (t4.model_dtype, t4.compute_dtype, l4.model_dtype) == (torch.float32, torch.float16, torch.bfloat16)
+    assert (t4.model_dtype, t4.compute_dtype) == (torch.float32, torch.float16)
+    assert l4.model_dtype == l4.compute_dtype == torch.bfloat16
     full, qlora_plan = Plan("data/tiny-llama", "full", "bf16"), Plan("data/tiny-llama", "qlora", "bf16")
     assert for_hardware(full, t4).precision == "mixed" and for_hardware(qlora_plan, t4).precision == "bf16"
     assert for_hardware(full, l4).precision == for_hardware(qlora_plan, l4).precision == "bf16"
