@@ -1,7 +1,7 @@
 """Run the notebooks as a Colab user meets them, without Colab and without a package index.
 
     python3 scripts/colab_sim.py --out DIR [--gpu t4|l4|none] [--wheels WHEEL_DIR ...] [--timeout 1800] \\
-        notebooks/01_*.ipynb ...
+        [--keep-going] notebooks/01_*.ipynb ...
 
 What it simulates, step by step (each timed in DIR/harness.log):
 
@@ -23,7 +23,9 @@ What it simulates, step by step (each timed in DIR/harness.log):
    notebook's install cell pip-installs ``$RECIPES_HOME[notebooks]`` from the wheelhouse through
    ``PIP_NO_INDEX``/``PIP_FIND_LINKS``; later notebooks find it installed) and
    ``RECIPES_SIMULATE_GPU`` set to the ``--gpu`` class, which caps the GPU's memory and disables bf16.
-   DIR/executed/<name>.ipynb is written after every cell, so a failure leaves what ran.
+   DIR/executed/<name>.ipynb is written after every cell, so a failure leaves what ran. A notebook
+   stops at its first failing cell, unless ``--keep-going``: then every cell runs and each failing
+   one is listed (later ones may only follow from the first), so one GPU run finds them all.
 6. **Report**: DIR/summary.json (per notebook: passed, wall seconds, the failing cell's index among
    all the notebook's cells and the error's last lines, the install cell's own seconds; the machine,
    the GPU class simulated, the venv's packages), DIR/pip_list.txt, and a table on stdout.
@@ -86,7 +88,8 @@ import time
 import nbformat
 from nbclient import NotebookClient
 
-src, dst, result_path, timeout, kernel = sys.argv[1:6]
+src, dst, result_path, timeout, kernel, keep_going = sys.argv[1:7]
+keep_going = keep_going == "1"  # run every cell, errors or not, and list the failing ones
 nb = nbformat.read(src, as_version=4)
 cells, current = [], {}
 
@@ -100,13 +103,17 @@ def executed(cell, cell_index, **_):
     nbformat.write(nb, dst)  # a failure or a kill half-way still leaves what ran
 
 
-client = NotebookClient(nb, timeout=int(timeout), kernel_name=kernel,
+client = NotebookClient(nb, timeout=int(timeout), kernel_name=kernel, allow_errors=keep_going,
                         resources={"metadata": {"path": os.path.dirname(os.path.abspath(src))}},
                         on_cell_start=started, on_cell_executed=executed)
-result = {"passed": False, "failed_cell": None, "error": None, "cells": cells}
+result = {"passed": False, "failed_cell": None, "error": None, "cells": cells, "errors": []}
 try:
     client.execute()
-    result["passed"] = True
+    result["errors"] = [{"index": i, "error": f"{o['ename']}: {o['evalue']}"} for i, c in enumerate(nb.cells)
+                        if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    result["passed"] = not result["errors"]
+    if result["errors"]:
+        result["failed_cell"], result["error"] = result["errors"][0]["index"], result["errors"][0]["error"]
 except Exception as error:  # CellExecutionError, CellTimeoutError, DeadKernelError ...
     result["failed_cell"] = current.get("index")
     result["error"] = f"{type(error).__name__}: {error}"
@@ -331,8 +338,8 @@ def link_distributions(dists: Iterable[md.Distribution], target: Path) -> list[s
 # ----------------------------------------------------------------------------- harness
 
 class Harness:
-    def __init__(self, out: Path, gpu: str, timeout: int):
-        self.out, self.gpu, self.timeout = out, gpu, timeout
+    def __init__(self, out: Path, gpu: str, timeout: int, keep_going: bool = False):
+        self.out, self.gpu, self.timeout, self.keep_going = out, gpu, timeout, keep_going
         self.home, self.wheelhouse = out / "home", out / "wheelhouse"
         self.venv, self.torch_only = out / "venv", out / "torch_only"
         self.python = self.venv / "bin" / "python"
@@ -481,7 +488,8 @@ class Harness:
         start = time.monotonic()
         with open(self.out / "logs" / f"{notebook.stem}.log", "w") as log:
             proc = subprocess.run([str(self.python), str(runner), str(src), str(dst), str(result_path),
-                                   str(self.timeout), KERNEL_NAME], env=self.env(), cwd=src.parent,
+                                   str(self.timeout), KERNEL_NAME, "1" if self.keep_going else "0"],
+                                  env=self.env(), cwd=src.parent,
                                   stdout=log, stderr=subprocess.STDOUT)
         wall = round(time.monotonic() - start, 1)
         try:
@@ -507,6 +515,10 @@ class Harness:
             if cell is not None:
                 entry["failed_cell_source"] = "".join(nb["cells"][cell]["source"]).splitlines()[:3]
             self.log(f"FAILED at cell {cell}:\n{entry['error']}")
+            if len(result.get("errors", [])) > 1:  # --keep-going: every failing cell, not only the first
+                entry["errors"] = result["errors"]
+                self.log("failing cells (--keep-going): " + "; ".join(
+                    f"{e['index']}: {e['error'][:200]}" for e in result["errors"]))
         self.log(f"{notebook.name}: {'passed' if entry['passed'] else 'FAILED'} in {wall} s")
         self.sh([self.python, "-c", find], cwd=src.parent)
         return entry
@@ -550,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a folder of wheels for what this interpreter lacks (they win over installed);"
                              " repeat for several")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="run every cell even after one fails, and list all failing cells (later "
+                             "failures may follow from the first); a notebook passes only with none")
     args = parser.parse_args(argv)
     for nb in args.notebooks:
         if not nb.is_file():
@@ -561,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in ["home", "wheelhouse", "venv", "torch_only", "executed", "logs", "pip-cache"]:
         shutil.rmtree(out / name, ignore_errors=True)
-    harness = Harness(out, args.gpu, args.timeout)
+    harness = Harness(out, args.gpu, args.timeout, args.keep_going)
     harness.log(f"colab_sim: {sys.executable} (Python {sys.version.split()[0]}), out {out}, gpu {args.gpu}")
     results, setup_error = [], None
     try:

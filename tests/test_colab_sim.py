@@ -140,3 +140,31 @@ def test_linked_distribution_imports_from_the_link_folder(tmp_path):
     out = subprocess.run([sys.executable, "-I", "-c", code], check=True, capture_output=True,
                          text=True).stdout.split()
     assert out[0].startswith(str(tmp_path)) and out[1] == md.version("tqdm")
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+def test_runner_stops_at_the_first_error_or_lists_them_all(tmp_path, keep_going):
+    """The notebook runner the harness writes: by default it stops at the first failing cell; with
+    ``--keep-going`` it runs every cell and lists each failing one (one GPU run then finds them all)."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in
+                                         ["x = 1", "raise ValueError('first')", "print('ran', x)",
+                                          "assert x == 2, 'second'"]])
+    src, dst, result_path = tmp_path / "nb.ipynb", tmp_path / "out.ipynb", tmp_path / "result.json"
+    nbformat.write(nb, src)
+    runner = tmp_path / "run_notebook.py"
+    runner.write_text(colab_sim.RUNNER)
+    proc = subprocess.run([sys.executable, str(runner), str(src), str(dst), str(result_path), "60", "python3",
+                           "1" if keep_going else "0"], capture_output=True, text=True, cwd=tmp_path)
+    result = json.loads(result_path.read_text())
+    assert proc.returncode == 1 and not result["passed"] and result["failed_cell"] == 1
+    executed = nbformat.read(dst, as_version=4)
+    printed = "".join(o.get("text", "") for o in executed.cells[2].outputs)
+    if keep_going:
+        assert [e["index"] for e in result["errors"]] == [1, 3]
+        first, second = (e["error"] for e in result["errors"])
+        assert "ValueError: first" in first and "AssertionError: second" in second
+        assert printed == "ran 1\n"  # the cells after a failure still ran
+    else:
+        assert "ValueError" in result["error"] and printed == ""
