@@ -13,14 +13,13 @@ import functools
 import itertools
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from . import losses
+from . import loss_scaling, losses
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -224,7 +223,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                          "the device gradients would do nothing: pass max_grad_norm=None")
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
     device = next(model.parameters()).device
-    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    scaler = loss_scaling.scaler_for(device, autocast_dtype)
+    watch = loss_scaling.StepWatch(scaler)
     step_fn = step_fn or functools.partial(optimizer_step, autocast_dtype=autocast_dtype,
                                            max_grad_norm=max_grad_norm, fused_head=fused_head, scaler=scaler,
                                            loss_fn=loss_fn)
@@ -236,20 +236,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         def one_step(micro_batches=micro_batches, result=result):
             result.append(step_fn(model, optimizer, micro_batches))
 
-        scale = scaler.get_scale() if scaler is not None else None  # a sync, on the fp16 path only
+        watch.before()
         if clock is not None:
             stats.step_seconds.append(clock(one_step))
         else:
             one_step()
-        # A skipped step halves the scale; at 0 (2**16 halved 150 times) every step is skipped unchanged.
-        skipped = scaler is not None and (scaler.get_scale() < scale or scale == 0.0)
-        if skipped and scale >= 1.0 > scaler.get_scale():
-            warnings.warn(f"fp16 loss scaling: step {index} overflowed even at a scale below 1, so the "
-                          "fp16 forward or backward itself makes inf/NaN (not the scaling): every step from "
-                          "here on is skipped and nothing trains. Lower the learning rate, train in bf16 "
-                          "where the GPU has it, or pass autocast_dtype=None (fp32).",
-                          RuntimeWarning, stacklevel=2)
-        stats.skipped_steps += skipped
+        stats.skipped_steps += (skipped := watch.skipped(index))
         stats.unskipped_nonfinite += not skipped and not math.isfinite(result[0])
         if scheduler is not None:
             scheduler.step()
