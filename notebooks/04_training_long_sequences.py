@@ -424,11 +424,7 @@ def checkpointing_row(seq_len, name, every):
 length_axis = dict(xlabel="sequence length (tokens)", logx=True)
 ckpt_plan = itertools.product(P["ckpt_lengths"], ckpt_settings.items())
 ckpt_rows = [checkpointing_row(n, *setting) for n, setting in ckpt_plan]
-ckpt_table = pd.DataFrame(ckpt_rows).assign(peak_GiB=lambda t: t["peak_bytes"] / GiB)
-ckpt_table["tokens/s range"] = [f"{r.get('tokens_per_s_min', 0):,.0f}-{r.get('tokens_per_s_max', 0):,.0f}"
-                                for r in ckpt_rows]
-shown = ["peak_GiB", "tokens_per_s", "tokens/s range"]
-display(ckpt_table.pivot(index="name", columns="seq_len", values=shown).loc[list(ckpt_settings)].round(2))
+display(ladder_bench.checkpointing_table(ckpt_rows, list(ckpt_settings)))
 plots.side_by_side([
     (plots.curves, dict(series=plots.series_of(ckpt_rows, "name", "seq_len", "peak_bytes", 1 / GiB),
                         ylabel="peak memory (GiB)", title="checkpointing: memory", **length_axis)),
@@ -591,6 +587,20 @@ if hw.cuda:
     targets.check("full recipe + RoPE extension trains >= 524,288 tokens (2^19) at batch 1 (set for an H200)",
                   f"{extended_row['longest'] or 0:,} tokens, MFU {100 * (extended_row['mfu'] or 0):.1f}%",
                   (extended_row["longest"] or 0) >= 2**19)
+
+# %% [markdown]
+# **Where the step's time goes** at the longest length the RoPE rung reached: one more step there, under
+# torch.profiler (`ladder_bench.step_time_split`), split into attention (SDPA's kernels), the tiled MLP and
+# the chunked loss (the `record_function` ranges around their forward and backward), offload copies
+# (host <-> device copies while no kernel runs; all their time, overlapped or not, is in the row's name)
+# and everything else (norms, RoPE, the optimizer, gaps): device time on a GPU, host time on the CPU,
+# which has no copies.
+
+# %%
+ladder.apply(model, long_rungs[-1])  # the RoPE rung again (its loss is the chunked one: fused_head)
+long_split = ladder_bench.step_time_split(model, optimizer, extended_row["longest"], hw, fused_head=True)
+ladder.apply(model, rungs[-1])
+display(long_split.table())
 
 # %% [markdown]
 # **Predicted before running**, as for the rungs above, now with the host memory the offloaded inputs

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from .errors import RecipeError
 
 IGNORE_INDEX = -100
+# The profiler range around the chunked loss's forward and backward: ``measure.step_split`` counts what
+# runs there as the loss's time (a range costs nothing when no profiler runs).
+LOSS_RANGE = "recipes::loss"
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,11 @@ def _tf32_if(enabled: bool):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
+        with torch.profiler.record_function(LOSS_RANGE):
+            return _LinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, chunk_size):
         valid = targets != IGNORE_INDEX
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
@@ -85,6 +93,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with torch.profiler.record_function(LOSS_RANGE):
+            return _LinearCrossEntropy._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         if getattr(ctx, "done", False):
             raise RuntimeError("linear_cross_entropy's backward runs once: "
                                "its saved gradients are scaled in place")

@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from ..core.errors import RecipeError
+from ..measure.step_split import MLP_RANGE
 
 _PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -27,10 +28,17 @@ def is_gated_mlp(module: torch.nn.Module) -> bool:
 
 
 class _TiledMLPFunction(torch.autograd.Function):
-    """``forward(x)`` of one MLP in chunks of rows, saving only ``x``; backward recomputes per chunk."""
+    """``forward(x)`` of one MLP in chunks of rows, saving only ``x``; backward recomputes per chunk. Both
+    run inside the profiler range ``MLP_RANGE`` (no cost when no profiler runs): ``measure.step_split``
+    counts what runs there as the MLP's time."""
 
     @staticmethod
     def forward(ctx, mlp, chunk_tokens, x, *params):
+        with torch.profiler.record_function(MLP_RANGE):
+            return _TiledMLPFunction._forward(ctx, mlp, chunk_tokens, x, *params)
+
+    @staticmethod
+    def _forward(ctx, mlp, chunk_tokens, x, *params):
         ctx.mlp, ctx.chunk_tokens, ctx.params = mlp, chunk_tokens, params
         device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
@@ -49,6 +57,11 @@ class _TiledMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.profiler.record_function(MLP_RANGE):
+            return _TiledMLPFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         params = list(ctx.params)
         rows = x.detach().reshape(-1, x.shape[-1])

@@ -5,6 +5,8 @@ with this step: one AdamW step of the one training loop (``core.train.optimizer_
 the one timer, its peak by the one tracker, running out of memory a row (``oom_as_result``). Beside the
 device's peak, a step on CUDA reports the pinned host memory it held (offloaded activations), and
 every step that fits its model FLOPs utilisation (``flops.mfu``, None without a datasheet peak).
+``step_time_split`` profiles the same step once and splits its time into attention, MLP, loss and offload
+copies (``measure.step_split``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from ..core import models, train
 from ..core.hardware import Hardware
-from . import flops, memory, timing
+from . import flops, memory, step_split, timing
 
 
 def random_batch(vocab_size: int, seq_len: int, device, seed: int = 0) -> dict:
@@ -56,12 +58,8 @@ def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = 
 
 def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool, repeats: int) -> dict:
     batch = random_batch(model.config.vocab_size, seq_len, hw.device)
+    step = _one_step(model, optimizer, batch, hw, fused_head)
     states = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
-
-    def step():  # no clipping: the step the ladder has always measured
-        train.optimizer_step(model, optimizer, [batch], hw.amp_dtype, max_grad_norm=None,
-                             fused_head=fused_head)
-
     try:
         with memory.peak_memory(hw.device, states) as peak, memory.host_peak_memory(hw.device) as host:
             took = timing.Timing.of([timing.seconds(step, hw.device)])
@@ -71,6 +69,30 @@ def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool, rep
         optimizer.zero_grad(set_to_none=True)  # a step that ran out of memory leaves gradients behind
     return {"oom": False, "seconds": took.median, "seconds_min": took.low, "seconds_max": took.high,
             "peak_bytes": peak["peak"], "host_bytes": host.get("peak")}
+
+
+def _one_step(model, optimizer, batch: dict, hw: Hardware, fused_head: bool):
+    def step():  # no clipping: the step the ladder has always measured
+        train.optimizer_step(model, optimizer, [batch], hw.amp_dtype, max_grad_norm=None,
+                             fused_head=fused_head)
+
+    return step
+
+
+def step_time_split(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = False,
+                    warmup: int = 0) -> step_split.StepSplit:
+    """``train_step``'s step at batch 1 and ``seq_len`` tokens, on ``model`` as it is set up, run once under
+    torch.profiler: its time split into attention, MLP, loss, offload copies and other
+    (``step_split.profile``; ``warmup`` steps first, thrown away). The gradients are freed afterwards,
+    and the device's cached blocks returned, whether it ran or raised."""
+    models.check_seq_len(model, seq_len)
+    step = _one_step(model, optimizer, random_batch(model.config.vocab_size, seq_len, hw.device), hw,
+                     fused_head)
+    try:
+        return step_split.profile(lambda: (step(), train.sync(hw.device)), hw.device, warmup)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        memory.free_memory()
 
 
 def summary_table(rows: list[dict], baseline: int):
@@ -93,3 +115,15 @@ def summary_table(rows: list[dict], baseline: int):
                 "MFU %": cell(r.get("mfu"), 100, 1), "x baseline": round((r["longest"] or 0) / base, 2)}
                for r in rows]
     return pd.DataFrame(records).set_index("rung")
+
+
+def checkpointing_table(rows: list[dict], names: list[str]):
+    """``train_step`` rows of several checkpointing settings (``name``) and lengths as a pandas table: peak
+    GiB, tokens/s and its min-max per length, one row per setting in the order of ``names``."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows).assign(peak_GiB=lambda t: t["peak_bytes"] / memory.GiB)
+    table["tokens/s range"] = [f"{r.get('tokens_per_s_min', 0):,.0f}-{r.get('tokens_per_s_max', 0):,.0f}"
+                               for r in rows]
+    shown = ["peak_GiB", "tokens_per_s", "tokens/s range"]
+    return table.pivot(index="name", columns="seq_len", values=shown).loc[names].round(2)

@@ -19,6 +19,8 @@ and reads the trace back into one ``StepTimeline`` per step (``step_timelines``)
 Times are unions of intervals, so nested operators and concurrent streams count once. ``step()`` must
 wait for its device before it returns (``core.train.sync``), so that each step's kernels fall inside
 its range. The arithmetic (``merge``, ``minus``, ``clip``) works on plain ``(start, end)`` pairs.
+``trace_events`` is the same profiled run, returning the trace's events to read another way
+(``measure.step_split``: a step's time by attention, MLP, loss and copies).
 """
 
 from __future__ import annotations
@@ -75,15 +77,17 @@ def clip(intervals: Iterable[Interval], start: float, end: float) -> list[Interv
 
 
 def minus(intervals: Iterable[Interval], covered: Iterable[Interval]) -> list[Interval]:
-    """The parts of ``intervals`` that no interval of ``covered`` overlaps."""
-    holes, left = merge(covered), []
+    """The parts of ``intervals`` that no interval of ``covered`` overlaps (one sweep over both, sorted)."""
+    holes, left, first = merge(covered), [], 0
     for start, end in merge(intervals):
-        for hole_start, hole_end in holes:
-            if hole_end <= start or hole_start >= end:
-                continue
+        while first < len(holes) and holes[first][1] <= start:  # holes before this interval, and every later
+            first += 1
+        index = first
+        while index < len(holes) and holes[index][0] < end:
+            hole_start, hole_end = holes[index]
             if hole_start > start:
                 left.append((start, hole_start))
-            start = max(start, hole_end)
+            start, index = max(start, hole_end), index + 1
         if start < end:
             left.append((start, end))
     return left
@@ -173,7 +177,15 @@ def step_timelines(events: Sequence[dict]) -> list[StepTimeline]:
 def profile_steps(step: Callable[[], object], steps: int, device: torch.device, trace: str | None = None,
                   warmup: int = 0) -> list[StepTimeline]:
     """Run ``step()`` ``warmup + steps`` times under torch.profiler; the last ``steps`` steps' timelines
-    (module docstring).
+    (module docstring). The arguments are ``trace_events``'."""
+    return step_timelines(trace_events(step, steps, device, trace, warmup))
+
+
+def trace_events(step: Callable[[], object], steps: int, device: torch.device, trace: str | None = None,
+                 warmup: int = 0) -> list[dict]:
+    """Run ``step()`` ``warmup + steps`` times under torch.profiler, each inside a ``STEP_PREFIX`` range
+    numbered from 0 (the warm-up's from -``warmup``); the Chrome trace's ``traceEvents`` of the last
+    ``steps`` steps.
 
     Args:
         step: one training step that waits for its device before returning.
@@ -202,7 +214,7 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
         collected[0].export_chrome_trace(path)
         with open(path, "rb") as f:
             raw = f.read()
-    return step_timelines(json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)["traceEvents"])
+    return json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)["traceEvents"]
 
 
 def summary(timelines: Sequence[StepTimeline]) -> dict:
