@@ -892,7 +892,7 @@ figures = {"attention": attn_rows, "sliding_speedup_vs_flex_causal": sliding_spe
            "sliding_window_accuracy": {"distances": DISTANCES, "token_spans": spans, **accuracy},
            "tiled_mlp_errors": mlp_errors, "long_ladder": long_rows, "long_ladder_probes": long_probes,
            "estimate_reach": predicted_reach, "long_retrieval": {"token_spans": long_spans, **long_accuracy},
-           "targets": targets.rows}
+           "long_step_split": vars(long_split), "targets": targets.rows}
 publish = hw.cuda and P["profile"] == "gpu" and P["model"] == PROFILES["gpu"]["model"]  # reference runs only
 environment = results.environment(hw, **P)
 for path in results.save("04_training_long_sequences", hw, environment, figures, board, publish):

@@ -51,19 +51,21 @@ def notebook03(P: dict, config) -> tuple[float, float]:
 
 def notebook04(P: dict, config) -> tuple[float, float]:
     """The ladder's probes (6 rungs x 3 steps at each doubling length up to ``ladder_limit`` or the model's
-    position limit, and one rung up to ``rope_positions``, recomputation counted), the kernel timings
+    position limit, and one rung up to ``rope_positions``, recomputation counted; one more step at the
+    longest of those, profiled for the step-time split), the kernel timings
     (about 20 forward+backward calls per length), the curriculum's two runs of its small model, and the
     long-context fine-tune of the embedded model (about 3.3M parameters, rows of 1024 tokens)."""
     limit = min(P["ladder_limit"], config.max_position_embeddings)
     short = [n for n in (P["ladder_start"] * 2**i for i in range(24)) if n <= limit]
     long = [n for n in (P["ladder_start"] * 2**i for i in range(24)) if n <= max(limit, P["rope_positions"])]
     steps = [(6, n) for n in short] + [(1, n) for n in long]
-    ladder = sum(rungs * 3 * 1.33 * n * flops.training_flops_per_token(config, n) for rungs, n in steps)
+    steps_at = [(rungs * 3, n) for rungs, n in steps] + [(1, long[-1])]  # (+ the profiled step)
+    ladder = sum(k * 1.33 * n * flops.training_flops_per_token(config, n) for k, n in steps_at)
     attention = sum(20 * flops.attention_flops(n, P["attn_heads"], P["head_dim"], backward=True)
                     for n in P["attn_lengths"])
     C, K = P["curriculum"], P["long_kv"]
     small = 12 * C["model"].get("hidden_size", 512) ** 2 * C["model"].get("num_hidden_layers", 8)
     curriculum = 2 * C["steps"] * C["tokens_per_step"] * 6 * small
     finetune = K["steps"] * K["batch"] * 1024 * 6 * 3.3e6
-    weight_reads = sum(rungs * 3 * 3 for rungs, _ in steps) * weight_bytes(config)
+    weight_reads = sum(k * 3 for k, _ in steps_at) * weight_bytes(config)
     return ladder + attention + curriculum + finetune, weight_reads
