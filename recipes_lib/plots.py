@@ -108,6 +108,19 @@ def side_by_side(panels: Sequence[tuple], title: str | None = None, width: float
     return fig
 
 
+def decode_panels(speed: dict[str, list[dict]], batches: Sequence[int]) -> list[tuple]:
+    """``side_by_side`` panels of ``decode.sweep`` rows by method: decode tokens/s at each batch size (a
+    method measured at fewer batches is left out of the later panels), and each method's weight memory."""
+    panels = []
+    for i, batch in enumerate(batches):
+        shown = {name: rows[i]["decode_tokens_per_s"] for name, rows in speed.items() if len(rows) > i}
+        panels.append((value_bars, dict(names=list(shown), values=list(shown.values()),
+                                        ylabel="decode tokens/s", title=f"decode at batch {batch}")))
+    weights = [rows[0]["weight_bytes"] / GiB for rows in speed.values()]
+    return panels + [(value_bars, dict(names=list(speed), values=weights, fmt="{:.2f}",
+                                       ylabel="weights (GiB)", title="weight memory"))]
+
+
 def series_of(rows: Sequence[dict], group: str, x: str, y: str, scale: float = 1.0,
               groups: Sequence[str] | None = None) -> dict[str, tuple[list, list]]:
     """``curves``' series from result rows: one per value of ``group``, ``y * scale`` against ``x``.
@@ -147,3 +160,75 @@ def strategy_panels(runs: dict[str, dict], source: str) -> list[tuple]:
                               values=[r["tokens_per_s_per_gpu"] for r in made.values()],
                               title=f"Throughput per process\n({source})"))
     return [left, right]
+
+
+def _weights_label(fmt: str, weight_dtype: str) -> str:
+    """A weight format's legend name: the unquantized "bf16" rows of a run in another dtype say so."""
+    dtype = weight_dtype.replace("torch.", "")
+    return fmt if fmt != "bf16" or dtype == "bfloat16" else f"{dtype} (unquantized)"
+
+
+def _sweep_format(axes, rows: Sequence[dict], reference: dict | None, scale: float, name: str,
+                  color: str) -> None:
+    """One weight format's lines on ``decode_size_sweep``'s panels (``reference``: bf16 floors by shape)."""
+    xs = [r["parameters"] / scale for r in rows]
+    ran = [(x, r) for x, r in zip(xs, rows) if not r["skipped"]]
+    axes[0].plot(xs, [r["floor_tokens_per_s"] for r in rows], ls="--", color=color,
+                 label=f"{name} bandwidth floor" + ("" if ran else " (not run here)"))
+    if ran:
+        axes[0].plot(*zip(*[(x, r["decode_tokens_per_s"]) for x, r in ran]), marker="o", color=color,
+                     label=f"{name} measured")
+    if reference is None:  # the reference format itself: the line at 1x
+        return
+    allowed = [r["floor_tokens_per_s"] / reference.get(r["shape"], float("nan")) for r in rows]
+    axes[1].plot(xs, allowed, ls="--", color=color, label=f"{name}: the speed-up its floor allows")
+    if ran:
+        ups = [r["speedup_vs_bf16"] for _, r in ran]
+        spread = [[u - (r["speedup_min"] or u) for u, (_, r) in zip(ups, ran)],
+                  [(r["speedup_max"] or u) - u for u, (_, r) in zip(ups, ran)]]
+        axes[1].errorbar([x for x, _ in ran], ups, yerr=spread, marker="o", color=color, capsize=3,
+                         label=f"{name} measured (min-max)")
+
+
+def _sweep_column(axes, rows: Sequence[dict], batch: int) -> None:
+    """``decode_size_sweep``'s two panels for one batch size."""
+    scale, unit = (1e9, "billions") if max(r["parameters"] for r in rows) >= 1e9 else (1e6, "millions")
+    reference = {r["shape"]: r["floor_tokens_per_s"] for r in rows if r["format"] == "bf16"}
+    base = _weights_label("bf16", rows[0]["weight_dtype"])
+    for i, fmt in enumerate(dict.fromkeys(r["format"] for r in rows)):
+        mine = [r for r in rows if r["format"] == fmt]
+        _sweep_format(axes, mine, None if fmt == "bf16" else reference, scale,
+                      _weights_label(fmt, mine[0]["weight_dtype"]), f"C{i}")
+    axes[1].axhline(1.0, color="grey", lw=0.8, label=f"{base} (the reference)")
+    sizes = sorted({r["parameters"] / scale for r in rows})
+    for ax, ylabel in zip(axes, ("decode tokens/s (log scale)", f"decode speed-up over {base} (x)")):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{x:.3g}" for x in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel(f"parameters ({unit}, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+
+
+def decode_size_sweep(rows: Sequence[dict], title: str | None = None):
+    """``decode_sweep`` rows against model size, a column per batch: decode tokens/s (top) and the speed-up
+    over bf16 with its min-max (bottom), measured points solid, each format's bandwidth floor (and the
+    speed-up the floors allow) dashed in the same colour, drawn for skipped formats too. Only each shape's
+    deepest rows are drawn (the cut-depth ones are for the cost model); None if there is no row."""
+    deepest = {}
+    for r in rows:
+        deepest[r["shape"]] = max(deepest.get(r["shape"], 0), r["layers"])
+    rows = sorted((r for r in rows if r["layers"] == deepest[r["shape"]]), key=lambda r: r["parameters"])
+    batches = sorted({r["batch"] for r in rows})
+    if not batches:
+        return None
+    fig, axes = plt.subplots(2, len(batches), figsize=(6.5 * len(batches), 8), squeeze=False)
+    for column, batch in enumerate(batches):
+        _sweep_column(axes[:, column], [r for r in rows if r["batch"] == batch], batch)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

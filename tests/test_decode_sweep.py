@@ -1,6 +1,7 @@
 """Issue 20's decode library: the bandwidth floor against hand counts, the fixed + per-layer cost model
 against a known truth, the student it chooses, and the size sweep on a tiny shape on CPU."""
 
+import dataclasses
 import json
 
 import pytest
@@ -112,12 +113,65 @@ def test_analyse_fits_each_format_and_chooses_the_student():
             for (s, d), (c, t) in zip(measured, points(measured))]
     rows.append({**rows[0], "format": "int4", "skipped": "no int4 kernel here"})
     out = decode_sweep.analyse({"rows": rows, "context": 544, "act_bytes": 2, "bandwidth": 2e12})
-    assert list(out["cost_models"]) == ["bf16 batch 1"]
+    assert list(out["cost_models"]) == ["bf16 batch 1"] and out["largest"] == "llama-3.1-8b"
     fitted = out["cost_models"]["bf16 batch 1"]
     assert fitted["bandwidth"] == pytest.approx(3e12, rel=1e-6)  # fitted from two widths, not the 2e12 given
+    assert (fitted["points"], fitted["terms"]) == (3, 3)  # as many terms as points: no residual to check
     expected = decode_cost.choose_student(LLAMA_8B, 2.0, TRUTH)
     student = out["student"]
     assert (student["layers"], student["hidden_size"]) == (expected.layers, expected.hidden_size)
+    assert student["teacher"] == "llama-3.1-8b"
+
+
+def test_a_fit_with_a_negative_latency_falls_back_to_the_copy_bandwidth():
+    unphysical = decode_cost.CostModel(overhead_s=0.4e-3, layer_latency_s=-5e-6, bandwidth=3e12, context=544)
+    configs = [decode_sweep.shape_config(s, d) for s, d in [("llama-3.2-1b", 16), ("llama-3.2-1b", 8),
+                                                            ("llama-3.1-8b", 32), ("llama-3.1-8b", 16)]]
+    measured = [(c, unphysical.step_s(c)) for c in configs]
+    assert decode_cost.fit(measured, context=544).layer_latency_s < 0  # what the free fit would report
+    model, terms = decode_sweep.fit_points(measured, 3e12, context=544)  # latencies at the given bandwidth
+    assert terms == 2 and model.bandwidth == 3e12 and model.layer_latency_s == pytest.approx(-5e-6, rel=1e-6)
+    physical = points([("llama-3.2-1b", 16), ("llama-3.2-1b", 8), ("llama-3.1-8b", 32), ("llama-3.1-8b", 16)])
+    model, terms = decode_sweep.fit_points(physical, 2e12, context=544)
+    assert terms == 3 and model.bandwidth == pytest.approx(3e12, rel=1e-6)
+    one_width, terms = decode_sweep.fit_points(points([("llama-3.2-1b", 16), ("llama-3.2-1b", 8)]), 3e12,
+                                               context=544)
+    assert terms == 2 and one_width.layer_latency_s == pytest.approx(TRUTH.layer_latency_s, rel=1e-6)
+
+
+def fitted_analysis(*models) -> dict:
+    return {"largest": "llama-3.1-8b",
+            "cost_models": {f"{m.fmt} batch {m.batch}": {**dataclasses.asdict(m), "points": 4, "terms": 3,
+                                                         "residuals": [0.01, -0.02, 0.0, 0.005]}
+                            for m in models}}
+
+
+INT8 = dataclasses.replace(TRUTH, fmt="int8", overhead_s=0.5e-3, layer_latency_s=40e-6)  # slower kernels
+
+
+def test_cost_table_splits_each_fit_at_the_largest_shape():
+    (bf16, int8) = decode_sweep.cost_table(fitted_analysis(TRUTH, INT8))
+    assert bf16["model"] == "bf16 batch 1" and int8["model"] == "int8 batch 1"
+    for record, model in [(bf16, TRUTH), (int8, INT8)]:
+        assert record["fixed ms"] == pytest.approx(1e3 * model.fixed_s(LLAMA_8B))
+        assert record["µs per layer"] == pytest.approx(record["latency µs"] + record["read µs"])
+        assert record["read µs"] == pytest.approx(1e6 * decode_floor.layer_bytes(
+            LLAMA_8B, model.fmt, 1, 544) / 3e12)
+        assert (record["points"], record["terms"], record["max |residual| %"]) == (4, 3, pytest.approx(2.0))
+    assert int8["read µs"] < 0.51 * bf16["read µs"] and int8["latency µs"] > bf16["latency µs"]
+
+
+def test_crossover_is_where_the_fitted_speedup_passes_one():
+    where = decode_sweep.crossover(fitted_analysis(TRUTH, INT8))
+    sizes, speedups = zip(*where["curve"])
+    assert list(sizes) == sorted(sizes) and sizes[-1] == decode_floor.parameter_count(LLAMA_8B)
+    assert speedups[-1] == pytest.approx(TRUTH.step_s(LLAMA_8B) / INT8.step_s(LLAMA_8B))
+    i = next(i for i, s in enumerate(speedups) if s >= 1)  # slower when small, faster when large
+    assert 0 < i and speedups[i - 1] < 1 and sizes[i - 1] < where["parameters"] < sizes[i]
+    assert where["words"].startswith(f"passes bf16 at about {where['parameters'] / 1e9:.3g}B parameters")
+    never = decode_sweep.crossover(fitted_analysis(TRUTH, dataclasses.replace(INT8, layer_latency_s=1e-3)))
+    assert never["parameters"] is None and never["words"].startswith("stays below bf16")
+    assert decode_sweep.crossover(fitted_analysis(TRUTH)) is None  # no int8 fit
 
 
 def test_int4_says_why_it_cannot_run_on_cpu():

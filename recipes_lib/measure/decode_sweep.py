@@ -16,6 +16,7 @@ choose a student for the largest shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -189,9 +190,23 @@ def table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def fit_points(points: list, bandwidth: float, **how) -> tuple[decode_cost.CostModel, int]:
+    """A cost model of ``points`` and its fitted terms: 3 (bandwidth too) if possible and physical, else 2."""
+    with contextlib.suppress(RecipeError):
+        model = decode_cost.fit(points, **how)
+        if min(model.overhead_s, model.layer_latency_s) >= 0:
+            return model, 3
+    return decode_cost.fit(points, bandwidth=bandwidth, **how), 2
+
+
+def cost_model(entry: dict) -> decode_cost.CostModel:
+    """The ``CostModel`` of one of ``analyse``'s ``cost_models`` entries."""
+    return decode_cost.CostModel(**{f.name: entry[f.name] for f in dataclasses.fields(decode_cost.CostModel)})
+
+
 def analyse(result: dict, target_speedup: float = 2.0) -> dict:
-    """Cost models fitted to the measured rows, per (format, batch); and, from the bf16 batch-1 model,
-    the student of the largest shape predicted to decode ``target_speedup`` x as fast."""
+    """Per (format, batch), a cost model fitted to the measured rows (``fit_points``; ``points``, ``terms``);
+    the ``largest`` shape; from bf16 batch 1, its student predicted to decode ``target_speedup`` x as fast."""
     rows = [r for r in result["rows"] if not r["skipped"]]
     models, errors = {}, {}
     for fmt, batch in dict.fromkeys((r["format"], r["batch"]) for r in rows):
@@ -199,22 +214,19 @@ def analyse(result: dict, target_speedup: float = 2.0) -> dict:
                   if (r["format"], r["batch"]) == (fmt, batch)]
         how = dict(fmt=fmt, batch=batch, context=result["context"], act_bytes=result["act_bytes"])
         try:
-            try:  # the kernels' own bandwidth where depths and widths allow; else the copy bandwidth
-                model = decode_cost.fit(points, **how)
-            except RecipeError:
-                model = decode_cost.fit(points, bandwidth=result["bandwidth"], **how)
+            model, terms = fit_points(points, result["bandwidth"], **how)
         except RecipeError as error:
             errors[f"{fmt} batch {batch}"] = str(error)
             continue
-        models[f"{fmt} batch {batch}"] = {**dataclasses.asdict(model),
+        models[f"{fmt} batch {batch}"] = {**dataclasses.asdict(model), "points": len(points), "terms": terms,
                                           "residuals": decode_cost.residuals(model, points)}
-    out = {"cost_models": models, "not_fitted": errors}
+    out = {"cost_models": models, "not_fitted": errors,
+           "largest": max(rows, key=lambda r: r["parameters"])["shape"] if rows else None}
     if "bf16 batch 1" in models:
-        fields = {k: v for k, v in models["bf16 batch 1"].items() if k != "residuals"}
-        teacher = shape_config(max(rows, key=lambda r: r["parameters"])["shape"])
         try:
-            s = decode_cost.choose_student(teacher, target_speedup, decode_cost.CostModel(**fields))
-            out["student"] = {"layers": s.layers, "hidden_size": s.hidden_size,
+            s = decode_cost.choose_student(shape_config(out["largest"]), target_speedup,
+                                           cost_model(models["bf16 batch 1"]))
+            out["student"] = {"teacher": out["largest"], "layers": s.layers, "hidden_size": s.hidden_size,
                               "num_attention_heads": s.config.num_attention_heads,
                               "num_key_value_heads": s.config.num_key_value_heads,
                               "intermediate_size": s.config.intermediate_size, "parameters": s.parameters,
@@ -222,6 +234,32 @@ def analyse(result: dict, target_speedup: float = 2.0) -> dict:
         except RecipeError as error:
             out["student"] = str(error)
     return out
+
+
+def cost_table(analysis: dict) -> list[dict]:
+    """``analyse``'s cost models as table records: fixed and per-layer costs at the largest shape, and fit."""
+    top = shape_config(analysis["largest"])
+    return [{"model": name, "fixed ms": 1e3 * m.fixed_s(top), "µs per layer": 1e6 * m.per_layer_s(top),
+             "latency µs": 1e6 * m.layer_latency_s, "read µs": 1e6 * (m.per_layer_s(top) - m.layer_latency_s),
+             "GB/s": m.bandwidth / 1e9, "points": e["points"], "terms": e["terms"],
+             "max |residual| %": 100 * max(map(abs, e["residuals"]))}
+            for name, e in analysis["cost_models"].items() for m in [cost_model(e)]]
+
+
+def crossover(analysis: dict, fmt: str = "int8", batch: int = 1) -> dict | None:
+    """``fmt``'s fitted speed-up over bf16 along the largest shape scaled down; where it passes 1x (words)."""
+    ref, other = (analysis["cost_models"].get(f"{f} batch {batch}") for f in ("bf16", fmt))
+    if ref is None or other is None:
+        return None
+    ref, other, top = cost_model(ref), cost_model(other), shape_config(analysis["largest"])
+    curve = [(decode_floor.parameter_count(c), ref.step_s(c) / other.step_s(c)) for c in [
+        decode_cost.student_config(top, max(1, round(top.num_hidden_layers * k / top.num_key_value_heads)), k)
+        for k in range(1, top.num_key_value_heads + 1)]]  # depth and width scaled down together
+    cross = [a * (b / a) ** ((1 - s) / (t - s)) for (a, s), (b, t) in zip(curve, curve[1:]) if s < 1 <= t]
+    words = (f"passes bf16 at about {cross[0] / 1e9:.3g}B parameters" if cross else
+             f"stays {'above' if curve[0][1] >= 1 else 'below'} bf16 from {curve[0][0] / 1e9:.3g}B to "
+             f"{curve[-1][0] / 1e9:.3g}B parameters") + f" ({curve[-1][1]:.2f}x at full size)"
+    return {"fmt": fmt, "batch": batch, "curve": curve, "parameters": (cross or [None])[0], "words": words}
 
 
 def main(argv: list[str] | None = None) -> dict:

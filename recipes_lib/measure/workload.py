@@ -8,7 +8,9 @@ loading, compilation and Python overheads are not in them.
 
 from __future__ import annotations
 
-from . import decode_floor, flops
+import itertools
+
+from . import decode_floor, decode_sweep, flops
 
 
 def weight_bytes(config, bytes_per_value: int = 2) -> float:
@@ -36,17 +38,37 @@ def notebook02(P: dict, config, data_params: int, on_gpus: bool) -> tuple[float,
     return dist + 2 * D["steps"] * D["batch"] * D["seq_len"] * 6 * data_params, 0.0
 
 
+def decode_sweep_work(S: dict) -> tuple[float, float]:
+    """``decode_sweep.run(**S)``: for each shape, depth, format and batch, ``repeats`` timed and 2 warm-up
+    calls, each a prefill of ``prompt_len`` tokens and ``new_tokens`` decode steps (2 FLOPs per parameter
+    per token), each step reading ``decode_floor.step_bytes`` in that format (bf16 activations). Skipped
+    rows (no kernel, no room) are counted too: the figure is the most the sweep can do."""
+    calls, context = S["repeats"] + 2, decode_floor.mean_context(S["prompt_len"], S["new_tokens"])
+    flops_done = bytes_read = 0.0
+    for shape in S["shapes"]:
+        for layers in decode_sweep.depths_of(decode_sweep.shape_config(shape), S["depth_fractions"]):
+            config = decode_sweep.shape_config(shape, layers)
+            for fmt, batch in itertools.product(S["formats"], S["batches"]):
+                tokens = calls * batch * (S["prompt_len"] + S["new_tokens"])
+                flops_done += 2 * decode_floor.parameter_count(config) * tokens
+                step = decode_floor.step_bytes(config, batch, context, fmt)["total"]
+                bytes_read += calls * S["new_tokens"] * step
+    return flops_done, bytes_read
+
+
 def notebook03(P: dict, config) -> tuple[float, float]:
     """Decoding reads the weights once per step: about 10 models or kernels at each batch size,
     ``repeats`` x (``new_tokens`` + 1) steps, after a prompt of ``prompt_len`` (2 FLOPs per weight per
-    token). Healing trains the GPT-2 model of section 4 (1024 tokens a row). Distilling the embedded
+    token). Healing trains the GPT-2 model of section 4 (1024 tokens a row). The size sweep
+    (``decode_sweep_work(P["sweep"])``) decodes its shapes the same way. Distilling the embedded
     models costs little beside them."""
     weights = weight_bytes(config)
     decode_steps = 10 * len(P["batches"]) * P["repeats"] * (P["new_tokens"] + 1)
     prefill = 10 * sum(P["batches"]) * P["repeats"] * P["prompt_len"] * weights  # 2 FLOPs x values
     gpt2 = P["e2e_norm_shape"] or dict(n_layer=2, n_embd=256)
     heal = P["heal_steps"] * P["heal_batch"] * 1024 * 6 * 12 * gpt2["n_layer"] * gpt2["n_embd"] ** 2
-    return prefill + heal, decode_steps * weights
+    sweep_flops, sweep_bytes = decode_sweep_work(P["sweep"])
+    return prefill + heal + sweep_flops, decode_steps * weights + sweep_bytes
 
 
 def notebook04(P: dict, config) -> tuple[float, float]:
