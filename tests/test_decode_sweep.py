@@ -168,7 +168,8 @@ def test_crossover_is_where_the_fitted_speedup_passes_one():
     assert speedups[-1] == pytest.approx(TRUTH.step_s(LLAMA_8B) / INT8.step_s(LLAMA_8B))
     i = next(i for i, s in enumerate(speedups) if s >= 1)  # slower when small, faster when large
     assert 0 < i and speedups[i - 1] < 1 and sizes[i - 1] < where["parameters"] < sizes[i]
-    assert where["words"].startswith(f"passes bf16 at about {where['parameters'] / 1e9:.3g}B parameters")
+    assert where["words"].startswith(f"passes bf16 at about {decode_sweep._count(where['parameters'])} param")
+    assert [decode_sweep._count(n) for n in (2.74e5, 5.5e6, 3.2e9, 12)] == ["274K", "5.5M", "3.2B", "12"]
     never = decode_sweep.crossover(fitted_analysis(TRUTH, dataclasses.replace(INT8, layer_latency_s=1e-3)))
     assert never["parameters"] is None and never["words"].startswith("stays below bf16")
     assert decode_sweep.crossover(fitted_analysis(TRUTH)) is None  # no int8 fit

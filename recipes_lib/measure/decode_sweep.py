@@ -123,18 +123,14 @@ def measure_format(shape: str, config, fmt: str, batches: list[int], hw: Hardwar
 
 
 def add_speedups(rows: list[dict]) -> list[dict]:
-    """Each measured row's decode speed-up over the bf16 row of the same shape, depth and batch, with
-    its range (``speedup_vs_bf16``, ``speedup_min``, ``speedup_max``; None where there is no bf16 row;
-    1.0 and no range for the bf16 rows)."""
+    """Each row's decode speed-up over the bf16 row of the same shape, depth and batch, with its range
+    (``speedup_vs_bf16``, ``speedup_min``, ``speedup_max``; None without a bf16 row; 1.0 for bf16 rows)."""
     key = lambda r: (r["shape"], r["layers"], r["batch"])  # noqa: E731
     bf16 = {key(r): r for r in rows if r["format"] == "bf16" and not r["skipped"]}
     for r in rows:
         ref = bf16.get(key(r))
-        ratio = (None, None, None)
-        if r["format"] == "bf16" and not r["skipped"]:
-            ratio = (1.0, None, None)  # the reference itself: no range
-        elif ref is not None and not r["skipped"]:
-            ratio = decode.speed_ratio(r, ref)
+        ratio = ((None,) * 3 if r["skipped"] or ref is None else (1.0, None, None) if r["format"] == "bf16"
+                 else decode.speed_ratio(r, ref))  # a bf16 row is its own reference: no range
         r.update(zip(("speedup_vs_bf16", "speedup_min", "speedup_max"), ratio))
     return rows
 
@@ -246,6 +242,10 @@ def cost_table(analysis: dict) -> list[dict]:
             for name, e in analysis["cost_models"].items() for m in [cost_model(e)]]
 
 
+def _count(n: float) -> str:
+    return next(f"{n / s:.3g}{unit}" for s, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= s)
+
+
 def crossover(analysis: dict, fmt: str = "int8", batch: int = 1) -> dict | None:
     """``fmt``'s fitted speed-up over bf16 along the largest shape scaled down; where it passes 1x (words)."""
     ref, other = (analysis["cost_models"].get(f"{f} batch {batch}") for f in ("bf16", fmt))
@@ -256,9 +256,9 @@ def crossover(analysis: dict, fmt: str = "int8", batch: int = 1) -> dict | None:
         decode_cost.student_config(top, max(1, round(top.num_hidden_layers * k / top.num_key_value_heads)), k)
         for k in range(1, top.num_key_value_heads + 1)]]  # depth and width scaled down together
     cross = [a * (b / a) ** ((1 - s) / (t - s)) for (a, s), (b, t) in zip(curve, curve[1:]) if s < 1 <= t]
-    words = (f"passes bf16 at about {cross[0] / 1e9:.3g}B parameters" if cross else
-             f"stays {'above' if curve[0][1] >= 1 else 'below'} bf16 from {curve[0][0] / 1e9:.3g}B to "
-             f"{curve[-1][0] / 1e9:.3g}B parameters") + f" ({curve[-1][1]:.2f}x at full size)"
+    words = (f"passes bf16 at about {_count(cross[0])} parameters" if cross else
+             f"stays {'above' if curve[0][1] >= 1 else 'below'} bf16 from {_count(curve[0][0])} to "
+             f"{_count(curve[-1][0])} parameters") + f" ({curve[-1][1]:.2f}x at full size)"
     return {"fmt": fmt, "batch": batch, "curve": curve, "parameters": (cross or [None])[0], "words": words}
 
 
