@@ -600,7 +600,7 @@ if hw.cuda:
 ladder.apply(model, long_rungs[-1])  # the RoPE rung again (its loss is the chunked one: fused_head)
 long_split = ladder_bench.step_time_split(model, optimizer, extended_row["longest"], hw, fused_head=True)
 ladder.apply(model, rungs[-1])
-display(long_split.table())
+display(long_split if isinstance(long_split, str) else long_split.table())  # str: out of memory
 
 # %% [markdown]
 # **Predicted before running**, as for the rungs above, now with the host memory the offloaded inputs
@@ -892,7 +892,7 @@ figures = {"attention": attn_rows, "sliding_speedup_vs_flex_causal": sliding_spe
            "sliding_window_accuracy": {"distances": DISTANCES, "token_spans": spans, **accuracy},
            "tiled_mlp_errors": mlp_errors, "long_ladder": long_rows, "long_ladder_probes": long_probes,
            "estimate_reach": predicted_reach, "long_retrieval": {"token_spans": long_spans, **long_accuracy},
-           "long_step_split": vars(long_split), "targets": targets.rows}
+           "long_step_split": getattr(long_split, "__dict__", long_split), "targets": targets.rows}
 publish = hw.cuda and P["profile"] == "gpu" and P["model"] == PROFILES["gpu"]["model"]  # reference runs only
 environment = results.environment(hw, **P)
 for path in results.save("04_training_long_sequences", hw, environment, figures, board, publish):

@@ -124,7 +124,7 @@ def classify(length: int, returncode: int | None, timed_out: bool, steps: list[d
     if steps:
         last = steps[-1]
         row |= {"seconds": last["seconds"], "first_step_seconds": steps[0]["seconds"],
-                "tokens_per_s": length / last["seconds"], "loss": last.get("loss"),
+                "tokens_per_s": last.get("tokens", length) / last["seconds"], "loss": last.get("loss"),
                 "peak_bytes": max((s.get("peak_bytes") or 0) for s in steps) or None,
                 "reserved_bytes": max((s.get("reserved_bytes") or 0) for s in steps) or None,
                 "host_rss_bytes": max((s.get("host_rss_bytes") or 0) for s in steps) or None}

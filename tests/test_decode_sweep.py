@@ -173,6 +173,13 @@ def test_crossover_is_where_the_fitted_speedup_passes_one():
     never = decode_sweep.crossover(fitted_analysis(TRUTH, dataclasses.replace(INT8, layer_latency_s=1e-3)))
     assert never["parameters"] is None and never["words"].startswith("stays below bf16")
     assert decode_sweep.crossover(fitted_analysis(TRUTH)) is None  # no int8 fit
+    # cheaper fixed part, dearer layers: faster when tiny, slower in between, faster again when the bytes rule
+    both = decode_sweep.crossover(fitted_analysis(TRUTH, dataclasses.replace(
+        INT8, overhead_s=0.05e-3, layer_latency_s=80e-6)))
+    assert both["words"].startswith("falls below bf16 at about")
+    assert ", then passes bf16 at about" in both["words"]
+    speedups = [s for _, s in both["curve"]]
+    assert speedups[0] > 1 and min(speedups) < 1 < speedups[-1]
 
 
 def test_int4_says_why_it_cannot_run_on_cpu():

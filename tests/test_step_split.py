@@ -148,3 +148,16 @@ def test_checkpointing_table_orders_settings_and_spans_tokens_per_second():
     assert list(table.index) == ["b", "a"]
     assert table.loc["a", ("peak_GiB", 16)] == 2.0 and table.loc["b", ("tokens_per_s", 8)] == 100.0
     assert table.loc["a", ("tokens/s range", 8)] == "180-220"
+
+
+def test_out_of_memory_while_profiling_is_a_result_not_a_crash(monkeypatch):
+    """The profiled step runs after the ladder's expensive search, at its longest length: running out of
+    memory there must leave a sentence in place of the split (as the ladder records OOM as a row)."""
+    model, optimizer = _tiny(tiled=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(step_split, "profile", out_of_memory)
+    said = ladder_bench.step_time_split(model, optimizer, SEQ, CPU)
+    assert isinstance(said, str) and said.startswith(f"out of memory profiling one more step at {SEQ:,}")

@@ -293,7 +293,7 @@ def test_train_warns_when_every_fp16_step_overflows():
     model = tiny_model(64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     start = [p.detach().clone() for p in model.parameters()]
-    with pytest.warns(RuntimeWarning, match="overflowed even at a scale below 1"):
+    with pytest.warns(RuntimeWarning, match="overflowed at a scale of 1, which no longer enlarges"):
         stats = train.train(model, optimizer, iter(_fp16_batch() * 170), steps=170,
                             autocast_dtype=torch.float16, progress=False,
                             loss_fn=lambda m, mb: m(**mb).loss * float("inf"))

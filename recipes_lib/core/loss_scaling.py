@@ -8,8 +8,9 @@ reads the scale before each step and compares it afterwards. Two cases need care
 
 - at a scale of 0 (2**16 halved 150 times) the scale no longer falls, but every step is still
   skipped: counted as skipped;
-- a step that overflows at a scale below 1 overflows with no scaling at all: the fp16 forward or
-  backward itself makes inf/NaN, and nothing will train. ``StepWatch`` warns, saying what to change.
+- a step that overflows at a scale of 1 or less overflows with no enlarging at all: the fp16 forward or
+  backward itself makes inf/NaN, and training has likely stalled. ``StepWatch`` warns once, as the scale
+  falls below 1, saying what to change.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ class StepWatch:
 
     def skipped(self, index: int) -> bool:
         """Whether the scaler skipped the step just taken (step ``index``); warns once when fp16 overflows
-        at a scale below 1."""
+        at a scale of 1 or less."""
         if self.scaler is None:
             return False
         now = self.scaler.get_scale()
         if self.scale >= 1.0 > now:
-            warnings.warn(f"fp16 loss scaling: step {index} overflowed even at a scale below 1, so the "
-                          "fp16 forward or backward itself makes inf/NaN (not the scaling): every step from "
-                          "here on is skipped and nothing trains. Lower the learning rate, train in bf16 "
-                          "where the GPU has it, or pass autocast_dtype=None (fp32).",
+            warnings.warn(f"fp16 loss scaling: step {index} overflowed at a scale of {self.scale:g}, which "
+                          "no longer enlarges the loss, so the fp16 forward or backward itself makes inf/NaN "
+                          "and training has likely stalled (the scale now falls below 1). Lower the learning "
+                          "rate, train in bf16 where the GPU has it, or pass autocast_dtype=None (fp32).",
                           RuntimeWarning, stacklevel=3)
         return now < self.scale or self.scale == 0.0

@@ -154,10 +154,9 @@ def run(shapes=SHAPES, formats=decode_floor.FORMATS, batches=(1, 16), prompt_len
             for fmt in formats:
                 rows += measure_format(shape, config, fmt, list(batches), hw, bandwidth, prompt_len,
                                        new_tokens, repeats, compile, tune, group_size, int8_backend)
-    return {"device": hw.summary(), "bandwidth": bandwidth, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "context": decode_floor.mean_context(prompt_len, new_tokens),
-            "act_bytes": torch.finfo(hw.model_dtype).bits // 8, "group_size": group_size,
-            "rows": add_speedups(rows)}
+    return dict(device=hw.summary(), bandwidth=bandwidth, prompt_len=prompt_len, new_tokens=new_tokens,
+                context=decode_floor.mean_context(prompt_len, new_tokens), group_size=group_size,
+                act_bytes=torch.finfo(hw.model_dtype).bits // 8, rows=add_speedups(rows))
 
 
 def merge(results: list[dict]) -> dict:
@@ -255,11 +254,12 @@ def crossover(analysis: dict, fmt: str = "int8", batch: int = 1) -> dict | None:
     curve = [(decode_floor.parameter_count(c), ref.step_s(c) / other.step_s(c)) for c in [
         decode_cost.student_config(top, max(1, round(top.num_hidden_layers * k / top.num_key_value_heads)), k)
         for k in range(1, top.num_key_value_heads + 1)]]  # depth and width scaled down together
-    cross = [a * (b / a) ** ((1 - s) / (t - s)) for (a, s), (b, t) in zip(curve, curve[1:]) if s < 1 <= t]
-    words = (f"passes bf16 at about {_count(cross[0])} parameters" if cross else
+    cross = [(a * (b / a) ** ((1 - s) / (t - s)), "passes" if s < t else "falls below")
+             for (a, s), (b, t) in zip(curve, curve[1:]) if min(s, t) < 1 <= max(s, t)]  # either way
+    words = (", then ".join(f"{how} bf16 at about {_count(n)} parameters" for n, how in cross) if cross else
              f"stays {'above' if curve[0][1] >= 1 else 'below'} bf16 from {_count(curve[0][0])} to "
              f"{_count(curve[-1][0])} parameters") + f" ({curve[-1][1]:.2f}x at full size)"
-    return {"fmt": fmt, "batch": batch, "curve": curve, "parameters": (cross or [None])[0], "words": words}
+    return dict(fmt=fmt, batch=batch, curve=curve, parameters=(cross or [(None,)])[0][0], words=words)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -80,16 +80,19 @@ def _one_step(model, optimizer, batch: dict, hw: Hardware, fused_head: bool):
 
 
 def step_time_split(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = False,
-                    warmup: int = 0) -> step_split.StepSplit:
+                    warmup: int = 0) -> step_split.StepSplit | str:
     """``train_step``'s step at batch 1 and ``seq_len`` tokens, on ``model`` as it is set up, run once under
     torch.profiler: its time split into attention, MLP, loss, offload copies and other
-    (``step_split.profile``; ``warmup`` steps first, thrown away). The gradients are freed afterwards,
-    and the device's cached blocks returned, whether it ran or raised."""
+    (``step_split.profile``; ``warmup`` steps first, thrown away). Out of memory is a result, as on the
+    ladder: a sentence saying so in place of the split. The gradients are freed afterwards, and the
+    device's cached blocks returned, whether it ran or raised."""
     models.check_seq_len(model, seq_len)
     step = _one_step(model, optimizer, random_batch(model.config.vocab_size, seq_len, hw.device), hw,
                      fused_head)
     try:
         return step_split.profile(lambda: (step(), train.sync(hw.device)), hw.device, warmup)
+    except torch.OutOfMemoryError:
+        return f"out of memory profiling one more step at {seq_len:,} tokens: no split"
     finally:
         optimizer.zero_grad(set_to_none=True)
         memory.free_memory()
