@@ -114,23 +114,21 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return tokenizer
 
 
-def _quantization_config(quantization: str | None, hw: Hardware, quant_storage: torch.dtype = torch.uint8,
-                         compute_dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
+def _quantization_config(quantization: str | None, hw: Hardware, compute_dtype: torch.dtype,
+                         quant_storage: torch.dtype = torch.uint8) -> BitsAndBytesConfig | None:
     if quantization not in QUANTIZATIONS:
         raise RecipeError(f"quantization={quantization!r}; choose one of {QUANTIZATIONS}")
     if quantization is None:
         return None
     if not hw.bitsandbytes:
         warnings.warn(f"quantization={quantization!r} needs bitsandbytes with a kernel for {hw.name} "
-                      f"(pip install bitsandbytes); loading unquantized {compute_dtype or hw.compute_dtype} "
-                      "weights instead.",
+                      f"(pip install bitsandbytes); loading unquantized {compute_dtype} weights instead.",
                       stacklevel=3)
         return None
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype or hw.compute_dtype,
-                              bnb_4bit_quant_storage=quant_storage)
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)
 
 
 def attention_implementation(requested: str) -> str:
@@ -161,7 +159,7 @@ def load_model(name: str = DEFAULT_MODEL, quantization: str | None = None, attn_
     """
     hw = hw or detect()
     dtype = dtype or (hw.compute_dtype if quantization else hw.model_dtype)
-    quant = _quantization_config(quantization, hw, quant_storage, dtype)
+    quant = _quantization_config(quantization, hw, dtype, quant_storage)
     kwargs = {"dtype": dtype,
               "attn_implementation": attention_implementation(attn_implementation)}
     if quant is not None:

@@ -41,7 +41,7 @@ import torch
 
 from ..core.losses import LOSS_RANGE
 from . import timeline
-from .timeline import Interval, clip, length, merge, minus
+from .timeline import Interval, clip, length, merge, minus, span
 
 MLP_RANGE = "recipes::mlp"
 PARTS = ("attention", "mlp", "loss", "offload copies", "other")
@@ -99,15 +99,11 @@ def is_attention(name: str) -> bool:
     return any(piece in lowered for pieces in ATTENTION.values() for piece in pieces)
 
 
-def _span(event: dict) -> Interval:
-    return event["ts"], event["ts"] + event.get("dur", 0.0)
-
-
 def _by_stream(ranges: Iterable[dict]) -> dict:
     """{(pid, tid): (sorted starts, disjoint spans)} of ``gpu_user_annotation`` spans."""
     streams = defaultdict(list)
     for event in ranges:
-        streams[event.get("pid"), event.get("tid")].append(_span(event))
+        streams[event.get("pid"), event.get("tid")].append(span(event))
     return {key: ([s for s, _ in spans], spans) for key, spans in ((k, merge(v)) for k, v in streams.items())}
 
 
@@ -127,17 +123,17 @@ def _gpu_parts(spans: Sequence[dict]) -> tuple[dict, list[Interval], list[Interv
         part = "attention" if is_attention(kernel["name"]) else next(
             (p for p, streams in ranges.items() if _inside(kernel, streams)), None)
         if part:
-            parts[part].append(_span(kernel))
-    device = [_span(e) for e, copy in zip(spans, is_copy)
+            parts[part].append(span(kernel))
+    device = [span(e) for e, copy in zip(spans, is_copy)
               if not copy and e.get("cat") in timeline.DEVICE_CATEGORIES]
-    return parts, [_span(e) for e, copy in zip(spans, is_copy) if copy], device
+    return parts, [span(e) for e, copy in zip(spans, is_copy) if copy], device
 
 
 def _cpu_parts(spans: Sequence[dict]) -> tuple[dict, list[Interval], list[Interval]]:
     """(part -> operator and range intervals, no copies, no device work) of a CPU trace."""
-    parts = {"attention": [_span(e) for e in spans if e.get("cat") == "cpu_op" and is_attention(e["name"])]}
+    parts = {"attention": [span(e) for e in spans if e.get("cat") == "cpu_op" and is_attention(e["name"])]}
     for part, name in RANGES.items():
-        parts[part] = [_span(e) for e in spans if e.get("cat") == "user_annotation" and e["name"] == name]
+        parts[part] = [span(e) for e in spans if e.get("cat") == "user_annotation" and e["name"] == name]
     return parts, [], []
 
 
@@ -149,7 +145,7 @@ def split(events: Sequence[dict]) -> StepSplit:
     if len(steps) != 1:
         raise ValueError(f"a trace of one profiled step has one {timeline.STEP_PREFIX!r} range, "
                          f"not {len(steps)}")
-    start, end = _span(steps[0])
+    start, end = span(steps[0])
     on_gpu = any(e.get("cat") == "kernel" for e in spans)
     found, copies, device = (_gpu_parts if on_gpu else _cpu_parts)(spans)
     taken, seconds = [], {}

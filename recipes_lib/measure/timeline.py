@@ -107,7 +107,8 @@ class StepTimeline:
     kinds: dict[str, int]  # collectives by name
 
 
-def _span(event: dict) -> Interval:
+def span(event: dict) -> Interval:
+    """(start, end) of a Chrome-trace event, in its microseconds."""
     return event["ts"], event["ts"] + event.get("dur", 0.0)
 
 
@@ -150,7 +151,7 @@ def classify(events: Sequence[dict]) -> tuple[list[dict], list[Interval], list[I
         comm_threads = {e.get("tid") for e in comm}
         compute = [e for e in spans if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")
                    and e.get("tid") not in comm_threads]
-    return comm, [_span(e) for e in comm], [_span(e) for e in compute]
+    return comm, [span(e) for e in comm], [span(e) for e in compute]
 
 
 def step_timelines(events: Sequence[dict]) -> list[StepTimeline]:
@@ -160,7 +161,7 @@ def step_timelines(events: Sequence[dict]) -> list[StepTimeline]:
     comm_events, comm, compute = classify(events)
     timelines = []
     for step in steps:
-        start, end = _span(step)
+        start, end = span(step)
         inside = [e for e in comm_events if start <= e["ts"] < end]
         step_comm, step_compute = clip(comm, start, end), clip(compute, start, end)
         sizes = [message_bytes(e) for e in inside]

@@ -27,10 +27,11 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
 def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa", hw=None,
                 quant_storage: torch.dtype = torch.uint8):
-    """Our QLoRA: NF4 base (double quantization), bf16 compute, LoRA on all linear layers.
+    """Our QLoRA: NF4 base (double quantization), bf16 compute (fp16 on a GPU without bf16, a T4), LoRA on
+    all linear layers (adapters in fp32, peft's default).
 
     Unlike ``prepare_model_for_kbit_training`` it keeps the unquantized weights (embeddings, norms,
-    LM head) in bf16: upcasting them to fp32 costs memory and makes the LM head an fp32 matmul.
+    LM head) in that compute dtype: upcasting them to fp32 costs memory and makes the LM head an fp32 matmul.
     ``quant_storage=torch.bfloat16`` packs the NF4 values into bf16 words, which FSDP can shard.
     """
     model = load_model(name, quantization="nf4", gradient_checkpointing=gradient_checkpointing,
