@@ -37,8 +37,7 @@ GiB = 2**30
 
 
 def shape_config(shape: str, layers: int | None = None):
-    """The config of ``shape`` (a ``data/configs`` name, ``random:<name>``, or a model folder), cut to
-    ``layers`` layers if given."""
+    """The config of ``shape`` (a ``data/configs`` name, ``random:<name>``, a folder), cut to ``layers``."""
     config = model_config(shape if shape.startswith("random:") or "/" in shape else f"random:{shape}")
     if layers is not None:
         config.num_hidden_layers = layers
@@ -185,11 +184,12 @@ def table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def fit_points(points: list, bandwidth: float, **how) -> tuple[decode_cost.CostModel, int]:
-    """A cost model of ``points`` and its fitted terms: 3 (bandwidth too) if possible and physical, else 2."""
+def fit_points(points: list, bandwidth: float, slack=1.1, **how) -> tuple[decode_cost.CostModel, int]:
+    """A cost model of ``points`` and its fitted terms: 3 (bandwidth too) if possible and physical (no
+    negative cost, reads no faster than ``slack`` x the copy ``bandwidth``: toy weights in cache), else 2."""
     with contextlib.suppress(RecipeError):
         model = decode_cost.fit(points, **how)
-        if min(model.overhead_s, model.layer_latency_s) >= 0:
+        if min(model.overhead_s, model.layer_latency_s) >= 0 and model.bandwidth <= slack * bandwidth:
             return model, 3
     return decode_cost.fit(points, bandwidth=bandwidth, **how), 2
 
