@@ -78,6 +78,7 @@ from recipes_lib import notebook
 hw, P, targets = notebook.setup(PROFILES, MODEL, PROFILE, benchmark_gpu="H100")
 
 # %%
+import functools
 import itertools
 import warnings
 
@@ -89,11 +90,11 @@ from IPython.display import display
 from transformers import AutoConfig
 
 from recipes_lib import plots, results
-from recipes_lib.core import batches, errors, hardware, losses, models, tasks, train
+from recipes_lib.core import batches, errors, hardware, losses, models, speed, tasks, train
 from recipes_lib.measure import bench, estimate, estimate_check, flops, predict, quality, timing, workload
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
-from recipes_lib.memory import offload, qlora
+from recipes_lib.memory import nf4, offload, qlora
 
 # %% [markdown]
 # ### The model and the batches
@@ -126,10 +127,15 @@ def adamw(model):
     return torch.optim.AdamW(trainable(model), lr=1e-5, fused=hw.cuda or None)
 
 
-def measured(cfg, batches_fn=packed):
-    """Run one configuration and print its one-line report (OOM is a result, not a crash)."""
-    row = bench.run(cfg, batches_fn, hw, steps=P["steps"], seq_len=SEQ_LEN, flops_per_token=flops_per_token)
+def measured(cfg, batches_fn=packed, profile=0):
+    """Run one configuration and print its one-line report (OOM is a result, not a crash); ``profile``:
+    that many more steps under torch.profiler, for the share of the step the device is busy."""
+    row = bench.run(cfg, batches_fn, hw, steps=P["steps"], seq_len=SEQ_LEN, flops_per_token=flops_per_token,
+                    profile=profile)
     return bench.show(row)
+
+
+liger_ok = hw.cuda and importlib.util.find_spec("liger_kernel") is not None  # a maintained peer, on GPUs
 
 
 matmul_peak = timing.matmul_peak(hw.device) if hw.cuda else None  # FLOP/s a big bf16 matmul reaches
@@ -470,7 +476,11 @@ plt.show()
 # optimizer; then with our chunked fused loss instead of the full logits. All three train on the same
 # unpadded rows of `seq_len` random tokens, 4 per step. The ratio's range runs from our slowest step
 # over the plain loop's fastest to the other way round: where it takes in 1.0, there is no measurable
-# difference.
+# difference. Then two levers toward issue 18's 1.25x: our step with each decoder layer compiled
+# (`speed.compile_layers`), and, where Liger Kernel is installed (a GPU), the maintained peer: the plain
+# step with Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy kernels (`speed.apply_liger`).
+# Each row also profiles two steps: "device busy" is the share of the step the GPU computes; the rest is
+# launch overhead and Python, where a host-bound step loses its time (and its steadiness).
 
 # %%
 def token_blocks(micro_batch):  # plain pre-training rows: no padding, no document boundaries
@@ -481,10 +491,17 @@ def token_blocks(micro_batch):  # plain pre-training rows: no padding, no docume
 
 
 full_model = full_cfg.model_fn
-step_rows = [measured(bench.Config(name, full_model, adamw, 4, **how), token_blocks) for name, how in [
-    ("plain transformers (Trainer defaults)", dict(step_fn=train.plain_step)),
-    ("ours, the model's loss", dict(fused_head=False)),
-    ("ours, chunked fused loss", dict(fused_head=True))]]
+full_setups = {"plain transformers (Trainer defaults)": (full_model, dict(step_fn=train.plain_step)),
+               "ours, the model's loss": (full_model, dict(fused_head=False)),
+               "ours, chunked fused loss": (full_model, dict(fused_head=True)),
+               "ours, the model's loss, compiled layers": (lambda: speed.compile_layers(full_model()),
+                                                           dict(fused_head=False))}
+if liger_ok:
+    full_setups["plain transformers + Liger kernels"] = (lambda: speed.apply_liger(full_model()),
+                                                         dict(step_fn=train.plain_step))
+step_rows = [measured(bench.Config(name, fn, adamw, 4, **how), token_blocks, profile=2)
+             for name, (fn, how) in full_setups.items()]
+speed.remove_liger()  # Liger swaps Llama's RoPE, norm and MLP module-wide: later rows get the originals
 display(bench.table(step_rows, reference=step_rows[0]["name"], matmul_peak=matmul_peak))
 step_ratios = {row["name"]: bench.speed_ratio(row, step_rows[0])
                for row in step_rows[1:] if bench.fits(row, step_rows[0])}
@@ -497,6 +514,15 @@ if ours_vs_plain is not None:
     if hw.cuda:
         targets.check("our full fine-tuning step as fast as plain transformers' (not measurably slower)",
                       bench.describe_ratio(*ours_vs_plain), ours_vs_plain[2] >= 1.0)
+fastest = max((r for r in step_rows if r["name"].startswith("ours") and not r["oom"]), key=bench.rate)
+fastest_ratio = bench.speed_ratio(fastest, step_rows[0])
+report(f"our fastest full step: {fastest['name']}", **{"MFU % datasheet": 100 * (fastest["mfu"] or 0)}, **{
+    f"vs {r['name']}": bench.describe_ratio(*bench.speed_ratio(fastest, r)) for r in step_rows
+    if not r["name"].startswith("ours") and bench.fits(r)})
+if hw.cuda:  # issue 18's target
+    targets.check(">= 1.25x plain transformers' full fine-tuning step, at >= 40% MFU (datasheet)",
+                  f"{bench.describe_ratio(*fastest_ratio)}, MFU {fastest['mfu'] or 0:.1%}",
+                  fastest_ratio[0] >= 1.25 and (fastest["mfu"] or 0) >= 0.40)
 
 # %% [markdown]
 # **Reading it.** Through our loop, with the same loss and optimizer, the step runs as fast as the plain
@@ -520,7 +546,8 @@ if ours_vs_plain is not None:
 # non-reentrant checkpointing, and last our fused chunked LM-head loss (which gives our QLoRA model of
 # section 2). Where Liger Kernel is installed (on a GPU), a last row swaps our loss for its fused
 # linear cross-entropy. Throughput counts real tokens only; MFU counts `4N` per token for the frozen base plus
-# causal attention, recomputation excluded.
+# causal attention, recomputation excluded. "Device busy" (two profiled steps per row) tells a GPU-bound
+# step from a host-bound one, whose time follows the host's Python and launch overhead and swings with it.
 
 # %%
 def padded(micro_batch):
@@ -543,9 +570,9 @@ ablation = {  # name: (model set-up, fused chunked loss); each row adds one chan
     "+ non-reentrant checkpointing": (dict(upcast_fp32=False, dropout=0.0, use_reentrant=False), False),
     "+ fused chunked loss (ours)": (dict(upcast_fp32=False, dropout=0.0, use_reentrant=False), True)}
 padded_cfg = bench.Config("docs QLoRA, padded", docs_model(), adamw, speed_batch, fused_head=False)
-speed_rows = [measured(padded_cfg, padded)]
-speed_rows += [measured(bench.Config(name, docs_model(**changes), adamw, speed_batch, fused_head=fused))
-               for name, (changes, fused) in ablation.items()]
+speed_rows = [measured(padded_cfg, padded, profile=2)]
+speed_rows += [measured(bench.Config(name, docs_model(**changes), adamw, speed_batch, fused_head=fused),
+                        profile=2) for name, (changes, fused) in ablation.items()]
 
 
 def liger_loss(model, micro_batch):  # Liger Kernel's fused linear cross-entropy in place of our chunked loss
@@ -599,6 +626,85 @@ plt.show()
 # against the documented set-up without packing.
 
 # %% [markdown]
+# ## Speed 3 · Toward 2x the documented set-up: candidates for the QLoRA step
+#
+# Issue 18 asks for 2.0x the documented step with packing. Each candidate changes one thing in our set-up
+# (`qlora.qlora_model` with checkpointing: bf16 weights, no dropout, non-reentrant recomputation; the
+# model's own loss, the faster one above), and each is divided by the same documented baseline:
+# - **compiled layers** (`speed.compile_layers`): every decoder layer through `torch.compile`,
+#   bitsandbytes' 4-bit base and peft's adapters included;
+# - **the NF4 base in plain PyTorch** (`memory.nf4`): the same 4-bit NormalFloat code, dequantized by
+#   tensor operations the compiler can fuse into the layer, eager and compiled;
+# - **dequantize once per step** (`nf4.cache_per_step`): each 4-bit weight is expanded to bf16 once per
+#   optimizer step, not in the forward, the recomputation and the backward; it costs a bf16 copy of the
+#   base while the step runs, which the peak column shows;
+# - **torchao's `NF4Tensor`** as the base, compiled (torchtune's way), where torchao is installed;
+# - **Liger Kernel's RMSNorm, SwiGLU and RoPE kernels** in our model, where installed (a GPU).
+#
+# Fused LoRA MLP kernels (Unsloth's approach) are not among them: we have not written them. The fastest
+# candidate then trains the embedded task for 50 steps beside the documented set-up: the two loss curves
+# must agree within their step-to-step noise.
+
+# %%
+def ours(name=MODEL_NAME, base="bitsandbytes", compiled=False):  # our QLoRA set-up, on either NF4 base
+    model = qlora.qlora_model(name, r=P["lora_r"], gradient_checkpointing=True, base=base)
+    return speed.compile_layers(model) if compiled else model
+
+
+def cached_adamw(model):  # AdamW, and each NF4 weight dequantized once per optimizer step
+    return nf4.cache_per_step(model, adamw(model))
+
+
+torch_nf4 = functools.partial(ours, base="torch", compiled=True)
+candidates = {  # name: (model factory of a model name, optimizer factory)
+    "ours": (ours, adamw), "ours + compiled layers": (functools.partial(ours, compiled=True), adamw),
+    "ours, PyTorch NF4 base": (functools.partial(ours, base="torch"), adamw),
+    "ours, PyTorch NF4 + compiled": (torch_nf4, adamw),
+    "ours, PyTorch NF4 + compiled + dequantize once per step": (torch_nf4, cached_adamw)}
+if importlib.util.find_spec("torchao"):  # torchtune's base: torchao's NF4 tensor, compiled
+    candidates["ours, torchao NF4 + compiled"] = (functools.partial(ours, base="torchao", compiled=True),
+                                                  adamw)
+if liger_ok:
+    candidates["ours + Liger kernels"] = (lambda n=MODEL_NAME: speed.apply_liger(ours(n), fused_loss=False),
+                                          adamw)
+candidate_rows = [measured(bench.Config(name, fn, opt, speed_batch, fused_head=False), profile=2)
+                  for name, (fn, opt) in candidates.items()]
+speed.remove_liger()
+display(bench.table([baseline_row] + candidate_rows, reference=baseline_row["name"], matmul_peak=matmul_peak))
+best = max(candidate_rows, key=bench.rate)
+best_ratio = bench.speed_ratio(best, baseline_row)
+state_share = best["memory"].states / full_row["memory"].states if bench.fits(full_row) else None
+report(f"fastest QLoRA step: {best['name']}", **{
+    "vs the documented set-up": bench.describe_ratio(*best_ratio),
+    "weights + grads + optimizer vs full fine-tuning (%)": 100 * (state_share or float("nan"))})
+
+# %%
+assert state_share is None or state_share <= 0.15, "QLoRA states should stay <= 15% of full fine-tuning's"
+if hw.cuda:  # issue 18's target
+    targets.check(">= 2.0x the documented QLoRA step with packing", f"{best['name']}: "
+                  f"{bench.describe_ratio(*best_ratio)}", best_ratio[0] >= 2.0)
+
+
+def loss_curve(model_fn, steps=50):  # the embedded task: the same seed (LoRA's init), batches and steps
+    torch.manual_seed(0)
+    model = model_fn()
+    ft = batches.padded_batches(ft_docs, P["finetune_batch"], tokenizer.pad_token_id, seed=1)
+    return train.train(model, torch.optim.AdamW(trainable(model), lr=1e-2), ft, steps,
+                       autocast_dtype=hw.amp_dtype).losses
+
+
+curves = {"documented set-up": loss_curve(lambda: qlora.docs_qlora_model(QUALITY_MODEL, r=P["lora_r"])),
+          best["name"]: loss_curve(lambda: candidates[best["name"]][0](QUALITY_MODEL))}
+tails = {name: np.array(c[-10:]) for name, c in curves.items()}  # the last 10 steps of each curve
+noise = max(np.abs(np.diff(t)).mean() for t in tails.values())  # their mean step-to-step change
+gap = abs(np.subtract(*[t.mean() for t in tails.values()]))
+report("loss after 50 steps", **{n: t.mean() for n, t in tails.items()}, gap=gap, noise=noise)
+plots.curves({n: (range(1, len(c) + 1), c) for n, c in curves.items()}, "optimizer step", "loss (nats/token)",
+             f"{FINETUNE_TASK} on the embedded model: the fastest candidate and the documented set-up")
+plt.show()
+assert gap <= 2 * noise, f"the fastest candidate's loss after 50 steps is {gap:.3f} off the documented one"
+
+# %% [markdown]
 # ## Bad input gives one clear message
 # A missing model, a length over the model's limit, and a kernel this machine lacks (with its fallback):
 
@@ -627,7 +733,9 @@ board = [results.scoreboard_row("01", name, "full fine-tune", rung(row), rung(fu
          for name, row in [("QLoRA", qlora_row), ("+ checkpointing", ckpt_row), ("+ accumulation", accum_row),
                            ("+ offload (full recipe)", ladder_rows[-1])]]
 for name, row, reference in [("our QLoRA (speed)", ours_row, baseline_row),
-                             ("our full fine-tuning step", step_rows[1], step_rows[0])]:
+                             ("our full fine-tuning step", step_rows[1], step_rows[0]),
+                             (f"fastest QLoRA candidate: {best['name']}", best, baseline_row),
+                             (f"fastest full step: {fastest['name']}", fastest, step_rows[0])]:
     board.append(results.scoreboard_row("01", name, reference["name"], rung(row), rung(reference),
                                         row.get("tokens_per_s"), reference.get("tokens_per_s")))
 figures = {"ladder": [bench.to_json(r) for r in ladder_rows], "speed": [bench.to_json(r) for r in speed_rows],
@@ -640,7 +748,10 @@ figures = {"ladder": [bench.to_json(r) for r in ladder_rows], "speed": [bench.to
            "predicted_activation_cut": predicted_cut, "checkpointing_slowdown": slowdown,
            "last_rung_peak_ratio": last_ratio, "qlora_speedup": speedup,
            "accumulation_rel_error": accum_error, "checkpointing_grad_rel_error": ckpt_error,
-           "quality_exact_match": exact_match, "targets": targets.rows}
+           "quality_exact_match": exact_match, "targets": targets.rows,
+           "qlora_candidates": [bench.to_json(r) for r in candidate_rows], "qlora_best_ratio": best_ratio,
+           "qlora_best_state_share": state_share, "loss_curves_50_steps": curves, "full_step_fastest_ratio":
+           fastest_ratio}
 env = results.environment(hw, **P)
 # results/ holds the reference runs only
 publish = hw.cuda and P["profile"] == "gpu" and MODEL_NAME == PROFILES["gpu"]["model"]

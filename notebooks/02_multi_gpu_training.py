@@ -682,12 +682,12 @@ for path in results.save("02_multi_gpu_training", hw, env, figures, board, publi
 #
 # ```python
 # import torch
-# from recipes_lib.core import models, train
+# from recipes_lib.core import models, speed, train
 # from recipes_lib.parallel import context, fsdp2, step
 #
 # ctx = context.setup()                                   # NCCL on GPUs, gloo on CPU
 # model = train.LossModel(models.load_model("meta-llama/Llama-3.2-1B", dtype=torch.float32, hw=...))
-# fsdp2.compile_layers(model)                             # optional: torch.compile each decoder layer
+# speed.compile_layers(model)                             # optional: torch.compile each decoder layer
 # model = fsdp2.shard_fsdp2(model, mixed_precision=True)  # bf16 compute, fp32 shards and reductions
 # optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
 # for micro_batches in my_batches:                        # this rank's slice of each global batch

@@ -62,6 +62,8 @@ def test_unknown_key_in_a_file_suggests_the_nearest(tmp_path):
     (["offload_activations=true"], "set model.checkpointing: true"),
     (["optim.offload=true", "max_grad_norm=null", "strategy=ddp"], "runs in one process"),
     (["global_batch=10", "micro_batch=4"], "not a multiple of train.micro_batch=4"),
+    (["nf4_base=torch"], "set model.method: qlora"),
+    (["method=qlora", "nf4_base=torchao", "strategy=ddp"], "set model.nf4_base: bitsandbytes"),
 ])
 def test_impossible_combinations_are_refused(overrides, expected):
     with pytest.raises(RecipeError) as info:
@@ -82,3 +84,15 @@ def test_missing_file_and_not_a_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="mapping of sections"):
         config.load(tmp_path / "list.yaml")
+
+
+def test_qlora_on_the_torch_base_builds_compiled_layers():
+    from recipes_lib.app import trainer
+    from recipes_lib.core import hardware
+    from recipes_lib.memory import nf4
+
+    cfg = config.load(None, ["method=qlora", "nf4_base=torch", "compile=true", "checkpointing=true"])
+    model = trainer.build_model(cfg, hardware.detect("cpu"))
+    assert any(isinstance(m, nf4.NF4Linear) for m in model.modules())
+    layers = model.get_base_model().model.layers
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers)

@@ -40,6 +40,10 @@ class ModelConfig(_Section):
     lora_r: int = Field(16, ge=1, description="adapter rank (lora, qlora)")
     lora_alpha: int = Field(32, ge=1, description="adapter scale numerator (scale = alpha / r)")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="adapter dropout (0 is faster)")
+    nf4_base: Literal["bitsandbytes", "torch", "torchao"] = Field(
+        "bitsandbytes", description="qlora: who holds the 4-bit base: bitsandbytes' Linear4bit, our "
+        "plain-PyTorch NF4 (fused by compile), or torchao's NF4Tensor")
+    compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation)")
     attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa", description="attention implementation (sdpa picks PyTorch's flash/cuDNN kernels)")
     sliding_window: int | None = Field(None, ge=1,
@@ -125,6 +129,13 @@ class RunConfig(_Section):
             raise ValueError(f"model.precision: fp16 with train.strategy: {self.train.strategy}: the "
                              f"DeepSpeed strategies run bf16 or fp32 here: set model.precision: bf16, fp32 "
                              f"or auto")
+        if self.model.nf4_base != "bitsandbytes" and self.model.method != "qlora":
+            raise ValueError(f"model.nf4_base: {self.model.nf4_base} picks QLoRA's 4-bit base: set "
+                             f"model.method: qlora (it is {self.model.method!r}), or leave nf4_base out")
+        if self.model.nf4_base != "bitsandbytes" and self.train.strategy != "single":
+            raise ValueError(f"model.nf4_base: {self.model.nf4_base} with train.strategy: "
+                             f"{self.train.strategy}: only bitsandbytes' base is sharded or replicated "
+                             f"here; set model.nf4_base: bitsandbytes, or train.strategy: single")
         if self.model.offload_activations and not self.model.checkpointing:
             raise ValueError("model.offload_activations moves the checkpointed layers' inputs: "
                              "set model.checkpointing: true")

@@ -43,6 +43,7 @@ MAPPING = {
                        "`gradient_checkpointing_kwargs: {use_reentrant: false}`",
     "model.offload_activations": "`activation_offloading: hidden_states`",
     "model.chunked_loss": "`chunked_cross_entropy`",
+    "model.compile": "`torch_compile` (Axolotl compiles the whole model; ours compiles each decoder layer)",
     "model.precision": "`bf16: auto` / `bf16: true` / `fp16: true` / both false",
     "data.source": "`datasets[0].path` (+ `ds_type` for a local file)", "data.split": "`datasets[0].split`",
     "data.format": "`datasets[0].type`: `{field_instruction, field_output, format}` / `chat_template` / "
@@ -73,6 +74,7 @@ MAPPING = {
 UNMAPPED = {
     "model.sliding_window": "Axolotl has no sliding-window switch for Llama-family models",
     "model.checkpoint_every": "Axolotl checkpoints every decoder layer",
+    "model.nf4_base": "Axolotl's QLoRA base is bitsandbytes' (load_in_4bit), which it writes",
     "model.long_context": "write Axolotl's own switches: `tiled_mlp: true`, `gradient_checkpointing: true`, "
                           "`activation_offloading: true`, and `rope_scaling` past the position limit",
     "optim.offload": "Axolotl has no torchao offloaded AdamW; DeepSpeed ZeRO's offload_optimizer is nearest",
@@ -150,6 +152,8 @@ def axolotl(cfg: RunConfig, gpus: int = 1) -> tuple[dict, list[str]]:
         if m.offload_activations:
             out["activation_offloading"] = "hidden_states"
     out["chunked_cross_entropy"] = m.chunked_loss
+    if m.compile:
+        out["torch_compile"] = True
     out |= {"auto": {"bf16": "auto"}, "bf16": {"bf16": True}, "fp16": {"fp16": True, "bf16": False},
             "fp32": {"bf16": False, "fp16": False}}[m.precision]
     out |= {"datasets": [dataset(d)], "val_set_size": d.validation_fraction, "sequence_len": d.seq_len,

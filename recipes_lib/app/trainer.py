@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..attention import sliding
-from ..core import checkpointing, hardware, losses, models, train
+from ..core import checkpointing, hardware, losses, models, speed, train
 from ..core.errors import RecipeError
 from ..long_context import recipe
 from ..measure import flops
@@ -55,7 +55,8 @@ def build_model(cfg: RunConfig, hw: hardware.Hardware) -> torch.nn.Module:
     if m.method == "qlora":
         storage = torch.bfloat16 if cfg.train.strategy == "fsdp2" else torch.uint8  # FSDP2 shards bf16 words
         model = qlora.qlora_model(m.source, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                  attn_implementation=attention, hw=hw, quant_storage=storage)
+                                  attn_implementation=attention, hw=hw, quant_storage=storage,
+                                  base=m.nf4_base)
     else:
         dtype = torch.float32 if m.method == "full" else base_dtype
         model = models.load_model(m.source, attn_implementation=attention, dtype=dtype, hw=hw)
@@ -67,6 +68,8 @@ def build_model(cfg: RunConfig, hw: hardware.Hardware) -> torch.nn.Module:
         print(recipe.describe(recipe.enable(model, cfg.data.seq_len, checkpoint_every=m.checkpoint_every)))
     elif m.checkpointing:
         checkpointing.enable_checkpointing(model, every=m.checkpoint_every, offload=m.offload_activations)
+    if m.compile:  # after adapters and checkpointing, before any sharding
+        speed.compile_layers(model)
     return model.train()
 
 

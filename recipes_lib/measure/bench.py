@@ -15,7 +15,7 @@ import torch
 
 from ..core import models, train
 from ..core.hardware import Hardware
-from . import flops, memory, timing
+from . import flops, memory, timeline, timing
 from .memory import GiB
 from .report import report
 
@@ -36,20 +36,25 @@ class Config:
 
 
 def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardware, steps: int = 3,
-        warmup: int = 1, seq_len: int | None = None, flops_per_token: Callable | None = None) -> dict:
+        warmup: int = 1, seq_len: int | None = None, flops_per_token: Callable | None = None,
+        profile: int = 0) -> dict:
     """Build, warm up, time and measure ``config``; returns a row dict (see module docstring).
 
     Args:
         batches_fn: ``micro_batch -> iterator of micro-batches``.
         flops_per_token: ``(model) -> FLOPs per trained token`` for MFU; None skips MFU.
+        profile: run this many more steps under torch.profiler (after one thrown away) and add
+            ``busy_pct``, the share of the step the device computes (the rest: launch overhead, Python,
+            waits; a host-bound step's time swings with the host), and ``profiled_step_s``, the profiled
+            steps' median: profiling slows the host, so compare it with ``step_s`` before trusting it.
     """
-    row = memory.oom_as_result(lambda: _run(config, batches_fn, hw, steps, warmup, flops_per_token))
+    row = memory.oom_as_result(lambda: _run(config, batches_fn, hw, steps, warmup, flops_per_token, profile))
     row.update(name=config.name, micro_batch=config.micro_batch, accum_steps=config.accum_steps,
                seq_len=seq_len)
     return row
 
 
-def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flops_per_token) -> dict:
+def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flops_per_token, profile) -> dict:
     model = config.model_fn()
     optimizer = config.optimizer_fn(model)
     batches = batches_fn(config.micro_batch)
@@ -72,9 +77,18 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
            "tokens_per_s_max": timed.tokens_per_step / step_time.low, "loss": timed.losses[-1],
            "trainable_params": trainable, "mfu": flops.mfu(tokens_per_s, fpt, hw.peak_flops) if fpt else None,
            "model_flops_per_s": tokens_per_s * fpt if fpt else None}
+    if profile:
+        row.update(_profile(lambda: train.train(model, optimizer, batches, steps=1, **kwargs), hw, profile))
     getattr(optimizer, "release", lambda: None)()  # an offloading optimizer's hooks would keep the model
-    del model, optimizer
     return row
+
+
+def _profile(step: Callable[[], object], hw: Hardware, steps: int) -> dict:
+    """``run``'s ``busy_pct`` and ``profiled_step_s``: ``steps`` of ``step`` under torch.profiler."""
+    traced = timeline.summary(timeline.profile_steps(lambda: (step(), train.sync(hw.device)), steps,
+                                                     hw.device, warmup=1))
+    return {"busy_pct": 100 * traced["compute_ms"] / traced["step_ms"],
+            "profiled_step_s": traced["step_ms"] / 1e3}
 
 
 def flops_counter(config, seq_len: int) -> Callable[[torch.nn.Module], float]:
@@ -88,6 +102,11 @@ def flops_counter(config, seq_len: int) -> Callable[[torch.nn.Module], float]:
 def fits(*rows: dict) -> bool:
     """False if any row ran out of memory: comparisons with it are skipped, not crashed."""
     return all(not r["oom"] for r in rows)
+
+
+def rate(row: dict) -> float:
+    """A row's median tokens/s, 0 for a row that ran out of memory (a key for ``max`` and sorting)."""
+    return 0.0 if row["oom"] else row["tokens_per_s"]
 
 
 def show(row: dict) -> dict:
@@ -158,6 +177,9 @@ def table(rows: list[dict], reference: str | None = None, matmul_peak: float | N
                 rec["MFU (% datasheet)"] = round(100 * r["mfu"], 1)
             if matmul_peak and r.get("model_flops_per_s"):
                 rec["MFU (% measured matmul)"] = round(100 * r["model_flops_per_s"] / matmul_peak, 1)
+            if r.get("busy_pct") is not None:
+                rec["device busy (%)"] = round(r["busy_pct"], 1)
+                rec["profiled step (s)"] = round(r["profiled_step_s"], 3)
             if ref is not None:
                 rec["peak vs " + reference] = f"{r['memory'].peak / ref['memory'].peak:.1%}"
         records.append(rec)

@@ -154,6 +154,29 @@ def dequant_cache():
         store.clear()
 
 
+def cache_per_step(model: nn.Module, optimizer):
+    """Dequantize each ``NF4Linear`` weight once per optimizer step, for a training loop that does not
+    wrap its steps in ``dequant_cache()``: a cache opened now and emptied after each ``optimizer.step()``.
+    Returns ``optimizer``, whose ``release()`` closes the cache (``measure.bench`` calls it after a row;
+    call it when done). While it is open, every NF4 layer in the process uses it."""
+    if not any(isinstance(m, NF4Linear) for m in model.modules()):
+        raise RecipeError("no NF4Linear layers in this model, nothing to cache: quantize it with "
+                          "nf4.quantize_model (qlora_model(base='torch'))")
+    store: dict = {}
+    _CACHES.append(store)
+    optimizer.register_step_post_hook(lambda *_: store.clear())
+    previous = getattr(optimizer, "release", None)
+
+    def release():
+        _CACHES[:] = [c for c in _CACHES if c is not store]
+        store.clear()
+        if previous is not None:
+            previous()
+
+    optimizer.release = release
+    return optimizer
+
+
 class NF4Linear(nn.Linear):
     """A frozen linear layer whose weight is stored in NF4: the buffers ``weight`` (packed uint8 codes,
     ``numel / 2`` bytes), ``absmax`` (fp32, one per block) and ``code`` (the 16 levels, not saved in

@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+from ..core.errors import RecipeError
+from ..core.hardware import detect
 from ..core.models import DEFAULT_MODEL, load_model
+from ..measure import memory
+from . import nf4, nf4_torchao
 
 
 def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0) -> LoraConfig:
@@ -24,19 +28,41 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
     return get_peft_model(model, lora_config(r, alpha, dropout))
 
 
+BASES = ("bitsandbytes", "torch", "torchao")
+
+
 def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa", hw=None,
-                quant_storage: torch.dtype = torch.uint8):
+                quant_storage: torch.dtype = torch.uint8, base: str = "bitsandbytes"):
     """Our QLoRA: NF4 base (double quantization), bf16 compute (fp16 on a GPU without bf16, a T4), LoRA on
     all linear layers (adapters in fp32, peft's default).
 
     Unlike ``prepare_model_for_kbit_training`` it keeps the unquantized weights (embeddings, norms,
     LM head) in that compute dtype: upcasting them to fp32 costs memory and makes the LM head an fp32 matmul.
     ``quant_storage=torch.bfloat16`` packs the NF4 values into bf16 words, which FSDP can shard.
+
+    Args:
+        base: who holds and runs the 4-bit base: ``"bitsandbytes"`` (``Linear4bit``, through transformers'
+            ``BitsAndBytesConfig``), ``"torch"`` (``memory.nf4``: the same code in plain PyTorch ops,
+            fused by ``torch.compile``; fp32 block scales) or ``"torchao"`` (torchao's ``NF4Tensor``, as
+            torchtune uses it). All three quantize every linear layer but the LM head, in 64-value blocks.
     """
-    model = load_model(name, quantization="nf4", gradient_checkpointing=gradient_checkpointing,
-                       attn_implementation=attn_implementation, hw=hw, quant_storage=quant_storage)
-    return add_lora(model, r, alpha, dropout)
+    if base not in BASES:
+        raise RecipeError(f"base={base!r}: pick one of {', '.join(BASES)}")
+    hw = hw or detect()
+    if base == "bitsandbytes":
+        model = load_model(name, quantization="nf4", gradient_checkpointing=gradient_checkpointing,
+                           attn_implementation=attn_implementation, hw=hw, quant_storage=quant_storage)
+    else:
+        model = load_model(name, gradient_checkpointing=gradient_checkpointing, dtype=hw.compute_dtype,
+                           attn_implementation=attn_implementation, hw=hw)
+        (nf4 if base == "torch" else nf4_torchao).quantize_model(model, hw.compute_dtype)
+        memory.free_memory()  # the unquantized weights just dropped
+    model = add_lora(model, r, alpha, dropout)
+    for param in model.parameters():  # adapters in fp32 whatever the base's dtype (torchao's reads as bf16)
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
 
 
 def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.05, hw=None,

@@ -44,16 +44,6 @@ def shard_fsdp2(model: torch.nn.Module, reshard_after_forward: bool = True, mixe
     return model
 
 
-def compile_layers(model: torch.nn.Module) -> None:
-    """``torch.compile`` each decoder layer (fuses its norms, RoPE, SwiGLU and residual adds).
-
-    Call it before ``shard_fsdp2``, as torchtitan does: FSDP2's all-gathers stay outside the
-    compiled code, and the identical layers share one compiled graph.
-    """
-    for layer in decoder_layers(model):
-        layer.compile()
-
-
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as a whole tensor on the CPU (all ranks must call it: it gathers)."""
     if zero.accelerator_of(model) is not None:

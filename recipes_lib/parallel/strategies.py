@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..core import checkpointing, models, train
+from ..core import checkpointing, models, speed, train
 from ..core.errors import RecipeError
 from ..core.hardware import detect
 from ..memory import qlora
@@ -64,7 +64,7 @@ def load(args, device: torch.device) -> torch.nn.Module:
     if args.checkpointing:
         checkpointing.enable_checkpointing(lm)
     if args.compile:
-        fsdp2.compile_layers(lm)
+        speed.compile_layers(lm)
     return train.LossModel(lm, fused_head=args.loss == "fused")
 
 
