@@ -70,3 +70,17 @@ def test_bench_profile_reports_the_busy_share():
     assert row["profiled_step_s"] > 0
     table = bench.table([row])
     assert table.loc["profiled", "device busy (%)"] == round(row["busy_pct"], 1)
+
+
+def test_a_candidate_that_may_fail_becomes_a_row_and_others_still_raise():
+    def broken():
+        raise NotImplementedError("this stack has no kernel for it")
+
+    hw = hardware.detect("cpu")
+    candidate = bench.Config("candidate", broken, lambda m: None, 2, may_fail=True)
+    row = bench.run(candidate, lambda mb: iter(()), hw)
+    assert row["oom"] and row["failed"] == "NotImplementedError: this stack has no kernel for it"
+    assert bench.table([row]).loc["candidate", "peak (GiB)"].startswith("failed: NotImplementedError")
+    assert not bench.fits(row) and bench.rate(row) == 0.0
+    with pytest.raises(NotImplementedError):
+        bench.run(bench.Config("plain", broken, lambda m: None, 2), lambda mb: iter(()), hw)

@@ -3,7 +3,9 @@
 A configuration is a model factory, an optimizer factory and a batch shape. ``run`` builds it,
 trains a few warm-up steps, times ``steps`` more, and measures the peak of one full optimizer step
 (on CPU under the allocation tracker, which would distort the timing if it were on throughout).
-Running out of memory is a result (``oom=True``), not a crash, and the memory is freed either way.
+Running out of memory is a result (``oom=True``), not a crash, and the memory is freed either way. So is
+any error of a configuration marked ``may_fail`` (a candidate the installed stack may not support):
+``oom=True`` there too (nothing was measured), with ``failed`` saying what went wrong.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Config:
     fused_head: bool = True  # False: the model's own logits + cross-entropy, as plain transformers does
     step_fn: train.StepFn | None = None  # replaces our optimizer step (``train.plain_step``: the reference)
     loss_fn: train.LossFn | None = None  # ``(model, micro_batch) -> summed loss`` in place of ours
+    may_fail: bool = False  # a candidate on a stack it may not support: an error becomes a row saying so
 
 
 def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardware, steps: int = 3,
@@ -48,7 +51,14 @@ def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardwar
             waits; a host-bound step's time swings with the host), and ``profiled_step_s``, the profiled
             steps' median: profiling slows the host, so compare it with ``step_s`` before trusting it.
     """
-    row = memory.oom_as_result(lambda: _run(config, batches_fn, hw, steps, warmup, flops_per_token, profile))
+    try:
+        row = memory.oom_as_result(lambda: _run(config, batches_fn, hw, steps, warmup, flops_per_token,
+                                                profile))
+    except Exception as error:  # OOM is a row already; other errors only for candidates allowed to fail
+        if not config.may_fail:
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        row = {"oom": True, "failed": f"{type(error).__name__}: {first_line}"}
     row.update(name=config.name, micro_batch=config.micro_batch, accum_steps=config.accum_steps,
                seq_len=seq_len)
     return row
@@ -84,9 +94,13 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
 
 
 def _profile(step: Callable[[], object], hw: Hardware, steps: int) -> dict:
-    """``run``'s ``busy_pct`` and ``profiled_step_s``: ``steps`` of ``step`` under torch.profiler."""
-    traced = timeline.summary(timeline.profile_steps(lambda: (step(), train.sync(hw.device)), steps,
-                                                     hw.device, warmup=1))
+    """``run``'s ``busy_pct`` and ``profiled_step_s``: ``steps`` of ``step`` under torch.profiler. The
+    profile is an aid: if the profiler fails, the row says why (``profile_error``) and keeps its timing."""
+    try:
+        traced = timeline.summary(timeline.profile_steps(lambda: (step(), train.sync(hw.device)), steps,
+                                                         hw.device, warmup=1))
+    except (RuntimeError, ValueError, KeyError, IndexError) as error:
+        return {"busy_pct": None, "profile_error": f"{type(error).__name__}: {error}"[:200]}
     return {"busy_pct": 100 * traced["compute_ms"] / traced["step_ms"],
             "profiled_step_s": traced["step_ms"] / 1e3}
 
@@ -112,7 +126,7 @@ def rate(row: dict) -> float:
 def show(row: dict) -> dict:
     """Print a row in the one report format (peak, states, activations, tokens/s and range); returns it."""
     if row["oom"]:
-        report(row["name"], peak="OOM")
+        report(row["name"], **({"failed": row["failed"]} if row.get("failed") else {"peak": "OOM"}))
         return row
     m = row["memory"]
     report(row["name"], **{"peak GiB": m.peak / GiB, "states GiB": m.states / GiB,
@@ -168,7 +182,7 @@ def table(rows: list[dict], reference: str | None = None, matmul_peak: float | N
     for r in rows:
         rec = {"configuration": r["name"], "micro-batch x accum": f"{r['micro_batch']} x {r['accum_steps']}"}
         if r["oom"]:
-            rec["peak (GiB)"] = "OOM"
+            rec["peak (GiB)"] = "failed: " + r["failed"] if r.get("failed") else "OOM"
         else:
             rec.update({f"{k} (GiB)": round(v, 3) for k, v in r["memory"].gib().items()})
             rec["tokens/s"] = round(r["tokens_per_s"], 1)
