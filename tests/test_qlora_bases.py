@@ -24,6 +24,11 @@ def _steps(model, optimizer, n=2):
             for _ in range(n)]
 
 
+def _tolerance(model, cpu: float) -> float:
+    """``cpu`` in fp32 on a CPU; bf16 on a GPU rounds at about 1e-2 and picks other kernels per path."""
+    return cpu if next(model.parameters()).device.type == "cpu" else 2e-2
+
+
 def _adamw(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
@@ -50,7 +55,7 @@ def test_cache_per_step_fills_during_a_step_empties_after_it_and_changes_nothing
     losses = _steps(cached, optimizer)
     layers = sum(isinstance(m, nf4.NF4Linear) for m in cached.modules())
     assert sizes == [layers, layers] and not store  # filled by each step's forward, emptied by its step()
-    assert losses == pytest.approx(reference, rel=1e-5)
+    assert losses == pytest.approx(reference, rel=_tolerance(cached, 1e-5))
     optimizer.release()
     assert all(c is not store for c in nf4._CACHES)
     with pytest.raises(RecipeError, match="no NF4Linear layers"):
@@ -66,7 +71,7 @@ def test_compiled_torch_base_with_the_cache_trains_like_eager():
         losses = _steps(compiled, optimizer)
     finally:
         optimizer.release()
-    assert losses == pytest.approx(reference, rel=1e-3)
+    assert losses == pytest.approx(reference, rel=_tolerance(compiled, 1e-3))
 
 
 def test_torchao_base_trains_its_adapters():
