@@ -72,3 +72,24 @@ def test_distill_trains_with_the_loss_per_target_token():
                              progress=False)
     assert losses[0] == pytest.approx(expected.item() / n_targets, rel=1e-5)
     assert losses[-1] < 0.5 * losses[0], "distillation should move the student towards its teacher"
+
+
+def test_distill_records_the_cross_entropy_per_step():
+    """``ce_per_step`` holds each step's CE per target token: all of the loss with ``kl_weight=0``, its
+    CE part (by hand) with KL; ``kd_and_ce`` starts both runs from the same student on the same batches."""
+    torch.manual_seed(0)
+    teacher = tiny_model(num_hidden_layers=4)
+    student = distill.make_student(teacher, 1, init_from_teacher=False)
+    batch = _batch()
+    with torch.no_grad():
+        ce_only, n_targets = _by_hand(student, teacher, batch, 2.0, 0.0)
+    ce = []
+    losses = distill.distill(distill.make_student(teacher, 1, init_from_teacher=False), teacher,
+                             iter([batch] * 5), steps=5, kl_weight=0.5, progress=False, ce_per_step=ce)
+    assert len(ce) == 5 and ce[0] == pytest.approx(ce_only.item() / n_targets, rel=1e-5)
+    assert losses[0] != pytest.approx(ce[0], rel=1e-3), "with KL the loss is not the cross-entropy"
+    students, curves = distill.kd_and_ce(student, teacher, lambda: iter([batch] * 5), 5, progress=False)
+    assert list(curves) == list(distill.RUNS) and all(len(c) == 5 for c in curves.values())
+    kd, ce_run = curves.values()
+    assert kd[0] == pytest.approx(ce_run[0], rel=1e-6) and kd[1] != pytest.approx(ce_run[1], rel=1e-6)
+    assert not any(torch.equal(p, q) for p, q in zip(students["CE only"].parameters(), student.parameters()))

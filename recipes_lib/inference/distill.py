@@ -60,6 +60,11 @@ def make_student(teacher, num_layers: int, init_from_teacher: bool = True, seed:
     return student
 
 
+def depth_pair(teacher, fraction: float) -> tuple:
+    """``teacher`` and its ``make_student`` with ``fraction`` of its layers (rounded, at least one)."""
+    return teacher, make_student(teacher, max(1, round(teacher.config.num_hidden_layers * fraction)))
+
+
 def _copy_from_teacher(student, teacher, layers: list[int]) -> None:
     t_state = teacher.state_dict()
     s_state = student.state_dict()
@@ -92,8 +97,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     return kl_weight * kl + (1 - kl_weight) * ce, ce, kl
 
 
-def distillation_loss(teacher, temperature: float = 2.0, kl_weight: float = 0.5) -> Callable:
-    """The training loop's ``loss_fn``: ``(student, micro_batch) -> summed KL + CE`` against ``teacher``."""
+def distillation_loss(teacher, temperature: float = 2.0, kl_weight: float = 0.5,
+                      ce_log: list | None = None) -> Callable:
+    """The training loop's ``loss_fn``: ``(student, micro_batch) -> summed KL + CE`` against ``teacher``.
+
+    ``ce_log``, if given, gets ``(summed cross-entropy, target tokens)`` of every micro-batch (tensors,
+    detached: no host sync per step), so a distilled run's cross-entropy can be read beside a CE-only one.
+    """
     def loss_fn(student, batch: dict) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
                   "use_cache": False}
@@ -101,22 +111,50 @@ def distillation_loss(teacher, temperature: float = 2.0, kl_weight: float = 0.5)
         if kl_weight > 0:
             with torch.no_grad():
                 teacher_logits = teacher(**inputs).logits
-        return kd_loss(student(**inputs).logits, teacher_logits, batch["labels"], temperature, kl_weight)[0]
+        logits = student(**inputs).logits
+        total, ce, _ = kd_loss(logits, teacher_logits, batch["labels"], temperature, kl_weight)
+        if ce_log is not None:
+            ce_log.append((ce.detach(), (shift_labels(batch["labels"]) != IGNORE_INDEX).sum()))
+        return total
     return loss_fn
 
 
 def distill(student, teacher, batches, steps: int, lr: float = 1e-3, kl_weight: float = 0.5,
             temperature: float = 2.0, autocast_dtype: torch.dtype | None = None, progress: bool | None = None,
-            desc: str = "distill") -> list[float]:
+            desc: str = "distill", ce_per_step: list | None = None) -> list[float]:
     """Train ``student`` for ``steps`` batches against ``teacher`` with ``train.train``; returns the losses.
 
     AdamW (no weight decay), cosine schedule after a 5% warm-up, gradients clipped at 1.0;
     ``kl_weight=0`` trains on cross-entropy alone (the teacher is not run).
+
+    Args:
+        ce_per_step: if given, gets each step's cross-entropy per target token, the part of the loss
+            that a distilled and a CE-only run share (their total losses are not comparable).
     """
     teacher.eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     scheduler = train.cosine_schedule(optimizer, steps, warmup=max(1, steps // 20))
+    log = [] if ce_per_step is not None else None
     stats = train.train(student, optimizer, batches, steps, autocast_dtype=autocast_dtype, max_grad_norm=1.0,
                         scheduler=scheduler, progress=progress, desc=desc,
-                        loss_fn=distillation_loss(teacher, temperature, kl_weight))
+                        loss_fn=distillation_loss(teacher, temperature, kl_weight, log))
+    if log:  # one micro-batch per step
+        ce_per_step += (torch.stack([ce for ce, _ in log]) / torch.stack([n for _, n in log])).tolist()
     return stats.losses
+
+
+RUNS = {"distilled (KL + CE)": 0.5, "CE only": 0.0}  # name -> kl_weight
+
+
+def kd_and_ce(student, teacher, make_batches: Callable, steps: int, runs: dict | None = None,
+              **how) -> tuple[dict, dict]:
+    """``distill`` a copy of ``student`` (the same initialisation) once per ``runs`` entry (name ->
+    ``kl_weight``; default ``RUNS``: KL + CE and CE alone), each on ``make_batches()``, the same batches;
+    ``how``: ``distill``'s other arguments. Returns ``({name: student}, {name: CE per target token per
+    step})``."""
+    students, curves = {}, {}
+    for name, kl_weight in (runs or RUNS).items():
+        students[name], curves[name] = copy.deepcopy(student), []
+        distill(students[name], teacher, make_batches(), steps, kl_weight=kl_weight, desc=name,
+                ce_per_step=curves[name], **how)
+    return students, curves
