@@ -84,3 +84,17 @@ def test_a_candidate_that_may_fail_becomes_a_row_and_others_still_raise():
     assert not bench.fits(row) and bench.rate(row) == 0.0
     with pytest.raises(NotImplementedError):
         bench.run(bench.Config("plain", broken, lambda m: None, 2), lambda mb: iter(()), hw)
+
+
+def test_curve_ends_compares_the_last_steps_against_their_noise():
+    from recipes_lib.measure import quality
+
+    flat = [3.0, 2.0, 1.2, 1.0, 1.2, 1.0, 1.2]  # ends alternating 1.0 / 1.2: noise 0.2
+    lower = [x - 0.1 for x in flat]
+    ends = quality.curve_ends({"a": flat, "b": lower}, last=4)
+    assert ends["a"] == pytest.approx(1.1) and ends["b"] == pytest.approx(1.0)
+    assert ends["gap"] == pytest.approx(0.1) and ends["noise"] == pytest.approx(0.2)
+    far = quality.curve_ends({"a": flat, "b": [x + 1.0 for x in flat]}, last=4)
+    assert far["gap"] == pytest.approx(1.0) and far["gap"] > 2 * far["noise"]  # what the notebook refuses
+    with pytest.raises(ValueError, match="two curves"):
+        quality.curve_ends({"a": flat})

@@ -89,3 +89,16 @@ def summary(model, tokenizer, examples: Sequence[Example], docs: Sequence[Docume
     scores = task_scores(model, tokenizer, examples)
     return {"perplexity": perplexity(model, docs, tokenizer.pad_token_id), "accuracy": scores["mean"],
             "per_task": scores}
+
+
+def curve_ends(curves: dict[str, Sequence[float]], last: int = 10) -> dict[str, float]:
+    """Two loss curves compared at their ends: each curve's mean over its ``last`` steps (by name), the
+    ``gap`` between those means, and the ``noise`` to judge it by: the larger of the two curves' mean
+    step-to-step change over those steps (a gap under ~2x the noise is no measurable difference)."""
+    if len(curves) != 2 or any(len(c) < 2 for c in curves.values()):
+        raise ValueError("curve_ends compares two curves of at least 2 steps each")
+    tails = {name: list(c)[-last:] for name, c in curves.items()}
+    means = {name: sum(t) / len(t) for name, t in tails.items()}
+    noise = max(sum(abs(b - a) for a, b in zip(t, t[1:])) / (len(t) - 1) for t in tails.values())
+    first, second = means.values()
+    return {**means, "gap": abs(first - second), "noise": noise}
