@@ -94,7 +94,8 @@ from recipes_lib.core import batches, errors, hardware, losses, models, speed, t
 from recipes_lib.measure import bench, estimate, estimate_check, flops, predict, quality, timing, workload
 from recipes_lib.measure.memory import GiB
 from recipes_lib.measure.report import report
-from recipes_lib.memory import nf4, offload, qlora
+from recipes_lib.memory import candidates as qlora_candidates
+from recipes_lib.memory import offload, qlora
 
 # %% [markdown]
 # ### The model and the batches
@@ -123,15 +124,15 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adamw(model):
-    return torch.optim.AdamW(trainable(model), lr=1e-5, fused=hw.cuda or None)
+def adamw(model, lr=1e-5):
+    return torch.optim.AdamW(trainable(model), lr=lr, fused=hw.cuda or None)
 
 
-def measured(cfg, batches_fn=packed, profile=0):
+def measured(cfg, batches_fn=packed, profile=0, warmup=1):
     """Run one configuration and print its one-line report (OOM is a result, not a crash); ``profile``:
     that many more steps under torch.profiler, for the share of the step the device is busy."""
     row = bench.run(cfg, batches_fn, hw, steps=P["steps"], seq_len=SEQ_LEN, flops_per_token=flops_per_token,
-                    profile=profile)
+                    profile=profile, warmup=warmup)
     return bench.show(row)
 
 
@@ -628,16 +629,17 @@ plt.show()
 # %% [markdown]
 # ## Speed 3 · Toward 2x the documented set-up: candidates for the QLoRA step
 #
-# Issue 18 asks for 2.0x the documented step with packing. Each candidate changes one thing in our set-up
-# (`qlora.qlora_model` with checkpointing: bf16 weights, no dropout, non-reentrant recomputation; the
-# model's own loss, the faster one above), and each is divided by the same documented baseline:
+# Issue 18 asks for 2.0x the documented step with packing. Each candidate (`memory.candidates`) changes one
+# thing in our set-up (`qlora.qlora_model` with checkpointing: bf16 weights, no dropout, non-reentrant
+# recomputation; the model's own loss, the faster one above), and each is divided by the same documented
+# baseline:
 # - **compiled layers** (`speed.compile_layers`): every decoder layer through `torch.compile`,
 #   bitsandbytes' 4-bit base and peft's adapters included;
 # - **the NF4 base in plain PyTorch** (`memory.nf4`): the same 4-bit NormalFloat code, dequantized by
 #   tensor operations the compiler can fuse into the layer, eager and compiled;
-# - **dequantize once per step** (`nf4.cache_per_step`): each 4-bit weight is expanded to bf16 once per
-#   optimizer step, not in the forward, the recomputation and the backward; it costs a bf16 copy of the
-#   base while the step runs, which the peak column shows;
+# - **dequantize once per step** (`nf4.cache_per_step`, eager layers): each 4-bit weight is expanded to
+#   bf16 once per optimizer step, not in the forward, the recomputation and the backward; it costs a bf16
+#   copy of the base while the step runs, which the peak column shows (as activations);
 # - on a GPU, the compiled PyTorch NF4 layers replayed as **CUDA graphs** (`mode="reduce-overhead"`),
 #   which launch a layer's kernels at once: the lever for a step the profile finds host-bound;
 # - on a GPU, **FlexAttention** in place of SDPA: with packed rows SDPA gets a dense block-diagonal mask,
@@ -645,42 +647,24 @@ plt.show()
 # - **torchao's `NF4Tensor`** as the base, compiled (torchtune's way), where torchao is installed;
 # - **Liger Kernel's RMSNorm, SwiGLU and RoPE kernels** in our model, where installed (a GPU).
 #
-# A candidate the installed stack cannot run (a compiler or kernel error) shows as a "failed" row with
-# the error, as running out of memory shows as OOM. Fused LoRA MLP kernels (Unsloth's approach) are not
-# among them: we have not written them. The fastest candidate then trains the embedded task for 50 steps
-# beside the documented set-up: the two loss curves must agree within their step-to-step noise.
+# A candidate the installed stack cannot run (a compiler or kernel error, or a layer that would exceed
+# the compiler's recompile budget and silently run eager) shows as a "failed" row with the error, as
+# running out of memory shows as OOM. Fused LoRA MLP kernels (Unsloth's approach) are not among them: we
+# have not written them. The fastest of the rows, the top of several noisy medians, is measured once
+# more, and that second run is the figure compared with the target. It then trains the embedded task
+# for 50 steps beside the documented set-up: the two loss curves must agree within their step noise.
 
 # %%
-def ours(name=MODEL_NAME, base="bitsandbytes", compiled=False, attn="sdpa", **options):  # our QLoRA set-up
-    model = qlora.qlora_model(name, r=P["lora_r"], gradient_checkpointing=True, base=base,
-                              attn_implementation=attn)
-    return speed.compile_layers(model, **options) if compiled else model
-
-
-torch_nf4 = functools.partial(ours, base="torch", compiled=True)
-candidates = {  # name: (model factory of a model name, optimizer factory)
-    "ours": (ours, adamw), "ours + compiled layers": (functools.partial(ours, compiled=True), adamw),
-    "ours, PyTorch NF4 base": (functools.partial(ours, base="torch"), adamw),
-    "ours, PyTorch NF4 + compiled": (torch_nf4, adamw),
-    "ours, PyTorch NF4 + compiled + dequantize once per step": (torch_nf4, lambda m: nf4.cache_per_step(
-        m, adamw(m)))}  # AdamW, and the cache that each optimizer step empties
-if hw.cuda:  # CUDA graphs replay each layer's kernels at once; FlexAttention skips other documents' tiles
-    candidates["ours, PyTorch NF4 + compiled, CUDA graphs"] = (functools.partial(
-        torch_nf4, mode="reduce-overhead"), adamw)
-    candidates["ours + FlexAttention (document mask)"] = (functools.partial(ours, attn="flex_attention"),
-                                                          adamw)
-if importlib.util.find_spec("torchao"):  # torchtune's base: torchao's NF4 tensor, compiled
-    candidates["ours, torchao NF4 + compiled"] = (functools.partial(ours, base="torchao", compiled=True),
-                                                  adamw)
-if liger_ok:
-    candidates["ours + Liger kernels"] = (lambda n=MODEL_NAME: speed.apply_liger(ours(n), fused_loss=False),
-                                          adamw)
-candidate_rows = [measured(bench.Config(name, fn, opt, speed_batch, fused_head=False,
-                                        may_fail=name != "ours"), profile=2)  # an error: a row saying so
-                  for name, (fn, opt) in candidates.items()]
+candidates = qlora_candidates.qlora_candidates(P["lora_r"], hw, adamw)  # name: (model_fn(name), optimizer)
+candidate_rows = [measured(bench.Config(name, functools.partial(fn, MODEL_NAME), opt, speed_batch,
+                                        fused_head=False, may_fail=name != "ours"), profile=2, warmup=3)
+                  for name, (fn, opt) in candidates.items()]  # 3 warm-up steps: compiling, graph recording
 speed.remove_liger()
 display(bench.table([baseline_row] + candidate_rows, reference=baseline_row["name"], matmul_peak=matmul_peak))
-best = max(candidate_rows, key=bench.rate)
+fastest_name = max(candidate_rows, key=bench.rate)["name"]  # the top of ~9 noisy medians: measure it again
+fastest_fn, fastest_optimizer = candidates[fastest_name]
+best = measured(bench.Config(f"{fastest_name} (again)", functools.partial(fastest_fn, MODEL_NAME),
+                             fastest_optimizer, speed_batch, fused_head=False), warmup=3)
 best_ratio = bench.speed_ratio(best, baseline_row)
 state_share = best["memory"].states / full_row["memory"].states if bench.fits(full_row, best) else None
 report(f"fastest QLoRA step: {best['name']}", **{
@@ -688,28 +672,32 @@ report(f"fastest QLoRA step: {best['name']}", **{
     "weights + grads + optimizer vs full fine-tuning (%)": 100 * (state_share or float("nan"))})
 
 # %%
-assert state_share is None or state_share <= 0.15, "QLoRA states should stay <= 15% of full fine-tuning's"
+if state_share is not None:  # here and below: on a GPU a miss is a reported target, not a lost run
+    assert targets.check("QLoRA weights + gradients + optimizer <= 15% of full fine-tuning's",
+                         f"{state_share:.1%}", state_share <= 0.15) or hw.cuda
 if hw.cuda:  # issue 18's target
     targets.check(">= 2.0x the documented QLoRA step with packing", f"{best['name']}: "
                   f"{bench.describe_ratio(*best_ratio)}", best_ratio[0] >= 2.0)
 
 
-def loss_curve(model_fn, steps=50):  # the embedded task: the same seed (LoRA's init), batches and steps
+def loss_curve(model_fn, optimizer_fn):  # 50 steps of the embedded task: same seed (LoRA init), batches
     torch.manual_seed(0)
     model = model_fn()
     ft = batches.padded_batches(ft_docs, P["finetune_batch"], tokenizer.pad_token_id, seed=1)
-    return train.train(model, torch.optim.AdamW(trainable(model), lr=1e-2), ft, steps,
-                       autocast_dtype=hw.amp_dtype).losses
+    return train.train(model, optimizer_fn(model, lr=1e-2), ft, 50, autocast_dtype=hw.amp_dtype).losses
 
 
-curves = {"documented set-up": loss_curve(lambda: qlora.docs_qlora_model(QUALITY_MODEL, r=P["lora_r"])),
-          best["name"]: loss_curve(lambda: candidates[best["name"]][0](QUALITY_MODEL))}
+curves = {"documented set-up": loss_curve(lambda: qlora.docs_qlora_model(QUALITY_MODEL, r=P["lora_r"]),
+                                          adamw),
+          fastest_name: loss_curve(functools.partial(fastest_fn, QUALITY_MODEL), fastest_optimizer)}
 ends = quality.curve_ends(curves, last=10)  # each curve's mean over its last 10 steps; their noise
 report("loss after 50 steps", **ends)
 plots.curves({n: (range(1, len(c) + 1), c) for n, c in curves.items()}, "optimizer step", "loss (nats/token)",
              f"{FINETUNE_TASK} on the embedded model: the fastest candidate and the documented set-up")
 plt.show()
-assert ends["gap"] <= 2 * ends["noise"], f"the fastest candidate ends {ends['gap']:.3f} off the documented"
+assert targets.check("fastest candidate's loss after 50 steps within 2x the step noise of the documented",
+                     f"{ends['gap']:.3f} apart, noise {ends['noise']:.3f}",
+                     ends["gap"] <= 2 * ends["noise"]) or hw.cuda
 
 # %% [markdown]
 # ## Bad input gives one clear message
@@ -756,7 +744,8 @@ figures = {"ladder": [bench.to_json(r) for r in ladder_rows], "speed": [bench.to
            "last_rung_peak_ratio": last_ratio, "qlora_speedup": speedup,
            "accumulation_rel_error": accum_error, "checkpointing_grad_rel_error": ckpt_error,
            "quality_exact_match": exact_match, "targets": targets.rows,
-           "qlora_candidates": [bench.to_json(r) for r in candidate_rows], "qlora_best_ratio": best_ratio,
+           "qlora_candidates": [bench.to_json(r) for r in candidate_rows], "qlora_best": bench.to_json(best),
+           "qlora_best_ratio": best_ratio,
            "qlora_best_state_share": state_share, "loss_curves_50_steps": curves, "full_step_fastest_ratio":
            fastest_ratio}
 env = results.environment(hw, **P)

@@ -1,11 +1,12 @@
 """qlora_model's three NF4 bases, and nf4.cache_per_step in a training loop, eager and compiled."""
 
+import gc
 import math
 
 import pytest
 import torch
 
-from recipes_lib.core import speed, train
+from recipes_lib.core import hardware, speed, train
 from recipes_lib.core.errors import RecipeError
 from recipes_lib.memory import nf4, qlora
 
@@ -14,6 +15,7 @@ IDS = torch.randint(500, (2, 64), generator=torch.Generator().manual_seed(0))
 
 
 def _model(base="torch", compiled=False):
+    hardware.detect()  # its first call draws random numbers (a probe): before the seed, not after
     torch.manual_seed(0)  # the same LoRA init for every model
     model = qlora.qlora_model(TINY, r=8, gradient_checkpointing=True, base=base)
     return speed.compile_layers(model) if compiled else model
@@ -62,16 +64,45 @@ def test_cache_per_step_fills_during_a_step_empties_after_it_and_changes_nothing
         nf4.cache_per_step(torch.nn.Linear(4, 4), _adamw(torch.nn.Linear(4, 4)))
 
 
-def test_compiled_torch_base_with_the_cache_trains_like_eager():
+def test_compiled_torch_base_trains_like_eager_and_leaves_the_cache_alone():
     model = _model()
     reference = _steps(model, _adamw(model))
     compiled = _model(compiled=True)
     optimizer = nf4.cache_per_step(compiled, _adamw(compiled))
+    store = nf4._CACHES[-1]
+    sizes = []
+    compiled.register_forward_hook(lambda *_: sizes.append(len(store)))
     try:
         losses = _steps(compiled, optimizer)
     finally:
         optimizer.release()
+    assert sizes == [0, 0]  # compiled layers do not read the eager cache (nf4.dequant_cache)
     assert losses == pytest.approx(reference, rel=_tolerance(compiled, 1e-3))
+
+
+def test_a_freed_model_closes_its_cache():
+    model = _model()
+    optimizer = nf4.cache_per_step(model, _adamw(model))
+    store = nf4._CACHES[-1]
+    _steps(model, optimizer, n=1)
+    del model, optimizer
+    gc.collect()
+    assert all(c is not store for c in nf4._CACHES)
+
+
+def test_candidates_build_on_cpu():
+    from recipes_lib.memory import candidates
+
+    hw = hardware.detect("cpu")
+    found = candidates.qlora_candidates(8, hw, lambda m, lr=1e-5: _adamw(m))
+    assert {"ours", "ours + compiled layers", "ours, PyTorch NF4 base", "ours, PyTorch NF4 + compiled",
+            "ours, PyTorch NF4 + dequantize once per step"} <= set(found)
+    assert not any("CUDA graphs" in n or "Liger" in n or "FlexAttention" in n for n in found)  # GPU only
+    model_fn, optimizer_fn = found["ours, PyTorch NF4 + dequantize once per step"]
+    model = model_fn(TINY)
+    optimizer = optimizer_fn(model)
+    assert any(isinstance(m, nf4.NF4Linear) for m in model.modules()) and callable(optimizer.release)
+    optimizer.release()
 
 
 def test_torchao_base_trains_its_adapters():

@@ -4,11 +4,17 @@
   and the PyTorch recipes do: the identical layers share one compiled graph, so it compiles once, in
   seconds rather than minutes, and FSDP's gathers and the loss stay outside). It fuses the norms, RoPE,
   SwiGLU, residual adds and, on a QLoRA model, the adapters' elementwise work and the 4-bit base's
-  dequantization where its kernels are traceable. It works under activation checkpointing: the checkpoint
-  is then traced inside the compiled layer. transformers' output-capturing hooks set a global inside each
-  layer's forward, a side effect that torch.compile refuses to replay in the recomputation unless
+  dequantization where its kernels are traceable. It works under activation checkpointing, which
+  transformers applies around the compiled layer (5.17) or inside its traced call (later 5.x). In the
+  second case transformers' output-capturing hooks set a global inside each layer's forward, a side
+  effect torch.compile refuses to replay in the recomputation unless
   ``skip_fwd_side_effects_in_bwd_under_checkpoint`` is set; it is safe to skip here, since replaying
   it would only record the layer's output a second time.
+
+  Each call starts from a fresh compiler cache (``torch._dynamo.reset()``: models compiled earlier
+  recompile on their next call), so models built one after another, as a benchmark builds them, do not
+  share and exhaust one recompile budget; and a layer that still hits the budget raises
+  (``fail_on_recompile_limit_hit``) instead of silently running eager under a "compiled" label.
 - ``apply_liger(model)``: Liger Kernel's Triton kernels (RMSNorm, SwiGLU MLP, RoPE and, for the model's
   own loss, fused linear cross-entropy) patched into a Llama-family model instance, the maintained peer
   our own kernels are measured beside (``pip install liger-kernel``; CUDA only).
@@ -28,7 +34,9 @@ def compile_layers(model: torch.nn.Module, **options) -> torch.nn.Module:
     """``torch.compile`` every decoder layer of ``model`` in place (``options`` go to ``compile``, e.g.
     ``mode="max-autotune-no-cudagraphs"``); returns ``model``. Call it after quantizing, adding adapters
     and enabling checkpointing, and before sharding with FSDP2."""
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # see the module docstring
+    torch._dynamo.reset()  # process-wide settings and cache: see the module docstring
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     for layer in decoder_layers(model):
         layer.compile(**options)
     return model

@@ -67,6 +67,14 @@ def run(config: Config, batches_fn: Callable[[int], Iterator[dict]], hw: Hardwar
 def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flops_per_token, profile) -> dict:
     model = config.model_fn()
     optimizer = config.optimizer_fn(model)
+    try:
+        return _measure(config, model, optimizer, batches_fn, hw, steps, warmup, flops_per_token, profile)
+    finally:  # an offloading optimizer's hooks (or a dequantization cache) would keep the model alive
+        getattr(optimizer, "release", lambda: None)()
+
+
+def _measure(config: Config, model, optimizer, batches_fn, hw: Hardware, steps: int, warmup: int,
+             flops_per_token, profile) -> dict:
     batches = batches_fn(config.micro_batch)
     kwargs = dict(accum_steps=config.accum_steps, autocast_dtype=hw.amp_dtype,
                   max_grad_norm=config.max_grad_norm, fused_head=config.fused_head, progress=False,
@@ -89,7 +97,6 @@ def _run(config: Config, batches_fn, hw: Hardware, steps: int, warmup: int, flop
            "model_flops_per_s": tokens_per_s * fpt if fpt else None}
     if profile:
         row.update(_profile(lambda: train.train(model, optimizer, batches, steps=1, **kwargs), hw, profile))
-    getattr(optimizer, "release", lambda: None)()  # an offloading optimizer's hooks would keep the model
     return row
 
 
@@ -97,9 +104,11 @@ def _profile(step: Callable[[], object], hw: Hardware, steps: int) -> dict:
     """``run``'s ``busy_pct`` and ``profiled_step_s``: ``steps`` of ``step`` under torch.profiler. The
     profile is an aid: if the profiler fails, the row says why (``profile_error``) and keeps its timing."""
     try:
-        traced = timeline.summary(timeline.profile_steps(lambda: (step(), train.sync(hw.device)), steps,
-                                                         hw.device, warmup=1))
-    except (RuntimeError, ValueError, KeyError, IndexError) as error:
+        events = timeline.trace_events(lambda: (step(), train.sync(hw.device)), steps, hw.device, warmup=1)
+        if hw.cuda and not any(e.get("cat") == "kernel" for e in events):
+            raise RuntimeError("the GPU trace has no kernels (CUPTI tracing unavailable?)")
+        traced = timeline.summary(timeline.step_timelines(events))
+    except Exception as error:  # noqa: BLE001 - the timing stands; the row says why there is no profile
         return {"busy_pct": None, "profile_error": f"{type(error).__name__}: {error}"[:200]}
     return {"busy_pct": 100 * traced["compute_ms"] / traced["step_ms"],
             "profiled_step_s": traced["step_ms"] / 1e3}

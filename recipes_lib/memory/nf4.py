@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,10 @@ def dequant_cache():
     """Under this context each ``NF4Linear`` dequantizes its weight once, on first use, and reuses it
     (forward, activation-checkpointing recompute, backward); the weights are freed on exit.
 
+    Eager layers only: a compiled layer does not read the cache (its code is traced once, and a global
+    store read there would be baked into the graph or recompile it per layer and per step; where
+    transformers checkpoints around the compiled layer, forward and recompute could even disagree).
+
     Wrap one whole optimizer step (forward and backward of all its micro-batches) in it. Memory cost:
     every NF4 layer's weight in its compute dtype (2 bytes/param in bf16) held until exit, on top of the
     0.5625 byte/param codes; kept across steps it would be a bf16 base again, which QLoRA exists to avoid.
@@ -157,8 +162,8 @@ def dequant_cache():
 def cache_per_step(model: nn.Module, optimizer):
     """Dequantize each ``NF4Linear`` weight once per optimizer step, for a training loop that does not
     wrap its steps in ``dequant_cache()``: a cache opened now and emptied after each ``optimizer.step()``.
-    Returns ``optimizer``, whose ``release()`` closes the cache (``measure.bench`` calls it after a row;
-    call it when done). While it is open, every NF4 layer in the process uses it."""
+    Returns ``optimizer``, whose ``release()`` closes the cache (``measure.bench`` calls it after a row);
+    it also closes when ``model`` is freed. While it is open, every eager NF4 layer in the process uses it."""
     if not any(isinstance(m, NF4Linear) for m in model.modules()):
         raise RecipeError("no NF4Linear layers in this model, nothing to cache: quantize it with "
                           "nf4.quantize_model (qlora_model(base='torch'))")
@@ -174,6 +179,7 @@ def cache_per_step(model: nn.Module, optimizer):
             previous()
 
     optimizer.release = release
+    weakref.finalize(model, release)  # a model freed without release() does not leave its cache open
     return optimizer
 
 
@@ -224,7 +230,7 @@ class NF4Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(self.compute_dtype)
-        if _CACHES:
+        if not torch.compiler.is_compiling() and _CACHES:  # eager only: see dequant_cache
             store = _CACHES[-1]
             weight = store.get(self)
             if weight is None:

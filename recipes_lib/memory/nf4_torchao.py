@@ -45,14 +45,14 @@ class TorchaoNF4Linear(torch.nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().to(compute_dtype)
         layer.weight = torch.nn.Parameter(to_nf4(weight), requires_grad=False)
+        layer.linear_nf4 = _torchao_nf4()[1]  # looked up once: an import inside forward breaks the graph
         bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().to(compute_dtype),
                                                                     requires_grad=False)
         layer.register_parameter("bias", bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, linear_nf4 = _torchao_nf4()
-        out = linear_nf4(x, self.weight)
+        out = self.linear_nf4(x, self.weight)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 

@@ -1,0 +1,74 @@
+"""The QLoRA step candidates that notebook 01 measures against the documented set-up (issue 18).
+
+Each candidate is our QLoRA set-up (``qlora.qlora_model`` with activation checkpointing: bf16 weights,
+no adapter dropout, non-reentrant recomputation) with one thing changed, so that each is measured on
+its own against the same baseline:
+
+- ``ours``: as is, bitsandbytes' ``Linear4bit`` base;
+- compiled decoder layers (``core.speed.compile_layers``), on the bitsandbytes base and on our
+  plain-PyTorch NF4 base (``memory.nf4``), which the compiler can fuse; the PyTorch base eager too;
+- the PyTorch base with each weight dequantized once per optimizer step (``nf4.cache_per_step``;
+  eager: a compiled layer does not read the cache, see ``memory.nf4``), at the memory of a bf16 copy;
+- on a GPU: the compiled PyTorch base replayed as CUDA graphs (``mode="reduce-overhead"``: a step the
+  profile finds host-bound loses its launch overhead), and FlexAttention in place of SDPA (packed rows
+  give SDPA a dense block-diagonal mask, which rules out its flash kernel; FlexAttention's block mask
+  skips the tiles between documents);
+- where installed: torchao's ``NF4Tensor`` base, compiled (torchtune's way), and Liger Kernel's
+  RMSNorm, SwiGLU and RoPE kernels in our model.
+
+``qlora_candidates`` returns them by name as ``(model factory, optimizer factory)``: the model factory
+takes the model's name (so one candidate can be built on another model: the notebook trains the
+fastest one on the embedded task), the optimizer factory ``(model, lr) -> optimizer``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+
+from ..core import speed
+from ..core.hardware import Hardware
+from . import nf4, qlora
+
+Factory = tuple[Callable[..., torch.nn.Module], Callable[..., object]]
+
+
+def ours(name: str, r: int, hw: Hardware, base: str = "bitsandbytes", compiled: bool = False,
+         attn: str = "sdpa", **options) -> torch.nn.Module:
+    """Our QLoRA set-up with checkpointing on ``base``, its decoder layers compiled (``options`` go to
+    ``torch.compile``) if ``compiled``, attending through ``attn``."""
+    model = qlora.qlora_model(name, r=r, gradient_checkpointing=True, base=base, attn_implementation=attn,
+                              hw=hw)
+    return speed.compile_layers(model, **options) if compiled else model
+
+
+def cached(optimizer_fn: Callable[..., object]) -> Callable[..., object]:
+    """``optimizer_fn`` whose optimizer empties ``nf4.cache_per_step``'s cache after each step."""
+    def make(model, *args, **kwargs):
+        return nf4.cache_per_step(model, optimizer_fn(model, *args, **kwargs))
+    return make
+
+
+def qlora_candidates(r: int, hw: Hardware, optimizer_fn: Callable[..., object]) -> dict[str, Factory]:
+    """The candidates this machine can run (module docstring), by name: ``(model_fn(name), optimizer_fn)``."""
+    def variant(**changes):
+        return lambda name: ours(name, r, hw, **changes)
+
+    found = {"ours": (variant(), optimizer_fn),
+             "ours + compiled layers": (variant(compiled=True), optimizer_fn),
+             "ours, PyTorch NF4 base": (variant(base="torch"), optimizer_fn),
+             "ours, PyTorch NF4 + compiled": (variant(base="torch", compiled=True), optimizer_fn),
+             "ours, PyTorch NF4 + dequantize once per step": (variant(base="torch"), cached(optimizer_fn))}
+    if hw.cuda:
+        found["ours, PyTorch NF4 + compiled, CUDA graphs"] = (
+            variant(base="torch", compiled=True, mode="reduce-overhead"), optimizer_fn)
+        found["ours + FlexAttention (document mask)"] = (variant(attn="flex_attention"), optimizer_fn)
+    if importlib.util.find_spec("torchao") is not None:
+        found["ours, torchao NF4 + compiled"] = (variant(base="torchao", compiled=True), optimizer_fn)
+    if hw.cuda and importlib.util.find_spec("liger_kernel") is not None:
+        found["ours + Liger kernels"] = (
+            lambda name: speed.apply_liger(ours(name, r, hw), fused_loss=False), optimizer_fn)
+    return found
+
