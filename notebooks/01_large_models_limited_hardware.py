@@ -656,6 +656,7 @@ plt.show()
 
 # %%
 candidates = qlora_candidates.qlora_candidates(P["lora_r"], hw, adamw)  # name: (model_fn(name), optimizer)
+print("not run here:", qlora_candidates.unavailable(hw) or "none")
 candidate_rows = [measured(bench.Config(name, functools.partial(fn, MODEL_NAME), opt, speed_batch,
                                         fused_head=False, may_fail=name != "ours"), profile=2, warmup=3)
                   for name, (fn, opt) in candidates.items()]  # 3 warm-up steps: compiling, graph recording

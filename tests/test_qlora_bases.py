@@ -1,6 +1,7 @@
 """qlora_model's three NF4 bases, and nf4.cache_per_step in a training loop, eager and compiled."""
 
 import gc
+import importlib.util
 import math
 
 import pytest
@@ -98,6 +99,9 @@ def test_candidates_build_on_cpu():
     assert {"ours", "ours + compiled layers", "ours, PyTorch NF4 base", "ours, PyTorch NF4 + compiled",
             "ours, PyTorch NF4 + dequantize once per step"} <= set(found)
     assert not any("CUDA graphs" in n or "Liger" in n or "FlexAttention" in n for n in found)  # GPU only
+    left_out = candidates.unavailable(hw)
+    assert {"CUDA graphs", "FlexAttention", "Liger kernels"} <= set(left_out)
+    assert ("torchao NF4" in left_out) == (importlib.util.find_spec("torchao") is None)
     model_fn, optimizer_fn = found["ours, PyTorch NF4 + dequantize once per step"]
     model = model_fn(TINY)
     optimizer = optimizer_fn(model)

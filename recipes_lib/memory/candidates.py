@@ -72,3 +72,14 @@ def qlora_candidates(r: int, hw: Hardware, optimizer_fn: Callable[..., object]) 
             lambda name: speed.apply_liger(ours(name, r, hw), fused_loss=False), optimizer_fn)
     return found
 
+
+def unavailable(hw: Hardware) -> dict[str, str]:
+    """The candidates ``qlora_candidates`` leaves out on this machine, and why (for the notebook to say)."""
+    gpu, found = hw.cuda, importlib.util.find_spec
+    why = {"CUDA graphs": None if gpu else "CUDA graphs need a GPU",
+           "FlexAttention": None if gpu else "FlexAttention has no backward on a CPU",
+           "torchao NF4": None if found("torchao") else "torchao is not installed (pip install torchao)",
+           "Liger kernels": None if gpu and found("liger_kernel") else
+           "Liger Kernel's Triton kernels need a GPU" if not gpu else "pip install liger-kernel"}
+    return {name: reason for name, reason in why.items() if reason}
+
