@@ -19,10 +19,11 @@ def weight_bytes(config, bytes_per_value: int = 2) -> float:
 
 
 def notebook01(P: dict, config) -> tuple[float, float]:
-    """About 16 training configurations, each a warm-up, ``steps`` timed steps and a memory step of
+    """About 30 training configurations (the ladder, the speed rows, issue 18's levers and QLoRA
+    candidates), each 1-3 warm-up steps, ``steps`` timed steps, a memory step and 2 profiled steps of
     ``micro_batch`` rows of ``seq_len`` tokens (recomputation counted as a fifth more), each step
-    reading the weights three times (forward, backward, recompute)."""
-    steps = 16 * (P["steps"] + 2)
+    reading the weights three times (forward, backward, recompute). Compiling is host time, not counted."""
+    steps = 30 * (P["steps"] + 5)
     tokens = steps * P["micro_batch"] * P["seq_len"]
     training = tokens * 1.2 * flops.training_flops_per_token(config, P["seq_len"])
     return training, steps * 3 * weight_bytes(config)
