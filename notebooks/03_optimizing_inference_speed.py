@@ -423,13 +423,13 @@ for name, q in kd_quality.items():
     report(name, perplexity=q["perplexity"], accuracy=q["accuracy"], answer_perplexity=q["answer_perplexity"])
 
 # %% [markdown]
-# **Speed is timed on the shape the student was chosen for.** Decode speed depends on the shape, not
-# on the weights' values, and the embedded pair is too small to time: one decode step of the 4-layer,
-# 3M-parameter teacher takes about 0.25 ms on an H100, mostly fixed per-step costs (graph launch, the
-# host loop), so its student's time swings above and below the teacher's from run to run. So the
-# teacher timed is the size sweep's largest shape (Llama-3.1-8B on a GPU) and the student the shape
-# chosen for it, both with random weights, decoded through the one harness (compiled, untuned): this
-# measures the >= 2x the cost model predicted. Where no shape was chosen, the speed model
+# **Speed is timed on the shape the student was chosen for.** Decode speed depends on the shape, not on the
+# weights' values, and the embedded pair is too small to time: one decode step of the 4-layer, 3M-parameter
+# teacher takes about 0.25 ms on an H100, mostly fixed per-step costs (graph launch, the host loop), so its
+# student's time swings above and below the teacher's from run to run. So the teacher timed is the size
+# sweep's largest shape (Llama-3.1-8B on a GPU) and the student the shape chosen for it, both with random
+# weights, decoded through the one harness (compiled, and tuned where the sweep the cost model was fitted
+# to was): this measures the >= 2x the cost model predicted. Where no shape was chosen, the speed model
 # (Llama-3.2-1B-shaped on a GPU) is cut to the student's share of layers by `distill.make_student`.
 
 # %%
@@ -437,10 +437,8 @@ chosen = isinstance(used.get("student"), dict)
 speed_models = prune.speed_models(used, hw, lambda: distill.depth_pair(  # without a choice
     models.load_model(P["model"]), P["student_layers"] / teacher.config.num_hidden_layers))
 speed_depths = tuple(m.config.num_hidden_layers for m in speed_models.values())
-kd_speed = {name: decode.report_row(decode.benchmark(model, hw, 1, P["prompt_len"], P["new_tokens"],
-            repeats=P["repeats"], name=name)) for name, model in speed_models.items()}
-del speed_models
-memory.free_memory()
+kd_speed = decode.benchmark_each(speed_models, hw, P["prompt_len"], P["new_tokens"], repeats=P["repeats"],
+                                 tune=P["sweep"]["tune"])  # tuned as the sweep the cost model was fitted to
 teacher_speed, student_speed = kd_speed.values()
 ratios["student"] = decode.speed_ratio(student_speed, teacher_speed)  # median ratio, min, max
 student_speedup = ratios["student"][0]
@@ -457,10 +455,11 @@ report("decode step", **({"predicted speed-up (cost model)": student_choice["pre
 
 # %%
 kd, ce = kd_quality["distilled (KL + CE)"], kd_quality["CE only"]
-assert kd["answer_perplexity"] < ce["answer_perplexity"], "KD should predict the answers better than CE"
-assert kd["accuracy"] >= ce["accuracy"], "the distilled student should score at least as well as CE-only"
-assert student_speedup > 1.0 or (chosen and not hw.cuda), \
-    "the student should decode faster (not asserted for a chosen toy shape on CPU: Python's pace there)"
+for claim, ok in {"KD predicts the answers better than CE": kd["answer_perplexity"] < ce["answer_perplexity"],
+                  "KD scores at least as well as CE": kd["accuracy"] >= ce["accuracy"]}.items():
+    # a narrower (chosen) student has no scouting run behind these: reported there, asserted otherwise
+    assert reported.check(claim, f"KD {kd['accuracy']:.3f}, CE {ce['accuracy']:.3f} accuracy", ok) or chosen
+assert student_speedup > 1.0, "the student should decode faster"
 (targets if chosen else reported).check(  # the depth cut of the 1B shape is a reported row
     f"chosen student decode >= 2x its teacher on the {sweep_analysis['largest']} shape (batch 1)" if chosen
     else "1B shape (reported): distilled student decode >= 2x the teacher (batch 1)",
@@ -796,6 +795,7 @@ figures = {"int8_speed": speed, "int8_quality": quality_rows, "int8_linear_bytes
            "int8_perplexity_delta": ppl_delta, "int8_decode_speedup": decode_speedup,
            "int8_decode_speedup_by_backend": wo_ratios, "distill_quality": kd_quality,
            "distill_speed": kd_speed, "student_speedup": student_speedup, "ratios_min_max": ratios,
+           "distill_student": student_shape, "distill_ce_per_step": ce_curves,
            "accuracy_kept": kept, "decode_step_model": step_model, "attention_errors": attention_errors,
            "attention_sweep": sweep, "matmul_peak_tflops": matmul_tflops,
            "attention_best_fused": best_fused, "attention_fraction_of_matmul_peak": attention_fraction,

@@ -83,3 +83,11 @@ def test_slower_names_only_the_rows_under_their_baseline():
     base = [{"prefill_tokens_per_s": 100, "decode_tokens_per_s": 10}]
     row = [{"name": "x", "batch": 1, "prefill_tokens_per_s": 99, "decode_tokens_per_s": 5}]
     assert decode.slower(row, base) == ["slower than its baseline: x decode at batch 1: 0.50x"]
+
+
+def test_benchmark_each_times_every_model_and_lets_go_of_them():
+    hw = hardware.detect("cpu")
+    models = {"teacher": tiny_model(), "student": tiny_model(num_hidden_layers=1)}
+    rows = decode.benchmark_each(models, hw, prompt_len=8, new_tokens=4, repeats=2)
+    assert list(rows) == ["teacher", "student"] and not models  # popped as they were timed
+    assert all(r["name"] == name and r["decode_tokens_per_s"] > 0 for name, r in rows.items())

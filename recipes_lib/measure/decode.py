@@ -167,3 +167,17 @@ def step_split(deep: dict, shallow: dict, depths: tuple[int, int]) -> dict:
     fixed = deep["ms_per_decode_step"] - depths[0] * per_layer
     return {"fixed_ms": fixed, "ms_per_layer": per_layer,
             "layers_for_2x": (deep["ms_per_decode_step"] / 2 - fixed) / per_layer}
+
+
+def benchmark_each(models: dict, hw: Hardware, prompt_len: int, new_tokens: int, **kwargs) -> dict:
+    """``benchmark`` at batch 1 of each model of ``models`` (name -> model), printed (``report_row``); the
+    models are dropped from the dict as they are done, and the compiled steps and CUDA-graph pools with
+    them (``torch._dynamo.reset``), so that what the caller runs next has the memory back."""
+    rows = {}
+    for name in list(models):
+        model = models.pop(name)
+        rows[name] = report_row(benchmark(model, hw, 1, prompt_len, new_tokens, name=name, **kwargs))
+        del model
+        torch._dynamo.reset()
+        memory.free_memory()
+    return rows
