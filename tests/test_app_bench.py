@@ -17,7 +17,7 @@ CLAIMS = {
     "optimizer-offload": lambda ref, row: row["memory"].optimizer == ref["memory"].optimizer,
 }
 # Every recipe of notebooks 01-04 (their section titles), under the names `recipes bench` knows.
-NOTEBOOKS = {"01": {"qlora", "checkpointing", "grad-accumulation", "optimizer-offload"},
+NOTEBOOKS = {"01": {"qlora", "qlora-compiled", "checkpointing", "grad-accumulation", "optimizer-offload"},
              "02": {"fsdp2", "bf16-mixed-precision", "fsdp-qlora", "data-loading"},
              "03": {"int8", "distillation", "flash-attention", "rmsnorm"},
              "04": {"sparse-attention", "chunked-ce", "activation-offload", "curriculum", "sliding-window"}}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import sliding
-from ..core import checkpointing, models, train
+from ..core import checkpointing, models, speed, train
 from ..core.errors import RecipeError
 from ..core.hardware import Hardware
 from ..inference import norms
@@ -91,6 +91,14 @@ def _qlora(s):
                     lambda: qlora.qlora_model(s.model, r=s.lora_r, hw=s.hw)))
 
 
+def _qlora_compiled(s):
+    def ours(base: str):
+        return qlora.qlora_model(s.model, r=s.lora_r, hw=s.hw, gradient_checkpointing=True, base=base)
+    return (_config(s, "QLoRA, bitsandbytes base, eager", lambda: ours("bitsandbytes"), fused_head=False),
+            _config(s, "QLoRA, PyTorch NF4 base, compiled layers",
+                    lambda: speed.compile_layers(ours("torch")), fused_head=False))
+
+
 def _checkpointing(s):
     return (_config(s, "all activations kept", _full(s)),
             _config(s, "activation checkpointing", _full(s, gradient_checkpointing=True)))
@@ -161,6 +169,8 @@ def _sliding(s):
 
 TECHNIQUES = {t.name: t for t in [
     Technique("qlora", "01", "frozen 4-bit NF4 base + LoRA adapters", "full fine-tuning", "train", _qlora),
+    Technique("qlora-compiled", "01", "QLoRA on the plain-PyTorch NF4 base, decoder layers compiled",
+              "QLoRA on bitsandbytes' base, eager (both checkpointed)", "train", _qlora_compiled),
     Technique("checkpointing", "01", "recompute each layer's activations in backward", "all activations kept",
               "train", _checkpointing),
     Technique("grad-accumulation", "01", "the same rows per step in smaller micro-batches",
