@@ -136,7 +136,7 @@ def measured(cfg, batches_fn=packed, profile=0, warmup=1):
     return bench.show(row)
 
 
-liger_ok = hw.cuda and importlib.util.find_spec("liger_kernel") is not None  # a maintained peer, on GPUs
+liger_ok = "Liger kernels" not in qlora_candidates.unavailable(hw)  # a maintained peer: GPUs, where installed
 
 
 matmul_peak = timing.matmul_peak(hw.device) if hw.cuda else None  # FLOP/s a big bf16 matmul reaches
@@ -580,7 +580,7 @@ def liger_loss(model, micro_batch):  # Liger Kernel's fused linear cross-entropy
     return train.loss_sum(model, micro_batch, head_loss=losses.liger_linear_cross_entropy)
 
 
-if hw.cuda and importlib.util.find_spec("liger_kernel"):  # the maintained fused kernel, where installed
+if liger_ok:  # the maintained fused kernel, where installed
     speed_rows.append(measured(bench.Config("ours with Liger's fused loss instead", docs_model(
         **ablation["+ fused chunked loss (ours)"][0]), adamw, speed_batch, loss_fn=liger_loss)))
 display(bench.table(speed_rows, matmul_peak=matmul_peak))

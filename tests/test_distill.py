@@ -49,12 +49,16 @@ def _by_hand(student, teacher, batch, temperature, kl_weight):
     return total, int(scored.sum())
 
 
-@pytest.mark.parametrize("kl_weight", [0.0, 0.5, 1.0])
-def test_distillation_loss_is_hand_written_kl_plus_ce(kl_weight):
+def _untrained_pair():
+    """A 4-layer tiny teacher, a randomly initialised 1-layer student of it, and one batch (seed 0)."""
     torch.manual_seed(0)
     teacher = tiny_model(num_hidden_layers=4)
-    student = distill.make_student(teacher, 1, init_from_teacher=False)
-    batch = _batch()
+    return teacher, distill.make_student(teacher, 1, init_from_teacher=False), _batch()
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.5, 1.0])
+def test_distillation_loss_is_hand_written_kl_plus_ce(kl_weight):
+    teacher, student, batch = _untrained_pair()
     expected, _ = _by_hand(student, teacher, batch, 3.0, kl_weight)
     loss = distill.distillation_loss(teacher, temperature=3.0, kl_weight=kl_weight)(student, batch)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
@@ -62,10 +66,7 @@ def test_distillation_loss_is_hand_written_kl_plus_ce(kl_weight):
 
 def test_distill_trains_with_the_loss_per_target_token():
     """The training loop divides the hook's sum by the scored tokens: its first loss is the per-token mean."""
-    torch.manual_seed(0)
-    teacher = tiny_model(num_hidden_layers=4)
-    student = distill.make_student(teacher, 1, init_from_teacher=False)
-    batch = _batch()
+    teacher, student, batch = _untrained_pair()
     with torch.no_grad():
         expected, n_targets = _by_hand(student, teacher, batch, 2.0, 1.0)
     losses = distill.distill(student, teacher, iter([batch] * 30), steps=30, lr=1e-2, kl_weight=1.0,
@@ -77,10 +78,7 @@ def test_distill_trains_with_the_loss_per_target_token():
 def test_distill_records_the_cross_entropy_per_step():
     """``ce_per_step`` holds each step's CE per target token: all of the loss with ``kl_weight=0``, its
     CE part (by hand) with KL; ``kd_and_ce`` starts both runs from the same student on the same batches."""
-    torch.manual_seed(0)
-    teacher = tiny_model(num_hidden_layers=4)
-    student = distill.make_student(teacher, 1, init_from_teacher=False)
-    batch = _batch()
+    teacher, student, batch = _untrained_pair()
     with torch.no_grad():
         ce_only, n_targets = _by_hand(student, teacher, batch, 2.0, 0.0)
     ce = []

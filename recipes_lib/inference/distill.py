@@ -44,17 +44,7 @@ def make_student(teacher, num_layers: int, init_from_teacher: bool = True, seed:
     config.num_hidden_layers = num_layers
     for key, value in config_overrides.items():
         setattr(config, key, value)
-    if getattr(config, "layer_types", None) is not None:  # newer configs list one attention type per layer
-        config.layer_types = config.layer_types[:num_layers]
-    torch.manual_seed(seed)
-    param = next(teacher.parameters())
-    student = type(teacher)(config).to(device=param.device, dtype=param.dtype)
-    n_student, n_teacher = count_parameters(student)[1], count_parameters(teacher)[1]
-    if n_student >= n_teacher:
-        raise RecipeError(f"the student ({num_layers} layers, {n_student:,} parameters) is not smaller "
-                          f"than its teacher ({teacher.config.num_hidden_layers} layers, {n_teacher:,}): "
-                          f"distillation makes a model cheaper to run, so give the student fewer layers or "
-                          f"a smaller width.")
+    student = build_student(teacher, config, seed)
     if init_from_teacher:
         _copy_from_teacher(student, teacher, layer_map(teacher.config.num_hidden_layers, num_layers))
     return student
@@ -63,6 +53,23 @@ def make_student(teacher, num_layers: int, init_from_teacher: bool = True, seed:
 def depth_pair(teacher, fraction: float) -> tuple:
     """``teacher`` and its ``make_student`` with ``fraction`` of its layers (rounded, at least one)."""
     return teacher, make_student(teacher, max(1, round(teacher.config.num_hidden_layers * fraction)))
+
+
+def build_student(teacher, config, seed: int = 0):
+    """A randomly initialised model of ``teacher``'s class with ``config``, on the teacher's device and in
+    its dtype. Raises RecipeError if it would not be smaller than its teacher."""
+    if getattr(config, "layer_types", None) is not None:  # newer configs list one attention type per layer
+        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    torch.manual_seed(seed)
+    param = next(teacher.parameters())
+    student = type(teacher)(config).to(device=param.device, dtype=param.dtype)
+    n_student, n_teacher = count_parameters(student)[1], count_parameters(teacher)[1]
+    if n_student >= n_teacher:
+        raise RecipeError(f"the student ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                          f"{n_student:,} parameters) is not smaller than its teacher "
+                          f"({teacher.config.num_hidden_layers} layers, {n_teacher:,}): distillation makes a "
+                          f"model cheaper to run, so give the student fewer layers or a smaller width.")
+    return student
 
 
 def _copy_from_teacher(student, teacher, layers: list[int]) -> None:

@@ -35,7 +35,6 @@ import math
 import torch
 
 from ..core.errors import RecipeError
-from ..core.models import count_parameters
 from ..measure import decode_cost, decode_floor, decode_sweep
 from . import distill
 
@@ -160,18 +159,9 @@ def prune_student(teacher, layers: int, kv_heads: int, calibration_batches, seed
             or config.hidden_size > t_config.hidden_size:
         raise RecipeError(f"a student of {layers} layers and {kv_heads} key/value heads does not fit in its "
                           f"teacher ({t_config.num_hidden_layers} layers, {n_kv} key/value heads)")
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[:layers]
     kept = distill.layer_map(t_config.num_hidden_layers, layers)
     score = importance(teacher, calibration_batches, sorted(set(kept)))
-    torch.manual_seed(seed)
-    param = next(teacher.parameters())
-    student = type(teacher)(config).to(device=param.device, dtype=param.dtype)
-    n_student, n_teacher = count_parameters(student)[1], count_parameters(teacher)[1]
-    if n_student >= n_teacher:
-        raise RecipeError(f"the student ({layers} layers, {kv_heads} key/value heads, {n_student:,} "
-                          f"parameters) is not smaller than its teacher ({n_teacher:,}): give it fewer "
-                          f"layers or heads")
+    student = distill.build_student(teacher, config, seed)
     hidden = _top(score["hidden"], config.hidden_size)
     q_per_kv = t_config.num_attention_heads // n_kv
     cuts = {}  # student layer -> (query rows, key/value rows, MLP neurons) of its teacher layer

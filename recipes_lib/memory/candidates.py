@@ -61,16 +61,16 @@ def qlora_candidates(r: int, hw: Hardware, optimizer_fn: Callable[..., object]) 
              "ours, PyTorch NF4 base": (variant(base="torch"), optimizer_fn),
              "ours, PyTorch NF4 + compiled": (variant(base="torch", compiled=True), optimizer_fn),
              "ours, PyTorch NF4 + dequantize once per step": (variant(base="torch"), cached(optimizer_fn))}
-    if hw.cuda:
-        found["ours, PyTorch NF4 + compiled, CUDA graphs"] = (
-            variant(base="torch", compiled=True, mode="reduce-overhead"), optimizer_fn)
-        found["ours + FlexAttention (document mask)"] = (variant(attn="flex_attention"), optimizer_fn)
-    if importlib.util.find_spec("torchao") is not None:
-        found["ours, torchao NF4 + compiled"] = (variant(base="torchao", compiled=True), optimizer_fn)
-    if hw.cuda and importlib.util.find_spec("liger_kernel") is not None:
-        found["ours + Liger kernels"] = (
-            lambda name: speed.apply_liger(ours(name, r, hw), fused_loss=False), optimizer_fn)
-    return found
+    optional = {  # unavailable()'s key: (candidate, model factory); kept where this machine can run it
+        "CUDA graphs": ("ours, PyTorch NF4 + compiled, CUDA graphs",
+                        variant(base="torch", compiled=True, mode="reduce-overhead")),
+        "FlexAttention": ("ours + FlexAttention (document mask)", variant(attn="flex_attention")),
+        "torchao NF4": ("ours, torchao NF4 + compiled", variant(base="torchao", compiled=True)),
+        "Liger kernels": ("ours + Liger kernels",
+                          lambda name: speed.apply_liger(ours(name, r, hw), fused_loss=False))}
+    missing = unavailable(hw)
+    return found | {name: (model_fn, optimizer_fn) for key, (name, model_fn) in optional.items()
+                    if key not in missing}
 
 
 def unavailable(hw: Hardware) -> dict[str, str]:
