@@ -17,6 +17,7 @@ from recipes_lib.core.models import load_model
 from recipes_lib.memory import nf4, qlora
 
 TINY = "data/tiny-llama"
+CPU = hardware.detect("cpu")  # these tests hold the model and batch on the CPU, in fp32, on any machine
 
 
 def _layer(out_features=64, in_features=128, bias=True, dtype=torch.float32, seed=0):
@@ -197,7 +198,7 @@ def test_compiled_forward_backward_matches_eager_and_saves_no_weight():
 @pytest.fixture(scope="module")
 def tiny_pair():
     """The embedded tiny Llama (fp32 on CPU) and a copy of it quantized in place, plus a batch."""
-    reference, model = load_model(TINY), load_model(TINY)
+    reference, model = load_model(TINY, hw=CPU), load_model(TINY, hw=CPU)
     original = weakref.ref(model.model.layers[0].mlp.up_proj.weight)
     nf4.quantize_model(model, torch.float32)
     gc.collect()
@@ -235,9 +236,9 @@ def test_quantized_logits_are_close_to_the_unquantized_model(tiny_pair):
         ref = reference(**batch).logits
         ours = model(**batch).logits
     assert _relative(ours, ref) < 0.15
-    if not hardware.detect().bitsandbytes:  # without it, load_model would load unquantized weights
+    if not CPU.bitsandbytes:  # without it, load_model would load unquantized weights
         return
-    bnb_model = load_model(TINY, quantization="nf4")
+    bnb_model = load_model(TINY, quantization="nf4", hw=CPU)
     with torch.no_grad():
         assert _relative(ours, bnb_model(**batch).logits) < 0.02
 
@@ -245,8 +246,8 @@ def test_quantized_logits_are_close_to_the_unquantized_model(tiny_pair):
 def test_peft_lora_on_nf4_trains_only_the_adapters(tiny_pair, monkeypatch):
     batch = tiny_pair[2]
     with pytest.raises(RecipeError, match="add_lora"):
-        nf4.quantize_model(qlora.add_lora(load_model(TINY)), torch.float32)
-    model = nf4.quantize_model(load_model(TINY), torch.float32)  # its own copy: peft wraps it in place
+        nf4.quantize_model(qlora.add_lora(load_model(TINY, hw=CPU)), torch.float32)
+    model = nf4.quantize_model(load_model(TINY, hw=CPU), torch.float32)  # its own copy: peft wraps it in place
     peft_model = qlora.add_lora(model, r=4, alpha=8)
     wrapped = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
     assert len(wrapped) == 7 * len(model.model.layers)
