@@ -247,7 +247,7 @@ def test_peft_lora_on_nf4_trains_only_the_adapters(tiny_pair, monkeypatch):
     batch = tiny_pair[2]
     with pytest.raises(RecipeError, match="add_lora"):
         nf4.quantize_model(qlora.add_lora(load_model(TINY, hw=CPU)), torch.float32)
-    model = nf4.quantize_model(load_model(TINY, hw=CPU), torch.float32)  # its own copy: peft wraps it in place
+    model = nf4.quantize_model(load_model(TINY, hw=CPU), torch.float32)  # own copy: peft wraps it in place
     peft_model = qlora.add_lora(model, r=4, alpha=8)
     wrapped = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
     assert len(wrapped) == 7 * len(model.model.layers)

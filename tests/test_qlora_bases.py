@@ -43,7 +43,7 @@ def test_torch_base_quantizes_every_linear_but_the_head_and_keeps_fp32_adapters(
     assert type(model.get_base_model().lm_head) is torch.nn.Linear
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
-    with pytest.raises(RecipeError, match="pick one of bitsandbytes, torch, torchao"):
+    with pytest.raises(RecipeError, match="pick one of auto, bitsandbytes, torch, torchao"):
         qlora.qlora_model(TINY, base="gptq")
 
 

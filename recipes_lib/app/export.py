@@ -74,7 +74,8 @@ MAPPING = {
 UNMAPPED = {
     "model.sliding_window": "Axolotl has no sliding-window switch for Llama-family models",
     "model.checkpoint_every": "Axolotl checkpoints every decoder layer",
-    "model.nf4_base": "Axolotl's QLoRA base is bitsandbytes' (load_in_4bit), which it writes",
+    "model.nf4_base": "Axolotl's QLoRA base is bitsandbytes' (load_in_4bit), which it writes (auto picks "
+                      "torchao's on a bf16 GPU)",
     "model.long_context": "write Axolotl's own switches: `tiled_mlp: true`, `gradient_checkpointing: true`, "
                           "`activation_offloading: true`, and `rope_scaling` past the position limit",
     "optim.offload": "Axolotl has no torchao offloaded AdamW; DeepSpeed ZeRO's offload_optimizer is nearest",
@@ -152,8 +153,12 @@ def axolotl(cfg: RunConfig, gpus: int = 1) -> tuple[dict, list[str]]:
         if m.offload_activations:
             out["activation_offloading"] = "hidden_states"
     out["chunked_cross_entropy"] = m.chunked_loss
-    if m.compile:
+    if m.compile is True:
         out["torch_compile"] = True
+    elif m.compile == "auto":
+        warnings.append("note: model.compile: auto compiles the decoder layers on a bf16 GPU (full "
+                        "fine-tuning, QLoRA); the export leaves Axolotl's torch_compile at its default, off: "
+                        "set it true to compile (Axolotl compiles the whole model)")
     out |= {"auto": {"bf16": "auto"}, "bf16": {"bf16": True}, "fp16": {"fp16": True, "bf16": False},
             "fp32": {"bf16": False, "fp16": False}}[m.precision]
     out |= {"datasets": [dataset(d)], "val_set_size": d.validation_fraction, "sequence_len": d.seq_len,

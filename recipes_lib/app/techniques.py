@@ -85,18 +85,35 @@ def _full(s: Settings, **kw):
     return lambda: models.load_model(s.model, hw=s.hw, **kw)
 
 
-def _qlora(s):
-    return (_config(s, "full fine-tune (the model's own loss)", _full(s), fused_head=False),
-            _config(s, "QLoRA (NF4 base + adapters)",
+BASE_NAMES = {"bitsandbytes": "bitsandbytes base", "torch": "PyTorch NF4 base", "torchao": "torchao NF4 base"}
+
+
+def _path_name(base: str, compiled: bool) -> str:
+    return f"{BASE_NAMES[base]}, {'compiled' if compiled else 'eager'} layers"
+
+
+def _qlora(s):  # both sides on the library's default path (notebook 01's fastest steps; eager on a CPU)
+    base, compiled, _ = qlora.default_path(s.hw)
+    full_compiled = speed.default_compile(s.hw)[0]
+    full = (lambda: speed.compile_layers(_full(s)())) if full_compiled else _full(s)
+    layers = "compiled" if full_compiled else "eager"
+    return (_config(s, f"full fine-tune (the model's own loss, {layers} layers)", full, fused_head=False),
+            _config(s, f"QLoRA ({_path_name(base, compiled)})",
                     lambda: qlora.qlora_model(s.model, r=s.lora_r, hw=s.hw)))
 
 
 def _qlora_compiled(s):
-    def ours(base: str):
-        return qlora.qlora_model(s.model, r=s.lora_r, hw=s.hw, gradient_checkpointing=True, base=base)
-    return (_config(s, "QLoRA, bitsandbytes base, eager", lambda: ours("bitsandbytes"), fused_head=False),
-            _config(s, "QLoRA, PyTorch NF4 base, compiled layers",
-                    lambda: speed.compile_layers(ours("torch")), fused_head=False))
+    """The default QLoRA path against bitsandbytes' eager base; where the default is eager (a CPU), the
+    compiled PyTorch NF4 base stands in, so the row still shows what compiling buys."""
+    base, compiled, _ = qlora.default_path(s.hw)
+    base = base if compiled else "torch"
+
+    def ours(base: str, compiled: bool):
+        return qlora.qlora_model(s.model, r=s.lora_r, hw=s.hw, gradient_checkpointing=True, base=base,
+                                 compiled=compiled)
+    return (_config(s, "QLoRA, " + _path_name("bitsandbytes", False), lambda: ours("bitsandbytes", False),
+                    fused_head=False),
+            _config(s, "QLoRA, " + _path_name(base, True), lambda: ours(base, True), fused_head=False))
 
 
 def _checkpointing(s):
@@ -169,7 +186,8 @@ def _sliding(s):
 
 TECHNIQUES = {t.name: t for t in [
     Technique("qlora", "01", "frozen 4-bit NF4 base + LoRA adapters", "full fine-tuning", "train", _qlora),
-    Technique("qlora-compiled", "01", "QLoRA on the plain-PyTorch NF4 base, decoder layers compiled",
+    Technique("qlora-compiled", "01", "QLoRA's default path: torchao's NF4 base, decoder layers compiled "
+              "(on a CPU: the plain-PyTorch NF4 base, compiled)",
               "QLoRA on bitsandbytes' base, eager (both checkpointed)", "train", _qlora_compiled),
     Technique("checkpointing", "01", "recompute each layer's activations in backward", "all activations kept",
               "train", _checkpointing),

@@ -7,11 +7,14 @@ about 0.5 byte (NF4, 64-value blocks, double-quantized scales: +0.127 bit/param)
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+from ..core import speed
 from ..core.errors import RecipeError
-from ..core.hardware import detect
+from ..core.hardware import Hardware, detect
 from ..core.models import DEFAULT_MODEL, load_model
 from ..measure import memory
 from . import nf4, nf4_torchao
@@ -31,9 +34,31 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
 BASES = ("bitsandbytes", "torch", "torchao")
 
 
+def default_path(hw: Hardware, sharded: bool = False) -> tuple[str, bool, str]:
+    """The QLoRA step ``qlora_model(base="auto")`` builds on ``hw``: ``(base, compiled, why)``.
+
+    The fastest step notebook 01 measured (H100, 1B shape, 2048 tokens; issue 18) is torchao's ``NF4Tensor``
+    base with compiled decoder layers: 2.0x the documented transformers + peft + bitsandbytes step with
+    packing, where bitsandbytes' eager base is 1.1x. It needs a bf16 GPU (the compiler's Triton kernels; it
+    was not measured in fp16) and torchao. Elsewhere the path falls back, and ``why`` says to what:
+    bitsandbytes' base with compiled layers (a bf16 GPU without torchao: 1.7x), or eager (a CPU, a GPU
+    without bf16, or a base FSDP2 shards, ``sharded``: stored in bf16 words, which only bitsandbytes' does).
+    """
+    fastest = "torchao's NF4 base with compiled decoder layers (the fastest step measured, notebook 01)"
+    if sharded:
+        return "bitsandbytes", False, "bitsandbytes' base, eager: the base FSDP2 shards here"
+    compiled, why = speed.default_compile(hw)
+    if not compiled:
+        return "bitsandbytes", False, f"bitsandbytes' base, {why}"
+    if importlib.util.find_spec("torchao") is None:
+        return "bitsandbytes", True, f"bitsandbytes' base, compiled layers: {fastest} needs torchao " \
+            "(pip install torchao)"
+    return "torchao", True, fastest
+
+
 def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa", hw=None,
-                quant_storage: torch.dtype = torch.uint8, base: str = "bitsandbytes"):
+                quant_storage: torch.dtype = torch.uint8, base: str = "auto", compiled: bool | None = None):
     """Our QLoRA: NF4 base (double quantization), bf16 compute (fp16 on a GPU without bf16, a T4), LoRA on
     all linear layers (adapters in fp32, peft's default).
 
@@ -46,10 +71,16 @@ def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout
             ``BitsAndBytesConfig``), ``"torch"`` (``memory.nf4``: the same code in plain PyTorch ops,
             fused by ``torch.compile``; fp32 block scales) or ``"torchao"`` (torchao's ``NF4Tensor``, as
             torchtune uses it). All three quantize every linear layer but the LM head, in 64-value blocks.
+            ``"auto"`` (the default): the fastest this machine can run, ``default_path(hw)``.
+        compiled: ``torch.compile`` each decoder layer (``speed.compile_layers``), after the adapters and
+            checkpointing. ``None`` (the default): as ``default_path`` says with ``base="auto"``, else off.
     """
-    if base not in BASES:
-        raise RecipeError(f"base={base!r}: pick one of {', '.join(BASES)}")
+    if base not in (*BASES, "auto"):
+        raise RecipeError(f"base={base!r}: pick one of auto, {', '.join(BASES)}")
     hw = hw or detect()
+    if base == "auto":
+        base, auto_compiled, _ = default_path(hw, sharded=quant_storage != torch.uint8)
+        compiled = auto_compiled if compiled is None else compiled
     if base == "bitsandbytes":
         model = load_model(name, quantization="nf4", gradient_checkpointing=gradient_checkpointing,
                            attn_implementation=attn_implementation, hw=hw, quant_storage=quant_storage)
@@ -62,7 +93,7 @@ def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout
     for param in model.parameters():  # adapters in fp32 whatever the base's dtype (torchao's reads as bf16)
         if param.requires_grad:
             param.data = param.data.float()
-    return model
+    return speed.compile_layers(model) if compiled else model
 
 
 def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.05, hw=None,
