@@ -454,12 +454,12 @@ if bench.fits(accum_row, ladder_rows[-1]):
 # backward, the loss (full logits or one chunk of them), the model state and the step's temporaries
 # (`recipes estimate --help` prints every formula). Beside the measured rungs: the prediction, and for a
 # rung that ran out of memory, the advisor's cheapest changes that make it fit this GPU. The check below
-# holds every rung to 10%: on a CPU an assert; on a GPU a target, so a miss is reported and the run goes on
-# (the estimate models compiled full fine-tuning's layers, but counts compiled QLoRA layers as eager
-# autograd keeps them: a 2-step H100 smoke test of these rungs,
-# `results/history/01_default_path_smoke.H100.log`, found the full rung exact and the QLoRA rung without checkpointing overestimated by 11.5%, so this
-# target can miss there). (It found a leak:
-# torchao's offloading optimizer kept section 4's full model,
+# holds every rung to 10%: on a CPU an assert; on a GPU a target, so a miss is reported and the run goes
+# on. The estimate models compiled full fine-tuning's layers, but counts compiled QLoRA layers as eager
+# autograd keeps them: a 2-step H100 smoke test of these rungs
+# (`results/history/01_default_path_smoke.H100.log`)
+# found the full rung exact and the QLoRA rung without checkpointing overestimated by 11.5%, so this target
+# can miss there. (It found a leak: torchao's offloading optimizer kept section 4's full model,
 # 2.3 GiB, allocated for the rest of the process, read by every later row; `offload.release`, which
 # the bench harness now calls, frees it.)
 
