@@ -503,8 +503,10 @@ plt.show()
 # unpadded rows of `seq_len` random tokens, 4 per step. The ratio's range runs from our slowest step
 # over the plain loop's fastest to the other way round: where it takes in 1.0, there is no measurable
 # difference. Then two levers toward issue 18's 1.25x: our step with each decoder layer compiled
-# (`speed.compile_layers`), and, where Liger Kernel is installed (a GPU), the maintained peer: the plain
-# step with Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy kernels (`speed.apply_liger`).
+# (`speed.compile_layers`), and, where they are installed (a GPU), the maintained peers: the plain
+# step with Liger Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy kernels (`speed.apply_liger`),
+# and our step with Apple's Cut Cross-Entropy as its loss (`losses.cce_linear_cross_entropy`), eager and with
+# compiled layers: like Liger's loss, it never holds the `[tokens, vocab]` logits.
 # Each row also profiles two steps: "device busy" is the share of the step the GPU computes; the rest is
 # launch overhead and Python, where a host-bound step loses its time (and its steadiness).
 
@@ -522,9 +524,7 @@ full_setups = {"plain transformers (Trainer defaults)": (full_model, dict(step_f
                "ours, chunked fused loss": (full_model, dict(fused_head=True)),
                "ours, the model's loss, compiled layers": (lambda: speed.compile_layers(full_model()),
                                                            dict(fused_head=False, may_fail=True))}
-if liger_ok:
-    full_setups["plain transformers + Liger kernels"] = (lambda: speed.apply_liger(full_model()),
-                                                         dict(step_fn=train.plain_step, may_fail=True))
+full_setups |= qlora_candidates.full_step_peers(full_model, hw)  # Liger, Cut Cross-Entropy: where installed
 step_rows = [measured(bench.Config(name, fn, adamw, 4, **how), token_blocks, profile=2)
              for name, (fn, how) in full_setups.items()]
 speed.remove_liger()  # Liger swaps Llama's RoPE, norm and MLP module-wide: later rows get the originals

@@ -82,3 +82,15 @@ def test_axolotl_export_of_compile_auto_says_what_it_leaves_off():
     assert any("model.compile: auto" in m and m.startswith("note:") for m in messages)
     exported, _ = export.axolotl(config.load(None, ["method=qlora", "compile=true"]))
     assert exported["torch_compile"] is True
+
+
+def test_full_step_peers_are_the_installed_maintained_kernels(monkeypatch):
+    from recipes_lib.memory import candidates
+
+    assert candidates.full_step_peers(lambda: None, CPU) == {}  # Triton kernels: GPUs only
+    monkeypatch.setattr(candidates, "unavailable", lambda hw: {})
+    peers = candidates.full_step_peers(lambda: None, H100)
+    assert set(peers) == {"plain transformers + Liger kernels", "Cut Cross-Entropy as our step's loss",
+                          "Cut Cross-Entropy as our compiled step's loss"}
+    assert all(how["may_fail"] for _, how in peers.values())  # a kernel error is a row, not a lost run
+    assert not any(name.startswith("ours") for name in peers)  # the notebook's "our fastest" excludes them

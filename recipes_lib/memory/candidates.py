@@ -16,19 +16,22 @@ its own against the same baseline:
 - where installed: torchao's ``NF4Tensor`` base, compiled (torchtune's way), and Liger Kernel's
   RMSNorm, SwiGLU and RoPE kernels in our model.
 
-``qlora_candidates`` returns them by name as ``(model factory, optimizer factory)``: the model factory
+``full_step_peers`` gives notebook 01's Speed 1 the maintained peers of our full fine-tuning step (Liger
+Kernel's kernels, Apple's Cut Cross-Entropy) where this machine can run them. ``qlora_candidates`` returns
+the QLoRA candidates by name as ``(model factory, optimizer factory)``: the model factory
 takes the model's name (so one candidate can be built on another model: the notebook trains the
 fastest one on the embedded task), the optimizer factory ``(model, lr) -> optimizer``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 
 import torch
 
-from ..core import speed
+from ..core import losses, speed, train
 from ..core.hardware import Hardware
 from . import nf4, qlora
 
@@ -73,6 +76,23 @@ def qlora_candidates(r: int, hw: Hardware, optimizer_fn: Callable[..., object]) 
                     if key not in missing}
 
 
+def full_step_peers(model_fn: Callable[[], torch.nn.Module], hw: Hardware) -> dict[str, tuple]:
+    """The maintained peers of our full fine-tuning step that this machine can run, as notebook 01's Speed 1
+    rows ``name: (model factory, bench.Config options)``: the plain transformers step with Liger Kernel's
+    kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), and our step with Apple's Cut Cross-Entropy
+    as its loss, eager and with compiled layers. ``model_fn`` builds the eager model."""
+    missing, peers = unavailable(hw), {}
+    if "Liger kernels" not in missing:
+        peers["plain transformers + Liger kernels"] = (lambda: speed.apply_liger(model_fn()),
+                                                       dict(step_fn=train.plain_step, may_fail=True))
+    if "Cut Cross-Entropy" not in missing:
+        cce = functools.partial(train.loss_sum, head_loss=losses.cce_linear_cross_entropy)
+        peers["Cut Cross-Entropy as our step's loss"] = (model_fn, dict(loss_fn=cce, may_fail=True))
+        peers["Cut Cross-Entropy as our compiled step's loss"] = (lambda: speed.compile_layers(model_fn()),
+                                                                  dict(loss_fn=cce, may_fail=True))
+    return peers
+
+
 def unavailable(hw: Hardware) -> dict[str, str]:
     """The candidates ``qlora_candidates`` leaves out on this machine, and why (for the notebook to say)."""
     gpu, found = hw.cuda, importlib.util.find_spec
@@ -80,6 +100,8 @@ def unavailable(hw: Hardware) -> dict[str, str]:
            "FlexAttention": None if gpu else "FlexAttention has no backward on a CPU",
            "torchao NF4": None if found("torchao") else "torchao is not installed (pip install torchao)",
            "Liger kernels": None if gpu and found("liger_kernel") else
-           "Liger Kernel's Triton kernels need a GPU" if not gpu else "pip install liger-kernel"}
+           "Liger Kernel's Triton kernels need a GPU" if not gpu else "pip install liger-kernel",
+           "Cut Cross-Entropy": None if gpu and found("cut_cross_entropy") else  # a loss (Speed 1)
+           "Cut Cross-Entropy's Triton kernels need a GPU" if not gpu else "pip install cut-cross-entropy"}
     return {name: reason for name, reason in why.items() if reason}
 
