@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.errors import RecipeError
+from ..memory import qlora
 from . import config as config_
 from . import deepspeed_zero, distributed
 
@@ -76,7 +77,8 @@ def save(out_dir: str | Path, step: int, lm, optimizer, scheduler, scaler, cfg: 
                     "deepspeed": engine, "ranks": ctx.world_size if ctx else 1,
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "data_position": data_position, "config": cfg.model_dump()}, tmp / "state.pt")
+                    "data_position": data_position, "config": cfg.model_dump(),
+                    "nf4_base": qlora.base_of(lm)}, tmp / "state.pt")
         with open(tmp / "state.pt", "rb") as f:  # on disk before the rename makes it the latest
             os.fsync(f.fileno())
     distributed.publish(tmp, final, ctx)
@@ -110,6 +112,9 @@ def load(path: str | Path, lm, optimizer, scheduler, scaler, cfg: config_.RunCon
         raise RecipeError(f"{path} is not a checkpoint (no state.pt): pass a {PREFIX}<step> folder")
     state = torch.load(path / "state.pt", weights_only=False)
     changed = config_.differences(state["config"], cfg)
+    saved_base, base = saved_nf4_base(state), qlora.base_of(lm)
+    if saved_base != base:
+        changed.append(f"the 4-bit base: {saved_base} -> {base} (set model.nf4_base: {saved_base or 'auto'})")
     if changed:
         raise RecipeError(f"{path} was saved by another configuration; these keys differ:\n  "
                           + "\n  ".join(changed) + "\nresume with the config it was saved with, or start "
@@ -133,3 +138,11 @@ def load(path: str | Path, lm, optimizer, scheduler, scaler, cfg: config_.RunCon
         scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return {"step": state["step"], "data_position": state["data_position"]}
+
+
+def saved_nf4_base(state: dict) -> str | None:
+    """The 4-bit base a checkpoint's run held: saved since ``model.nf4_base: auto``; before, its config's."""
+    if "nf4_base" in state:
+        return state["nf4_base"]
+    model = state["config"]["model"]
+    return model.get("nf4_base", "bitsandbytes") if model.get("method") == "qlora" else None

@@ -21,7 +21,6 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..core import speed
 from ..core.errors import RecipeError
 from .data import DataConfig
 
@@ -42,14 +41,14 @@ class ModelConfig(_Section):
     lora_alpha: int = Field(32, ge=1, description="adapter scale numerator (scale = alpha / r)")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="adapter dropout (0 is faster)")
     nf4_base: Literal["auto", "bitsandbytes", "torch", "torchao"] = Field(
-        "auto", description="qlora: who holds the 4-bit base: auto (torchao's NF4Tensor on a bf16 GPU "
-        "with torchao installed and train.strategy: single, the fastest measured; else bitsandbytes), "
+        "auto", description="qlora: who holds the 4-bit base: auto (torchao's NF4Tensor where model.compile: "
+        "auto compiles the layers and torchao is installed, the fastest measured; else bitsandbytes), "
         "bitsandbytes' Linear4bit, our plain-PyTorch NF4 (fused by compile), or torchao's NF4Tensor")
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile each decoder layer (regional compilation): auto compiles "
         "full fine-tuning and QLoRA on a bf16 GPU with train.strategy: single (the fastest steps "
-        "measured, notebook 01), leaving LoRA, long_context, sliding_window, offloading and other "
-        "attention kernels eager; true or false decides")
+        "measured, notebook 01), leaving LoRA, long_context, sliding_window, offload_activations, fp16/fp32 "
+        "and other attention kernels eager; true or false decides")
     attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa", description="attention implementation (sdpa picks PyTorch's flash/cuDNN kernels)")
     sliding_window: int | None = Field(None, ge=1,
@@ -159,7 +158,9 @@ class RunConfig(_Section):
 
 SECTIONS = {name: field.annotation for name, field in RunConfig.model_fields.items()}
 # Keys that may differ between a checkpoint and the run that resumes it (how long, how often, where).
-RESUMABLE = {"train.max_steps", "train.eval_every", "checkpoint.every", "checkpoint.keep_last",
+# model.compile changes no weight or state; model.nf4_base is checked as the base the run held (checkpoint)
+RESUMABLE = {"model.compile", "model.nf4_base", "train.max_steps", "train.eval_every", "checkpoint.every",
+             "checkpoint.keep_last",
              "checkpoint.resume", "log.every", "log.tensorboard", "log.progress", "output.dir",
              "output.merge",
              "data.num_workers", "data.cache_dir"}
@@ -257,36 +258,3 @@ def reference_yaml() -> str:
             lines.append(f"  {name}: {value}".ljust(40) + f"  # {field.description or ''}")
         lines.append("")
     return "\n".join(lines)
-
-
-def compile_choice(cfg: RunConfig, hw) -> tuple[bool, str]:
-    """Whether ``build_model`` compiles the decoder layers, and why: ``model.compile`` if true or false;
-    for ``auto``, ``speed.default_compile`` for the set-ups notebook 01 measured it on (full fine-tuning
-    and QLoRA, one process, SDPA, no long-context, sliding-window or offloading options), else eager."""
-    m = cfg.model
-    if m.compile != "auto":
-        return bool(m.compile), f"model.compile: {str(m.compile).lower()}"
-    unmeasured = {"model.method: lora": m.method == "lora", "train.strategy: " + cfg.train.strategy:
-                  cfg.train.strategy != "single", "model.long_context": m.long_context,
-                  "model.sliding_window": bool(m.sliding_window), "model.offload_activations":
-                  m.offload_activations, "optim.offload": cfg.optim.offload,
-                  f"model.attention: {m.attention}": m.attention != "sdpa"}
-    found = [name for name, on in unmeasured.items() if on]
-    if found:
-        return False, (f"eager: compiled layers were not measured with {', '.join(found)} "
-                       "(model.compile: true to try)")
-    return speed.default_compile(hw)
-
-
-def nf4_base_choice(cfg: RunConfig, hw) -> tuple[str, str]:
-    """QLoRA's 4-bit base for ``cfg`` on ``hw``, and why: ``model.nf4_base`` unless ``auto``, which takes
-    ``qlora.default_path``'s base where the layers are compiled (torchao's pays compiled, notebook 01) and
-    bitsandbytes' where they stay eager (as fast as the others there, and the one FSDP2 and DDP take)."""
-    from ..memory import qlora  # peft and the 4-bit bases: only for a QLoRA run
-
-    if cfg.model.nf4_base != "auto":
-        return cfg.model.nf4_base, f"model.nf4_base: {cfg.model.nf4_base}"
-    base, _, why = qlora.default_path(hw, sharded=cfg.train.strategy != "single")
-    if not compile_choice(cfg, hw)[0]:
-        return "bitsandbytes", "bitsandbytes' base: the decoder layers stay eager (model.compile)"
-    return base, why

@@ -28,6 +28,7 @@ from ..measure.estimate import (
 )
 from ..measure.memory import GiB
 from . import config as run_config
+from . import fast_path
 
 FLAGS = {  # flag: (Plan field, type, help)
     "--model": ("model", str, "model folder, hub id or random:<shape>"),
@@ -98,7 +99,8 @@ def plan_of(cfg: run_config.RunConfig, gpus: int = 1) -> Plan:
                 offload_activations=m.offload_activations, chunked_loss=m.chunked_loss,
                 attention="flash_attention_2" if m.attention == "flex_attention" else m.attention,
                 packed=True, optimizer="offload" if cfg.optim.offload else "fused", lora_r=m.lora_r,
-                lora_dropout=m.lora_dropout)
+                lora_dropout=m.lora_dropout,  # compile auto: compiled on a bf16 GPU (fast_path), the target
+                compiled=m.compile is True or (m.compile == "auto" and not fast_path.unmeasured(cfg)))
     return replace(plan, **long)
 
 

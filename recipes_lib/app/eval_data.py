@@ -17,7 +17,7 @@ from pathlib import Path
 import pydantic
 import torch
 
-from ..core import models
+from ..core import hardware, models
 from ..core.batches import Document
 from ..core.errors import RecipeError
 from ..memory import qlora
@@ -79,7 +79,10 @@ def _run_config(path: Path) -> RunConfig | None:
     last = checkpoint.latest(path)
     if last is None:
         return None
-    return RunConfig.model_validate(torch.load(last / "state.pt", weights_only=False)["config"])
+    state = torch.load(last / "state.pt", weights_only=False)
+    cfg = RunConfig.model_validate(state["config"])
+    base = checkpoint.saved_nf4_base(state)  # the base the run held, whatever "auto" would pick here
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"nf4_base": base})}) if base else cfg
 
 
 def _run_base(path: Path, trained: Path) -> str | None:
@@ -104,9 +107,12 @@ def load(name: str, what: str, loader):
 
 
 def base_model(tgt: Target):
-    """The base model, loaded as the run trained it (QLoRA: the NF4 base)."""
-    quant = "nf4" if tgt.config is not None and tgt.config.model.method == "qlora" else None
-    return load(tgt.base, "base model", lambda: models.load_model(tgt.base, quantization=quant).eval())
+    """The base model, loaded as the run trained it (QLoRA: on the 4-bit base it held, ``nf4_base``)."""
+    if tgt.config is None or tgt.config.model.method != "qlora":
+        return load(tgt.base, "base model", lambda: models.load_model(tgt.base).eval())
+    base = tgt.config.model.nf4_base if tgt.config.model.nf4_base != "auto" else "bitsandbytes"
+    hw = hardware.detect()
+    return load(tgt.base, "base model", lambda: qlora.quantized_base(tgt.base, base, hw).eval())
 
 
 def tuned_model(tgt: Target):

@@ -211,8 +211,9 @@ def _unmapped(cfg: RunConfig) -> list[str]:
     for key, why in UNMAPPED.items():
         section, name = key.split(".")
         value, default = dumped[section][name], keys()[key][0]
-        (found.append(f"warning: {key}={value!r} has no Axolotl equivalent: {why}") if value != default
-         else quiet.append(key))
+        reproduced = key == "model.nf4_base" and value == "bitsandbytes"  # Axolotl's own base
+        (found.append(f"warning: {key}={value!r} has no Axolotl equivalent: {why}")
+         if value != default and not reproduced else quiet.append(key))
     if quiet:
         found.append(f"note: not exported, at their defaults and without an Axolotl key: {', '.join(quiet)}")
     return found

@@ -186,8 +186,8 @@ def _sliding(s):
 
 TECHNIQUES = {t.name: t for t in [
     Technique("qlora", "01", "frozen 4-bit NF4 base + LoRA adapters", "full fine-tuning", "train", _qlora),
-    Technique("qlora-compiled", "01", "QLoRA's default path: torchao's NF4 base, decoder layers compiled "
-              "(on a CPU: the plain-PyTorch NF4 base, compiled)",
+    Technique("qlora-compiled", "01", "QLoRA's default path with compiled layers (torchao's NF4 base on a "
+              "bf16 GPU; where the default is eager, a CPU or a T4: the plain-PyTorch NF4 base, compiled)",
               "QLoRA on bitsandbytes' base, eager (both checkpointed)", "train", _qlora_compiled),
     Technique("checkpointing", "01", "recompute each layer's activations in backward", "all activations kept",
               "train", _checkpointing),

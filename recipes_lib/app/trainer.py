@@ -27,7 +27,7 @@ from ..long_context import recipe
 from ..measure import flops
 from ..memory import offload, qlora
 from ..parallel import context
-from . import checkpoint, config, data, distributed, logs
+from . import checkpoint, data, distributed, fast_path, logs
 from .config import RunConfig
 
 EMBEDDED_TOKENIZER = "data/tiny-llama"
@@ -54,7 +54,7 @@ def build_model(cfg: RunConfig, hw: hardware.Hardware) -> torch.nn.Module:
     attention = models.attention_implementation(m.attention)
     if m.method == "qlora":
         storage = torch.bfloat16 if cfg.train.strategy == "fsdp2" else torch.uint8  # FSDP2 shards bf16 words
-        base, why = config.nf4_base_choice(cfg, hw)
+        base, why = fast_path.nf4_base_choice(cfg, hw)
         if m.nf4_base == "auto":
             print(f"QLoRA base (model.nf4_base: auto): {why}")
         model = qlora.qlora_model(m.source, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
@@ -71,7 +71,7 @@ def build_model(cfg: RunConfig, hw: hardware.Hardware) -> torch.nn.Module:
         print(recipe.describe(recipe.enable(model, cfg.data.seq_len, checkpoint_every=m.checkpoint_every)))
     elif m.checkpointing:
         checkpointing.enable_checkpointing(model, every=m.checkpoint_every, offload=m.offload_activations)
-    compiled, why = config.compile_choice(cfg, hw)
+    compiled, why = fast_path.compile_choice(cfg, hw)
     if m.compile == "auto":
         print(f"decoder layers (model.compile: auto): {why}")
     if compiled:  # after adapters and checkpointing, before any sharding

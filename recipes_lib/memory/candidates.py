@@ -82,19 +82,20 @@ def full_step_peers(model_fn: Callable[[], torch.nn.Module], hw: Hardware) -> di
     kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), and our step with Apple's Cut Cross-Entropy
     as its loss, eager and with compiled layers. ``model_fn`` builds the eager model."""
     missing, peers = unavailable(hw), {}
-    if "Liger kernels" not in missing:
-        peers["plain transformers + Liger kernels"] = (lambda: speed.apply_liger(model_fn()),
-                                                       dict(step_fn=train.plain_step, may_fail=True))
-    if "Cut Cross-Entropy" not in missing:
+    if "Cut Cross-Entropy" not in missing:  # first: Liger's patch reaches every model built after it
         cce = functools.partial(train.loss_sum, head_loss=losses.cce_linear_cross_entropy)
         peers["Cut Cross-Entropy as our step's loss"] = (model_fn, dict(loss_fn=cce, may_fail=True))
         peers["Cut Cross-Entropy as our compiled step's loss"] = (lambda: speed.compile_layers(model_fn()),
                                                                   dict(loss_fn=cce, may_fail=True))
+    if "Liger kernels" not in missing:  # last, and the notebook calls speed.remove_liger() after it
+        peers["plain transformers + Liger kernels"] = (lambda: speed.apply_liger(model_fn()),
+                                                       dict(step_fn=train.plain_step, may_fail=True))
     return peers
 
 
 def unavailable(hw: Hardware) -> dict[str, str]:
-    """The candidates ``qlora_candidates`` leaves out on this machine, and why (for the notebook to say)."""
+    """The optional kernels this machine cannot run, and why (for the notebook to say): the QLoRA candidates
+    ``qlora_candidates`` leaves out, and the peers ``full_step_peers`` leaves out."""
     gpu, found = hw.cuda, importlib.util.find_spec
     why = {"CUDA graphs": None if gpu else "CUDA graphs need a GPU",
            "FlexAttention": None if gpu else "FlexAttention has no backward on a CPU",

@@ -34,6 +34,21 @@ def _torchao_nf4():
 BLOCKS = 64 * 256  # torchao's default block_size x scaler_block_size
 
 
+def unsupported(config) -> str | None:
+    """Why ``quantize_model`` cannot take every decoder linear layer of a model of ``config`` (None: it
+    can): each must be an ``nn.Linear`` (GPT-2's are ``Conv1D``) of a multiple of ``BLOCKS`` weights."""
+    from ..measure import flops
+
+    if config.model_type == "gpt2":
+        return "its layers are Conv1D, not nn.Linear"
+    try:
+        shapes = flops.linear_shapes(config)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a family whose widths flops does not know
+        return f"{config.model_type}'s layer shapes are not known here"
+    odd = sorted({i * o for i, o in shapes if (i * o) % BLOCKS})
+    return f"a layer of {odd[0]} weights is not a multiple of {BLOCKS}" if odd else None
+
+
 class TorchaoNF4Linear(torch.nn.Linear):
     """A frozen linear layer whose weight is a torchao ``NF4Tensor`` (built by ``from_linear``)."""
 

@@ -11,11 +11,12 @@ import importlib.util
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig
 
 from ..core import speed
 from ..core.errors import RecipeError
 from ..core.hardware import Hardware, detect
-from ..core.models import DEFAULT_MODEL, load_model
+from ..core.models import DEFAULT_MODEL, load_model, resolve
 from ..measure import memory
 from . import nf4, nf4_torchao
 
@@ -34,7 +35,7 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
 BASES = ("bitsandbytes", "torch", "torchao")
 
 
-def default_path(hw: Hardware, sharded: bool = False) -> tuple[str, bool, str]:
+def default_path(hw: Hardware, sharded: bool = False, config=None) -> tuple[str, bool, str]:
     """The QLoRA step ``qlora_model(base="auto")`` builds on ``hw``: ``(base, compiled, why)``.
 
     The fastest step notebook 01 measured (H100, 1B shape, 2048 tokens; issue 18) is torchao's ``NF4Tensor``
@@ -43,6 +44,8 @@ def default_path(hw: Hardware, sharded: bool = False) -> tuple[str, bool, str]:
     was not measured in fp16) and torchao. Elsewhere the path falls back, and ``why`` says to what:
     bitsandbytes' base with compiled layers (a bf16 GPU without torchao: 1.7x), or eager (a CPU, a GPU
     without bf16, or a base FSDP2 shards, ``sharded``: stored in bf16 words, which only bitsandbytes' does).
+    With the model's ``config``, a model torchao's base cannot take (``nf4_torchao.unsupported``) gets
+    bitsandbytes' base, compiled.
     """
     fastest = "torchao's NF4 base with compiled decoder layers (the fastest step measured, notebook 01)"
     if sharded:
@@ -53,7 +56,19 @@ def default_path(hw: Hardware, sharded: bool = False) -> tuple[str, bool, str]:
     if importlib.util.find_spec("torchao") is None:
         return "bitsandbytes", True, f"bitsandbytes' base, compiled layers: {fastest} needs torchao " \
             "(pip install torchao)"
+    why_not = nf4_torchao.unsupported(config) if config is not None else None
+    if why_not:
+        return "bitsandbytes", True, (f"bitsandbytes' base, compiled layers: torchao's cannot take this "
+                                      f"model ({why_not})")
     return "torchao", True, fastest
+
+
+def base_of(model: torch.nn.Module) -> str | None:
+    """Which 4-bit base ``model`` holds (``BASES``), or None for a model without one."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    found = [base for base, kind in (("torchao", "TorchaoNF4Linear"), ("torch", "NF4Linear"),
+                                     ("bitsandbytes", "Linear4bit")) if kind in kinds]
+    return found[0] if found else None
 
 
 def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.0,
@@ -79,21 +94,28 @@ def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout
         raise RecipeError(f"base={base!r}: pick one of auto, {', '.join(BASES)}")
     hw = hw or detect()
     if base == "auto":
-        base, auto_compiled, _ = default_path(hw, sharded=quant_storage != torch.uint8)
+        config = AutoConfig.from_pretrained(resolve(name))
+        base, auto_compiled, _ = default_path(hw, sharded=quant_storage != torch.uint8, config=config)
         compiled = auto_compiled if compiled is None else compiled
-    if base == "bitsandbytes":
-        model = load_model(name, quantization="nf4", gradient_checkpointing=gradient_checkpointing,
-                           attn_implementation=attn_implementation, hw=hw, quant_storage=quant_storage)
-    else:
-        model = load_model(name, gradient_checkpointing=gradient_checkpointing, dtype=hw.compute_dtype,
-                           attn_implementation=attn_implementation, hw=hw)
-        (nf4 if base == "torch" else nf4_torchao).quantize_model(model, hw.compute_dtype)
-        memory.free_memory()  # the unquantized weights just dropped
+    model = quantized_base(name, base, hw, gradient_checkpointing=gradient_checkpointing,
+                           attn_implementation=attn_implementation, quant_storage=quant_storage)
     model = add_lora(model, r, alpha, dropout)
     for param in model.parameters():  # adapters in fp32 whatever the base's dtype (torchao's reads as bf16)
         if param.requires_grad:
             param.data = param.data.float()
     return speed.compile_layers(model) if compiled else model
+
+
+def quantized_base(name: str, base: str, hw: Hardware, quant_storage: torch.dtype = torch.uint8, **load):
+    """The model ``name`` with every linear layer but the LM head on the 4-bit ``base`` (``BASES``), computing
+    in ``hw.compute_dtype``; ``load`` goes to ``load_model``. No adapters: ``qlora_model`` adds them, and
+    ``recipes eval`` loads a run's base with it to put the run's adapters back on."""
+    if base == "bitsandbytes":
+        return load_model(name, quantization="nf4", hw=hw, quant_storage=quant_storage, **load)
+    model = load_model(name, dtype=hw.compute_dtype, hw=hw, **load)
+    (nf4 if base == "torch" else nf4_torchao).quantize_model(model, hw.compute_dtype)
+    memory.free_memory()  # the unquantized weights just dropped
+    return model
 
 
 def docs_qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.05, hw=None,
