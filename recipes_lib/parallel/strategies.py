@@ -57,7 +57,7 @@ def load(args, device: torch.device) -> torch.nn.Module:
         # NF4 values stored in bf16 words, so FSDP2 can shard them like any bf16 weight (it cannot
         # make a uint8 tensor a parameter); bitsandbytes restores the quantization state per layer.
         lm = qlora.qlora_model(args.model, r=args.lora_r, hw=detect(str(device)),
-                               quant_storage=torch.bfloat16)
+                               quant_storage=torch.bfloat16, base="bitsandbytes", compiled=False)
     else:
         where = "cpu" if args.strategy == "naive-mp" else str(device)
         lm = models.load_model(args.model, dtype=torch.float32, hw=detect(where))
