@@ -9,7 +9,10 @@ choice comes with the reason the run prints.
 
 from __future__ import annotations
 
-from ..core import speed
+from transformers import AutoConfig
+
+from ..core import models, speed
+from ..memory import qlora
 from .config import RunConfig
 
 
@@ -45,11 +48,6 @@ def nf4_base_choice(cfg: RunConfig, hw) -> tuple[str, str]:
     ``qlora.default_path``'s base (torchao's, which pays compiled: notebook 01) where ``auto`` would compile
     the layers and the model fits torchao's blocks, and bitsandbytes' otherwise (as fast eager, and the
     one DDP and FSDP2 take)."""
-    from transformers import AutoConfig
-
-    from ..core import models
-    from ..memory import qlora  # peft and the 4-bit bases: only for a QLoRA run
-
     if cfg.model.nf4_base != "auto":
         return cfg.model.nf4_base, f"model.nf4_base: {cfg.model.nf4_base}"
     if cfg.train.strategy != "single":

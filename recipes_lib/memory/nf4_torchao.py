@@ -17,6 +17,7 @@ import re
 import torch
 
 from ..core.errors import RecipeError
+from ..measure import flops
 
 
 def _torchao_nf4():
@@ -37,8 +38,6 @@ BLOCKS = 64 * 256  # torchao's default block_size x scaler_block_size
 def unsupported(config) -> str | None:
     """Why ``quantize_model`` cannot take every decoder linear layer of a model of ``config`` (None: it
     can): each must be an ``nn.Linear`` (GPT-2's are ``Conv1D``) of a multiple of ``BLOCKS`` weights."""
-    from ..measure import flops
-
     if config.model_type == "gpt2":
         return "its layers are Conv1D, not nn.Linear"
     try:
