@@ -760,7 +760,8 @@ assert targets.check("fastest candidate's loss after 50 steps within 2x the step
 #   set-up's (3.08), inside their step-to-step noise (0.069).
 #
 # So torchao's NF4 base with compiled decoder layers is the fastest QLoRA step we measured, and the one to use
-# on a GPU.
+# on a GPU: it is now the library's default there (`qlora.default_path`), which this notebook's ladder and
+# `recipes train` use.
 
 # %% [markdown]
 # ## Bad input gives one clear message
