@@ -678,13 +678,16 @@ plt.show()
 #   which launch a layer's kernels at once: the lever for a step the profile finds host-bound;
 # - on a GPU, **FlexAttention** in place of SDPA: with packed rows SDPA gets a dense block-diagonal mask,
 #   which rules out its flash kernel; FlexAttention's block mask skips the tiles between documents;
-# - **torchao's `NF4Tensor`** as the base, compiled (torchtune's way), where torchao is installed;
+# - **torchao's `NF4Tensor`** as the base, compiled (torchtune's way), where torchao is installed; and on it
+#   the **fused LoRA MLP** (`memory.lora_mlp`, Unsloth's approach in PyTorch): each SwiGLU MLP with its
+#   three adapters as one autograd function whose backward is written out, keeping fewer tensors and
+#   dequantizing the base where it is used, its pointwise work fused by the compiler;
 # - **Liger Kernel's RMSNorm, SwiGLU and RoPE kernels** in our model, where installed (a GPU).
 #
 # A candidate the installed stack cannot run (a compiler or kernel error, or a layer that would exceed
 # the compiler's recompile budget and silently run eager) shows as a "failed" row with the error, as
-# running out of memory shows as OOM. Fused LoRA MLP kernels (Unsloth's approach) are not among them: we
-# have not written them. The fastest of the rows, the top of several noisy medians, is measured once
+# running out of memory shows as OOM. The fused LoRA MLP is ours in PyTorch, not Unsloth's Triton kernels.
+# The fastest of the rows, the top of several noisy medians, is measured once
 # more, and that second run is the figure compared with the target. It then trains the embedded task
 # for 50 steps beside the documented set-up: the two loss curves must agree within their step noise.
 

@@ -25,7 +25,7 @@ for notebook in "$@"; do
   echo "$notebook: $(( $(date +%s) - start )) s" >> "$out/run.log"
 done
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_offload.py tests/test_rmsnorm_triton.py tests/test_measure.py \
-  tests/test_speed.py tests/test_qlora_bases.py tests/test_nf4.py tests/test_nf4_torchao.py \
+  tests/test_speed.py tests/test_qlora_bases.py tests/test_nf4.py tests/test_nf4_torchao.py tests/test_lora_mlp.py \
   > "$out/gpu_tests.log" 2>&1
 tar czf "$out/gpu_run.tgz" "$@" results/*.json outputs/*.json outputs/*.partial.ipynb "$out"/*.txt "$out"/*.log 2>/dev/null
 echo done > "$out/DONE"

@@ -1,10 +1,13 @@
 """memory.nf4_torchao: torchao's NF4 tensor as a frozen QLoRA base (skipped without torchao)."""
 
+import copy
+
 import pytest
 import torch
 
+from recipes_lib.core import hardware
 from recipes_lib.core.errors import RecipeError
-from recipes_lib.memory import nf4_torchao
+from recipes_lib.memory import lora_mlp, nf4_torchao, qlora
 
 pytest.importorskip("torchao")
 
@@ -32,3 +35,27 @@ def test_quantize_model_skips_the_head_and_refuses_odd_sizes():
     assert isinstance(model.proj, nf4_torchao.TorchaoNF4Linear) and type(model.lm_head) is torch.nn.Linear
     with pytest.raises(RecipeError, match="multiple of 16384"):
         nf4_torchao.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), torch.float32)
+
+
+def test_fused_lora_mlp_on_the_torchao_base_matches_peft():
+    """``lora_mlp.fuse`` on torchao's base (notebook 01's candidate): the same loss and adapter gradients as
+    peft's own layers, on this machine's device (the GPU where there is one), under its autocast."""
+    hw = hardware.detect()
+    torch.manual_seed(0)
+    plain = qlora.qlora_model("data/tiny-llama", r=4, base="torchao", hw=hw)
+    for name, param in plain.named_parameters():  # B starts at 0: give it values, so every gradient flows
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    fused = lora_mlp.fuse(copy.deepcopy(plain))
+    ids = torch.randint(500, (2, 64), generator=torch.Generator().manual_seed(0)).to(hw.device)
+    found = []
+    for model in (plain, fused):
+        with torch.autocast(hw.device.type, dtype=hw.amp_dtype, enabled=hw.amp_dtype is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        found.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (fused_loss, fused_grads) = found
+    tolerance = 1e-4 if hw.amp_dtype is None else 3e-2
+    torch.testing.assert_close(fused_loss, loss, rtol=tolerance, atol=tolerance)
+    for name, grad in grads.items():
+        assert (fused_grads[name] - grad).abs().max() <= tolerance * grad.abs().max().clamp_min(1e-8), name

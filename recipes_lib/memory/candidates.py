@@ -13,8 +13,9 @@ its own against the same baseline:
   profile finds host-bound loses its launch overhead), and FlexAttention in place of SDPA (packed rows
   give SDPA a dense block-diagonal mask, which rules out its flash kernel; FlexAttention's block mask
   skips the tiles between documents);
-- where installed: torchao's ``NF4Tensor`` base, compiled (torchtune's way), and Liger Kernel's
-  RMSNorm, SwiGLU and RoPE kernels in our model.
+- where installed: torchao's ``NF4Tensor`` base, compiled (torchtune's way), also with each MLP as one
+  autograd function with a hand-written backward (``lora_mlp``, Unsloth's LoRA MLP approach), and Liger
+  Kernel's RMSNorm, SwiGLU and RoPE kernels in our model.
 
 ``full_step_peers`` gives notebook 01's Speed 1 the maintained peers of our full fine-tuning step (Liger
 Kernel's kernels, Apple's Cut Cross-Entropy) where this machine can run them. ``qlora_candidates`` returns
@@ -33,7 +34,7 @@ import torch
 
 from ..core import losses, speed, train
 from ..core.hardware import Hardware
-from . import nf4, qlora
+from . import lora_mlp, nf4, qlora
 
 Factory = tuple[Callable[..., torch.nn.Module], Callable[..., object]]
 
@@ -64,16 +65,17 @@ def qlora_candidates(r: int, hw: Hardware, optimizer_fn: Callable[..., object]) 
              "ours, PyTorch NF4 base": (variant(base="torch"), optimizer_fn),
              "ours, PyTorch NF4 + compiled": (variant(base="torch", compiled=True), optimizer_fn),
              "ours, PyTorch NF4 + dequantize once per step": (variant(base="torch"), cached(optimizer_fn))}
-    optional = {  # unavailable()'s key: (candidate, model factory); kept where this machine can run it
-        "CUDA graphs": ("ours, PyTorch NF4 + compiled, CUDA graphs",
-                        variant(base="torch", compiled=True, mode="reduce-overhead")),
-        "FlexAttention": ("ours + FlexAttention (document mask)", variant(attn="flex_attention")),
-        "torchao NF4": ("ours, torchao NF4 + compiled", variant(base="torchao", compiled=True)),
-        "Liger kernels": ("ours + Liger kernels",
-                          lambda name: speed.apply_liger(ours(name, r, hw), fused_loss=False))}
+    optional = [  # (unavailable()'s key, candidate, model factory): kept where this machine can run it
+        ("CUDA graphs", "ours, PyTorch NF4 + compiled, CUDA graphs",
+         variant(base="torch", compiled=True, mode="reduce-overhead")),
+        ("FlexAttention", "ours + FlexAttention (document mask)", variant(attn="flex_attention")),
+        ("torchao NF4", "ours, torchao NF4 + compiled", variant(base="torchao", compiled=True)),
+        ("torchao NF4", "ours, torchao NF4 + compiled, fused LoRA MLP",
+         lambda name: speed.compile_layers(lora_mlp.fuse(ours(name, r, hw, base="torchao")))),
+        ("Liger kernels", "ours + Liger kernels",
+         lambda name: speed.apply_liger(ours(name, r, hw), fused_loss=False))]
     missing = unavailable(hw)
-    return found | {name: (model_fn, optimizer_fn) for key, (name, model_fn) in optional.items()
-                    if key not in missing}
+    return found | {name: (model_fn, optimizer_fn) for key, name, model_fn in optional if key not in missing}
 
 
 def full_step_peers(model_fn: Callable[[], torch.nn.Module], hw: Hardware) -> dict[str, tuple]:
