@@ -688,7 +688,9 @@ plt.show()
 # the compiler's recompile budget and silently run eager) shows as a "failed" row with the error, as
 # running out of memory shows as OOM. The fused LoRA MLP is ours in PyTorch, not Unsloth's Triton kernels.
 # The fastest of the rows, the top of several noisy medians, is measured once
-# more, and that second run is the figure compared with the target. It then trains the embedded task
+# more, right after the baseline is measured once more, and the ratio of those two back-to-back runs is the
+# figure compared with the target (the machine drifts between the sections: one H100 run measured the same
+# configuration 9% apart). It then trains the embedded task
 # for 50 steps beside the documented set-up: the two loss curves must agree within their step noise.
 
 # %%
@@ -701,9 +703,11 @@ speed.remove_liger()
 display(bench.table([baseline_row] + candidate_rows, reference=baseline_row["name"], matmul_peak=matmul_peak))
 fastest_name = max(candidate_rows, key=bench.rate)["name"]  # the top of ~9 noisy medians: measure it again
 fastest_fn, fastest_optimizer = candidates[fastest_name]
+# the baseline measured again, back to back with the fastest
+again = measured(bench.Config("baseline (again)", docs_model(), adamw, speed_batch, fused_head=False))
 best = measured(bench.Config(f"{fastest_name} (again)", functools.partial(fastest_fn, MODEL_NAME),
                              fastest_optimizer, speed_batch, fused_head=False), warmup=3)
-best_ratio = bench.speed_ratio(best, baseline_row)
+best_ratio = bench.speed_ratio(best, again)
 state_share = best["memory"].states / full_row["memory"].states if bench.fits(full_row, best) else None
 report(f"fastest QLoRA step: {best['name']}", **{
     "vs the documented set-up": bench.describe_ratio(*best_ratio),
@@ -796,7 +800,7 @@ board = [results.scoreboard_row("01", name, "full fine-tune", rung(row), rung(fu
                            ("+ offload (full recipe)", ladder_rows[-1])]]
 for name, row, reference in [("our QLoRA (speed)", ours_row, baseline_row),
                              ("our full fine-tuning step", step_rows[1], step_rows[0]),
-                             (f"fastest QLoRA candidate: {best['name']}", best, baseline_row),
+                             (f"fastest QLoRA candidate: {best['name']}", best, again),
                              (f"fastest full step: {fastest['name']}", fastest, step_rows[0])]:
     board.append(results.scoreboard_row("01", name, reference["name"], rung(row), rung(reference),
                                         row.get("tokens_per_s"), reference.get("tokens_per_s")))
@@ -812,6 +816,7 @@ figures = {"ladder": [bench.to_json(r) for r in ladder_rows], "speed": [bench.to
            "accumulation_rel_error": accum_error, "checkpointing_grad_rel_error": ckpt_error,
            "quality_exact_match": exact_match, "targets": targets.rows,
            "qlora_candidates": [bench.to_json(r) for r in candidate_rows], "qlora_best": bench.to_json(best),
+           "qlora_baseline_again": bench.to_json(again),
            "qlora_best_ratio": best_ratio,
            "qlora_best_state_share": state_share, "loss_curves_50_steps": curves, "full_step_fastest_ratio":
            fastest_ratio}
