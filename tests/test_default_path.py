@@ -108,6 +108,9 @@ def test_resume_refuses_another_4bit_base(tmp_path):
     torch.save({"config": cfg.model_dump(), "nf4_base": "torchao"}, tmp_path / "state.pt")
     with pytest.raises(RecipeError, match="the 4-bit base: torchao -> torch"):
         checkpoint.load(tmp_path, lm, None, None, None, cfg)
+    torch.save({"config": cfg.model_dump()}, tmp_path / "state.pt")  # "auto", base not recorded: not checked
+    with pytest.raises(FileNotFoundError):  # past the base check, to the weights this test did not write
+        checkpoint.load(tmp_path, lm, None, None, None, cfg)
     before = {"config": {"model": {"method": "qlora", "nf4_base": "torch"}}}  # saved before the key existed
     assert checkpoint.saved_nf4_base(before) == "torch"
     assert checkpoint.saved_nf4_base({"config": {"model": {"method": "lora"}}}) is None

@@ -113,7 +113,7 @@ def load(path: str | Path, lm, optimizer, scheduler, scaler, cfg: config_.RunCon
     state = torch.load(path / "state.pt", weights_only=False)
     changed = config_.differences(state["config"], cfg)
     saved_base, base = saved_nf4_base(state), qlora.base_of(lm)
-    if saved_base != base:
+    if saved_base != base and saved_base != "auto":  # "auto": saved before the base was recorded, unknown
         changed.append(f"the 4-bit base: {saved_base} -> {base} (set model.nf4_base: {saved_base or 'auto'})")
     if changed:
         raise RecipeError(f"{path} was saved by another configuration; these keys differ:\n  "
@@ -141,7 +141,8 @@ def load(path: str | Path, lm, optimizer, scheduler, scaler, cfg: config_.RunCon
 
 
 def saved_nf4_base(state: dict) -> str | None:
-    """The 4-bit base a checkpoint's run held: saved since ``model.nf4_base: auto``; before, its config's."""
+    """The 4-bit base a checkpoint's run held: saved since ``model.nf4_base: auto``; before, its config's
+    (``"auto"`` for the few saved between the two: unknown, not checked on resume)."""
     if "nf4_base" in state:
         return state["nf4_base"]
     model = state["config"]["model"]

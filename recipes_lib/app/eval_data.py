@@ -21,7 +21,7 @@ from ..core import hardware, models
 from ..core.batches import Document
 from ..core.errors import RecipeError
 from ..memory import qlora
-from . import checkpoint, data, trainer
+from . import checkpoint, data, fast_path, trainer
 from .config import RunConfig
 from .encoding import encode_rows
 
@@ -110,8 +110,9 @@ def base_model(tgt: Target):
     """The base model, loaded as the run trained it (QLoRA: on the 4-bit base it held, ``nf4_base``)."""
     if tgt.config is None or tgt.config.model.method != "qlora":
         return load(tgt.base, "base model", lambda: models.load_model(tgt.base).eval())
-    base = tgt.config.model.nf4_base if tgt.config.model.nf4_base != "auto" else "bitsandbytes"
     hw = hardware.detect()
+    base = tgt.config.model.nf4_base  # "auto": a run saved before the base was recorded; resolved here
+    base = fast_path.nf4_base_choice(tgt.config, hw)[0] if base == "auto" else base
     return load(tgt.base, "base model", lambda: qlora.quantized_base(tgt.base, base, hw).eval())
 
 
