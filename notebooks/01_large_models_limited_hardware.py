@@ -165,7 +165,7 @@ notebook.state_runtime(P, *workload.notebook01(P, config))  # this profile's wor
 
 # %%
 FULL_COMPILED, why_full = speed.default_compile(hw)
-QLORA_BASE, QLORA_COMPILED, why_qlora = qlora.default_path(hw)
+_, QLORA_COMPILED, why_qlora = qlora.default_path(hw, config=config)  # what qlora_model(base="auto") builds
 print(f"full fine-tuning: {why_full} | QLoRA: {why_qlora}")
 
 

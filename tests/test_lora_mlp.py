@@ -24,13 +24,16 @@ def batch():
                              pad_id=tokenizer.pad_token_id)
 
 
-def _lora_model():
-    torch.manual_seed(0)
-    model = qlora.add_lora(load_model(TINY, hw=CPU), r=4, alpha=8)
+def _with_nonzero_b(model):
     for name, param in model.named_parameters():  # B starts at 0: give it values, so every gradient flows
         if "lora_B" in name:
             param.data.normal_(0, 0.02)
     return model
+
+
+def _lora_model():
+    torch.manual_seed(0)
+    return _with_nonzero_b(qlora.add_lora(load_model(TINY, hw=CPU), r=4, alpha=8))
 
 
 def _loss_and_grads(model, batch, autocast=None):
@@ -75,10 +78,7 @@ def test_each_projection_keeps_its_own_scale_and_disabled_adapters_take_peft_pat
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"down_proj": 32}, target_modules="all-linear",
                         task_type="CAUSAL_LM")
-    plain = get_peft_model(load_model(TINY, hw=CPU), config)
-    for name, param in plain.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
+    plain = _with_nonzero_b(get_peft_model(load_model(TINY, hw=CPU), config))
     mlp = plain.base_model.model.model.layers[0].mlp
     assert mlp.down_proj.scaling["default"] == 4 * mlp.gate_proj.scaling["default"]  # the pattern took
     fused = lora_mlp.fuse(copy.deepcopy(plain))

@@ -50,9 +50,7 @@ def nf4_base_choice(cfg: RunConfig, hw) -> tuple[str, str]:
     one DDP and FSDP2 take)."""
     if cfg.model.nf4_base != "auto":
         return cfg.model.nf4_base, f"model.nf4_base: {cfg.model.nf4_base}"
-    if cfg.train.strategy != "single":
-        return "bitsandbytes", f"bitsandbytes' base: the one train.strategy: {cfg.train.strategy} takes here"
-    found = unmeasured(cfg)
+    found = unmeasured(cfg)  # several processes among them: DDP and FSDP2 take bitsandbytes' base only
     if found or not compile_choice(cfg, hw)[0]:
         why = f"not measured with {', '.join(found)}" if found else "model.compile: false"
         return "bitsandbytes", f"bitsandbytes' base: torchao's pays with compiled layers, and here {why}"
