@@ -18,6 +18,7 @@ from .estimate import Plan, estimate, for_hardware, model_config
 RESULTS = models.REPO_ROOT / "results"
 GPU_MODEL = "random:llama-3.2-1b"
 NOTES = {
+    "compiled adapters": "compiled LoRA layers: not modelled, eager autograd's count (measure.activations)",
     "torch.compile": "compiled layers: what Inductor's min-cut partitioner keeps (measure.activations)",
     "liger": "Liger's fused loss in place of ours, estimated as our chunked loss",
 }
@@ -39,18 +40,21 @@ def _padded_length(seq_len: int, vocab: int, micro_batch: int, nth: int) -> int:
 
 
 def notebook_01(vocab: int) -> list[tuple[str, str, Plan, float]]:
-    """Notebook 01 (1 x H100): its ladder, speed ablation, full-step and offload rows. The full step with
-    Liger Kernel's kernels is left out: its RMSNorm and SwiGLU kernels keep other tensors than the model's
-    modules, which the estimate does not model."""
+    """Notebook 01 (1 x H100): its ladder, speed ablation, full-step and offload rows. Its ladder and
+    offload rows run the default path, compiled layers on a GPU, since the run that first measured
+    compiled full steps. The full steps with Liger Kernel's kernels or Apple's Cut Cross-Entropy are left
+    out: their kernels keep other tensors than the model's modules, which the estimate does not model."""
     figures, out = _load("01_large_models_limited_hardware")["figures"], []
     base = Plan(GPU_MODEL, "full", "bf16", micro_batch=8, seq_len=2048, packed=True)
+    compiled = "ours, the model's loss, compiled layers" in {r["name"] for r in figures["full_step"]}
+    base = replace(base, compiled=compiled)  # since the default path: compiled layers on a bf16 GPU
     qlora = replace(base, method="qlora")
     ladder = [replace(base, chunked_loss=False), qlora, replace(qlora, checkpoint_every=1),
               replace(qlora, checkpoint_every=1, micro_batch=2, accum_steps=4),
               replace(qlora, checkpoint_every=1, micro_batch=2, accum_steps=4, optimizer="offload")]
     out += [("01 ladder", r["name"], p, r["memory_bytes"]["peak"]) for r, p in zip(figures["ladder"], ladder)]
     docs = replace(qlora, micro_batch=4, checkpoint_every=1, upcast_fp32=True, lora_dropout=0.05,
-                   chunked_loss=False)
+                   chunked_loss=False, compiled=False)
     padded = _padded_length(2048, vocab, 4, nth=7)  # bench.run: 1 warm-up + 6 timed steps, then measured
     bf16 = replace(docs, upcast_fp32=False)
     speed = {"docs QLoRA, padded": replace(docs, seq_len=padded), "docs QLoRA + packing (baseline)": docs,
@@ -59,8 +63,9 @@ def notebook_01(vocab: int) -> list[tuple[str, str, Plan, float]]:
              "+ fused chunked loss (ours)": replace(bf16, lora_dropout=0.0, chunked_loss=True),
              "ours with Liger's fused loss instead": replace(bf16, lora_dropout=0.0, chunked_loss=True)}
     out += [("01 speed", r["name"], speed[r["name"]], r["memory_bytes"]["peak"]) for r in figures["speed"]]
-    step = replace(base, micro_batch=4, packed=False, chunked_loss=False)
-    for r in (r for r in figures["full_step"] if "Liger" not in r["name"] and not r["oom"]):
+    step = replace(base, micro_batch=4, packed=False, chunked_loss=False, compiled=False)
+    peers = ("Liger", "Cut Cross-Entropy")  # kernels that keep other tensors than the model's modules
+    for r in (r for r in figures["full_step"] if not any(p in r["name"] for p in peers) and not r["oom"]):
         plan = replace(step, chunked_loss="chunked" in r["name"], compiled="compiled" in r["name"])
         out.append(("01 full step", r["name"], plan, r["memory_bytes"]["peak"]))
     offload = figures["offload_full"]
@@ -120,7 +125,8 @@ def committed_rows() -> list[dict]:
     out = []
     for table, name, plan, measured in rows:
         predicted = estimate(plan, config)
-        hits = (("torch.compile", plan.compiled), ("liger", "Liger" in name))
+        hits = (("compiled adapters", plan.compiled and plan.method != "full"),
+                ("torch.compile", plan.compiled), ("liger", "Liger" in name))
         note = next((NOTES[key] for key, hit in hits if hit), "")
         out.append({"table": table, "row": name, "plan": plan, "measured": measured,
                     "predicted": predicted.peak, "moment": predicted.moment, "note": note,
