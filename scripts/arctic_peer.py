@@ -22,6 +22,18 @@ config, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, and the loss ``--loss`
 TiledFusedLogitsLoss, as ArcticTraining's SP>1 path calls it) or ``plain`` (full logits). The optimizer
 is torch's AdamW: ArcticTraining's FusedAdam JIT-compiles a CUDA extension, which needs nvcc.
 
+Attention mask (``--attention-mask``, default ``ones``): ArcticTraining's SFT collator hands the model
+``input_ids``, ``labels``, ``position_ids`` (a plain arange per row here) and no ``attention_mask``, made for
+flash attention. Under SDPA, transformers 4.57.6's ``create_causal_mask`` then always materialises a dense
+``[L, L]`` boolean mask: with no 2D mask and no cache it reads ``position_ids`` as possibly packed
+(``find_packed_sequence_indices`` always returns a tensor; LlamaModel fills ``position_ids`` in when absent)
+and sets ``allow_is_causal_skip=False`` (masking_utils.py:735-740, 820-822): 64 GiB at 262,144 tokens.
+ArcticTraining drops that mask itself only at SP>1 (trainer.py:223-231, "This should also benefit a single
+gpu use case when SDPA is used"). ``ones`` adds an all-ones ``attention_mask`` to each batch (the data are
+one unpadded document per row, which is checked): transformers' own no-padding path then returns no mask
+and SDPA runs with ``is_causal=True`` (masking_utils.py:374, sdpa_attention.py:81), the same attention as
+the dense causal mask. ``none`` feeds the collator's batch unchanged (the dense mask; run_0008's runs).
+
 Writes OUT/results.json (a row per length: ok / oom / error / timeout, peak GPU bytes, seconds of the
 last step, tokens/s) and OUT/run.log; per length OUT/len_<L>/ holds config.json, log.txt (the run's
 output), steps.jsonl and result.json. Site packages, model and data go under ``--work``, never OUT.
@@ -45,6 +57,15 @@ REPO = Path(__file__).resolve().parents[1]
 OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
 SETUP_MARGIN_S = 15  # kept back at the end to write results
 MIN_RUN_S = 45       # a length is not started with less time than this left
+MASK_PROBE_TOKENS = 1024  # create_causal_mask is asked about this prefix of each batch, on the CPU
+ATTENTION_MASK_CHOICES = {
+    "ones": "an all-ones attention_mask beside the collator's arange position_ids (one unpadded document "
+            "per row, checked): transformers 4.57.6 skips the causal mask and SDPA runs with is_causal=True "
+            "(masking_utils._ignore_causal_mask_sdpa), as ALST does at SP>1 (its trainer drops the mask)",
+    "none": "the collator's batch as is (position_ids, no attention_mask): transformers 4.57.6 reads the "
+            "position_ids as possibly packed and builds a dense [L, L] bool mask for SDPA "
+            "(masking_utils.create_causal_mask, allow_is_causal_skip=False)",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per length; the last is shown")
     parser.add_argument("--loss", choices=("liger", "tiled", "plain"), default="liger")
     parser.add_argument("--attn", default="sdpa", help="model.attn_implementation")
+    parser.add_argument("--attention-mask", choices=tuple(ATTENTION_MASK_CHOICES), default="ones",
+                        help="ones: add an all-ones 2D mask (SDPA is_causal, no [L, L] mask); "
+                             "none: the collator's batch as is")
     parser.add_argument("--shape", default="llama-3.2-1b", help="a shape in data/configs (random:<shape>)")
     parser.add_argument("--tokenizer", type=Path, default=REPO / "data" / "tiny-llama",
                         help="only its pad token is used: the data are token ids")
@@ -120,11 +144,12 @@ def classify(length: int, returncode: int | None, timed_out: bool, steps: list[d
     """One length's row from what its process left: its exit, its per-step lines, its result, its log."""
     row = {"seq_len": length, "steps_done": len(steps), "returncode": returncode, "timed_out": timed_out,
            "seconds": None, "first_step_seconds": None, "tokens_per_s": None, "peak_bytes": None,
-           "reserved_bytes": None, "host_rss_bytes": None, "loss": None, "error": None}
+           "reserved_bytes": None, "host_rss_bytes": None, "loss": None, "causal_mask": None, "error": None}
     if steps:
         last = steps[-1]
         row |= {"seconds": last["seconds"], "first_step_seconds": steps[0]["seconds"],
                 "tokens_per_s": last.get("tokens", length) / last["seconds"], "loss": last.get("loss"),
+                "causal_mask": last.get("causal_mask"),
                 "peak_bytes": max((s.get("peak_bytes") or 0) for s in steps) or None,
                 "reserved_bytes": max((s.get("reserved_bytes") or 0) for s in steps) or None,
                 "host_rss_bytes": max((s.get("host_rss_bytes") or 0) for s in steps) or None}
@@ -252,7 +277,8 @@ def run_length(run: Run, length: int, site: Path, model_dir: Path, max_positions
         (len_dir / stale).unlink(missing_ok=True)
     data_dir = args.work / "data" / f"len_{length}_x{args.steps}"
     spec = {"peer": {"length": length, "steps": args.steps, "loss": args.loss, "vocab": vocab,
-                     "seed": args.seed, "data_dir": str(data_dir)},
+                     "seed": args.seed, "data_dir": str(data_dir), "attention_mask": args.attention_mask,
+                     "attention_mask_why": ATTENTION_MASK_CHOICES[args.attention_mask]},
             "arctic": arctic_config(length, model_dir, data_dir, len_dir, args.work / "cache" / str(length),
                                     args.steps, args.loss, args.attn, args.lr, max_positions)}
     (len_dir / "config.json").write_text(json.dumps(spec, indent=1))
@@ -275,7 +301,7 @@ def run_length(run: Run, length: int, site: Path, model_dir: Path, max_positions
     row = classify(length, returncode, timed_out, read_jsonl(len_dir / "steps.jsonl"), result,
                    (len_dir / "log.txt").read_text(errors="replace"))
     run.log(f"length {length}: {row['status']}, {row['steps_done']} step(s), {row['seconds']} s/step, "
-            f"peak {row['peak_bytes']} B, error {row['error']}")
+            f"peak {row['peak_bytes']} B, causal mask {row['causal_mask']}, error {row['error']}")
     return row
 
 
@@ -393,8 +419,48 @@ def make_dataset(peer: dict) -> None:
                       ).save_to_disk(peer["data_dir"])
 
 
-def peer_trainer(loss_kind: str, steps_file: Path):
-    """ArcticTraining's SFT trainer with torch's AdamW, a timed step, and the ``tiled`` loss at SP=1."""
+def with_unpadded_attention_mask(batch: dict) -> dict:
+    """``batch`` (as ArcticTraining's SFT collator makes it) with an all-ones ``attention_mask``.
+
+    Only for rows that are one sequence each, i.e. ``position_ids`` a plain arange (the collator's padding
+    continues the arange, and causal attention keeps the real tokens from seeing the padding after them):
+    there the all-ones mask with ``is_causal`` attends exactly as the dense mask transformers builds from
+    the ``position_ids``. Packed rows (positions restarting) are refused, as the mask would join them."""
+    import torch
+
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    arange = torch.arange(ids.shape[-1], dtype=positions.dtype, device=positions.device)
+    if positions.shape != ids.shape or not bool((positions == arange).all()):
+        raise ValueError("position_ids are not a plain arange per row (packed samples?): an all-ones "
+                         "attention_mask would let the packed documents attend to each other")
+    return batch | {"attention_mask": torch.ones_like(ids)}
+
+
+def causal_mask_probe(model_config, batch: dict, tokens: int = MASK_PROBE_TOKENS) -> str | None:
+    """What transformers' ``create_causal_mask`` returns for the first ``tokens`` of ``batch`` (the inputs
+    LlamaModel.forward hands it in training: no cache, the batch's position_ids and attention_mask), on
+    the CPU: None (SDPA's ``is_causal``, no mask) or the dense mask's type, shape and dtype."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    ids = batch["input_ids"]
+    n = min(tokens, ids.shape[-1])
+    mask = batch.get("attention_mask")
+    made = create_causal_mask(
+        config=model_config,
+        input_embeds=torch.empty((ids.shape[0], n, 0), dtype=torch.bfloat16),  # only shape and dtype are read
+        attention_mask=None if mask is None else mask[:, :n].cpu(),
+        cache_position=torch.arange(n),
+        past_key_values=None,
+        position_ids=batch["position_ids"][:, :n].cpu() if "position_ids" in batch else None)
+    if made is None:
+        return None
+    return f"{type(made).__name__} {list(made.shape)} {made.dtype} (first {n} tokens)"
+
+
+def peer_trainer(loss_kind: str, steps_file: Path, attention_mask: str = "ones"):
+    """ArcticTraining's SFT trainer with torch's AdamW, a timed step, the ``tiled`` loss at SP=1, and
+    (``attention_mask="ones"``) an all-ones attention mask added to each batch."""
     import math
 
     import torch
@@ -449,6 +515,9 @@ def peer_trainer(loss_kind: str, steps_file: Path):
         def step(self, batch):
             cuda = torch.cuda.is_available()
             tokens = int(batch["input_ids"].numel())
+            if attention_mask == "ones":
+                batch = with_unpadded_attention_mask(batch)
+            causal_mask = causal_mask_probe(self.model_unwrapped.config, batch)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -457,7 +526,7 @@ def peer_trainer(loss_kind: str, steps_file: Path):
             if cuda:
                 torch.cuda.synchronize()
             row = {"step": self.global_step, "tokens": tokens, "seconds": time.perf_counter() - start,
-                   "loss": self.metrics.values.get("loss"),
+                   "loss": self.metrics.values.get("loss"), "causal_mask": causal_mask,
                    "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                    "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
                    "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -489,7 +558,8 @@ def run_one(len_dir: Path) -> int:
     result = {"status": "error", "error": None}
     try:
         make_dataset(spec["peer"])
-        trainer_cls = peer_trainer(spec["peer"]["loss"], len_dir / "steps.jsonl")
+        trainer_cls = peer_trainer(spec["peer"]["loss"], len_dir / "steps.jsonl",
+                                   spec["peer"].get("attention_mask", "ones"))
         from arctic_training.config.trainer import get_config
 
         trainer = trainer_cls(get_config(spec["arctic"]))

@@ -146,3 +146,93 @@ def test_setup_failure_is_written_not_raised(tmp_path):
     assert results["setup_error"].startswith("no wheels in")
     assert "no wheels in" in (tmp_path / "out" / "run.log").read_text()
 
+
+
+def collated(length: int, positions=None) -> dict:
+    """A batch as ArcticTraining 0.8.0's DataCollatorForCausalLM makes one (data/sft_factory.py:133-181):
+    input_ids, labels, position_ids (an arange for an unpacked row), packed_sample_seqlens; no mask."""
+    import torch
+
+    ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(length)[None] if positions is None else positions
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions,
+            "packed_sample_seqlens": [[length]]}
+
+
+def test_attention_mask_choice_defaults_to_ones(tmp_path):
+    args = arctic_peer.parse_args(["--wheels", str(tmp_path), "--out", str(tmp_path)])
+    assert args.attention_mask == "ones" and set(arctic_peer.ATTENTION_MASK_CHOICES) == {"ones", "none"}
+    assert arctic_peer.parse_args(["--wheels", str(tmp_path), "--out", str(tmp_path), "--attention-mask",
+                                   "none"]).attention_mask == "none"
+    with pytest.raises(SystemExit):
+        arctic_peer.parse_args(["--wheels", str(tmp_path), "--out", str(tmp_path), "--attention-mask",
+                                "causal"])
+
+
+def test_all_ones_mask_for_one_sequence_per_row_and_refused_for_packed_rows():
+    import torch
+
+    batch = collated(512)
+    out = arctic_peer.with_unpadded_attention_mask(batch)
+    assert "attention_mask" not in batch  # the collator's batch is not changed in place
+    assert out["attention_mask"].shape == (1, 512) and out["attention_mask"].dtype == batch["input_ids"].dtype
+    assert bool((out["attention_mask"] == 1).all())
+    assert all(out[k] is batch[k] for k in batch)
+    packed = torch.cat([torch.arange(256), torch.arange(256)])[None]  # two documents in one row
+    with pytest.raises(ValueError, match="not a plain arange"):
+        arctic_peer.with_unpadded_attention_mask(collated(512, packed))
+    with pytest.raises(ValueError, match="not a plain arange"):
+        arctic_peer.with_unpadded_attention_mask(collated(512, torch.arange(256)[None]))
+
+
+TRANSFORMERS_4_WHEELS = ("transformers-4.57.6", "huggingface_hub-", "tokenizers-", "requests-", "urllib3-",
+                         "idna-", "certifi-", "charset_normalizer-")
+MASK_CHECK = """
+import importlib.util, sys, torch, transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama import modeling_llama
+spec = importlib.util.spec_from_file_location("arctic_peer", sys.argv[1])
+ap = importlib.util.module_from_spec(spec); spec.loader.exec_module(ap)
+seen, create = [], modeling_llama.create_causal_mask
+def recording(*args, **kwargs):  # what LlamaModel.forward hands its attention layers
+    mask = create(*args, **kwargs); seen.append(None if mask is None else tuple(mask.shape)); return mask
+modeling_llama.create_causal_mask = recording
+L = 512
+ids = torch.randint(0, 1000, (1, L), generator=torch.Generator().manual_seed(0))
+old = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(L)[None]}
+new = ap.with_unpadded_attention_mask(old)
+config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
+                     attn_implementation="sdpa")
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).train()
+model.gradient_checkpointing_enable()
+losses = []
+for batch in (old, new):
+    seen.clear()
+    losses.append(model(**batch, use_cache=False).loss.item())
+    print(transformers.__version__, seen, ap.causal_mask_probe(config, batch))
+print(losses[0] - losses[1])
+"""
+
+
+def test_transformers_4_builds_no_mask_for_the_peer_batch_and_a_dense_one_for_the_collators(tmp_path):
+    """With transformers 4.57.6 from the wheel (skipped where .whl_arctic is absent): the collator's batch
+    makes LlamaModel hand SDPA a dense [L, L] mask, the batch with the all-ones mask none (is_causal), and
+    the loss is the same; causal_mask_probe says the same as the model saw."""
+    import zipfile
+
+    wheels = [next((ROOT / ".whl_arctic").glob(f"{name}*.whl"), None) for name in TRANSFORMERS_4_WHEELS]
+    if not all(wheels):
+        pytest.skip(".whl_arctic does not hold transformers 4.57.6 and its imports")
+    site = tmp_path / "site"
+    for wheel in wheels:
+        zipfile.ZipFile(wheel).extractall(site)
+    done = subprocess.run([sys.executable, "-c", MASK_CHECK, str(ROOT / "scripts" / "arctic_peer.py")],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    old, new, difference = done.stdout.strip().splitlines()[-3:]
+    assert old == "4.57.6 [(1, 1, 512, 512)] Tensor [1, 1, 512, 512] torch.bool (first 512 tokens)"
+    assert new == "4.57.6 [None] None"
+    assert abs(float(difference)) < 1e-5
