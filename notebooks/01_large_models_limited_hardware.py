@@ -155,8 +155,8 @@ notebook.state_runtime(P, *workload.notebook01(P, config))  # this profile's wor
 # NF4 (0.5 byte, plus 1/64 byte of 8-bit block scales and a sliver of fp32 second-level scales:
 # **0.516 byte**) and trains low-rank adapters `B·A` of rank `r` beside every linear layer:
 # `r·(d_in + d_out)` parameters each, in fp32 with fp32 gradients and moments (16 bytes each).
-# Embeddings and norms stay in bf16 (fp16 on a GPU without bf16, a T4). The prediction below comes
-# from the config alone.
+# Embeddings and norms stay in bf16 (fp16 on a GPU without bf16, a T4: `qlora.unquantized_dtype`, while
+# full fine-tuning keeps fp32 weights there). The prediction below comes from the config alone.
 #
 # Both sides run the library's default path, the fastest the speed sections below measured: on a bf16 GPU,
 # full fine-tuning with each decoder layer compiled (`speed.default_compile`), and QLoRA on torchao's
@@ -174,14 +174,13 @@ def full_fine_tune_model(compiled=FULL_COMPILED):  # the default full path: comp
     return speed.compile_layers(model) if compiled else model
 
 
-weight_bytes = torch.tensor([], dtype=hw.model_dtype).element_size()
 full_cfg = bench.Config("full fine-tune", full_fine_tune_model, adamw, P["micro_batch"],
                         fused_head=False)  # the model's own loss: plain transformers' step (Speed 1)
 qlora_cfg = bench.Config("QLoRA", lambda: qlora.qlora_model(MODEL_NAME, r=P["lora_r"]), adamw,
                          P["micro_batch"])
 full_row, qlora_row = measured(full_cfg), measured(qlora_cfg)
-predicted = {"full fine-tune": predict.qlora_state_bytes(config, None, weight_bytes),
-             "QLoRA": predict.qlora_state_bytes(config, P["lora_r"], weight_bytes)}
+predicted = {"full fine-tune": predict.qlora_state_bytes(config, None, hw.model_dtype.itemsize),
+             "QLoRA": predict.qlora_state_bytes(config, P["lora_r"], qlora.unquantized_dtype(hw).itemsize)}
 states_match = [bench.check_states(row, predicted[row["name"]])
                 for row in (full_row, qlora_row) if not row["oom"]]
 
@@ -509,6 +508,11 @@ plt.show()
 # compiled layers: like Liger's loss, it never holds the `[tokens, vocab]` logits.
 # Each row also profiles two steps: "device busy" is the share of the step the GPU computes; the rest is
 # launch overhead and Python, where a host-bound step loses its time (and its steadiness).
+# On a CPU the claims that our steps are not slower (here and in Speed 2) are asserts; on a GPU they are
+# targets, reported where measured: another process may share the GPU and slow one row but not the next
+# (issue 17's simulated T4 and L4 ran side by side on one H100); on an H100 a missed target still fails the
+# run, at the end. On a T4, whose full fine-tuning holds fp32 weights, no full step fits: its rows say OOM
+# and the comparisons are skipped.
 
 # %%
 def token_blocks(micro_batch):  # plain pre-training rows: no padding, no document boundaries
@@ -535,20 +539,18 @@ report("vs plain transformers", **{name: bench.describe_ratio(*r) for name, r in
 
 # %%
 ours_vs_plain = step_ratios.get("ours, the model's loss")
-if ours_vs_plain is not None:
-    assert ours_vs_plain[0] > 0.8, "our loop should cost little over the plain transformers step"
+if ours_vs_plain is not None:  # timings: asserted on a CPU, a target on a GPU (it may be shared)
+    assert hw.cuda or ours_vs_plain[0] > 0.8, "our loop should cost little over the plain transformers step"
     if hw.cuda:
         targets.check("our full fine-tuning step as fast as plain transformers' (not measurably slower)",
                       bench.describe_ratio(*ours_vs_plain), ours_vs_plain[2] >= 1.0)
-fastest = max((r for r in step_rows if r["name"].startswith("ours") and not r["oom"]), key=bench.rate)
-fastest_ratio = bench.speed_ratio(fastest, step_rows[0])
-report(f"our fastest full step: {fastest['name']}", **{"MFU % datasheet": 100 * (fastest["mfu"] or 0)}, **{
-    f"vs {r['name']}": bench.describe_ratio(*bench.speed_ratio(fastest, r)) for r in step_rows
-    if not r["name"].startswith("ours") and bench.fits(r)})
-if hw.cuda:  # issue 18's target
-    targets.check(">= 1.25x plain transformers' full fine-tuning step, at >= 40% MFU (datasheet)",
-                  f"{bench.describe_ratio(*fastest_ratio)}, MFU {fastest['mfu'] or 0:.1%}",
-                  fastest_ratio[0] >= 1.25 and (fastest["mfu"] or 0) >= 0.40)
+fastest, fastest_ratio = bench.report_fastest("our fastest full step", step_rows, "ours", step_rows[0])
+assert fastest_ratio or not bench.fits(step_rows[0]), "our full step should fit where the plain one does"
+if hw.cuda:  # issue 18's target: missed, not skipped, where no full step fits
+    shown = (f"{bench.describe_ratio(*fastest_ratio)}, MFU {fastest['mfu'] or 0:.1%}" if fastest_ratio
+             else "no full step fits")
+    targets.check(">= 1.25x plain transformers' full fine-tuning step, at >= 40% MFU (datasheet)", shown,
+                  fastest_ratio is not None and fastest_ratio[0] >= 1.25 and (fastest["mfu"] or 0) >= 0.40)
 
 # %% [markdown]
 # **Reading it** (the committed H100 run; each ratio with the range of its timed steps).
@@ -632,9 +634,10 @@ report("our QLoRA vs the documented set-up with packing", **{"speed-up": bench.d
     "baseline tokens/s range": bench.spread(baseline_row)})
 
 # %%
-assert speedup_high > 1.0, "our QLoRA should not be measurably slower than the documented set-up"
-if hw.cuda:
+assert hw.cuda or speedup_high > 1.0, "our QLoRA should not be measurably slower than the documented set-up"
+if hw.cuda:  # timings on a GPU are targets: it may be shared (Speed 1)
     shown = bench.describe_ratio(speedup, speedup_low, speedup_high)
+    targets.check("our QLoRA not measurably slower than the documented set-up", shown, speedup_high > 1.0)
     targets.check(">= 1.3x the documented QLoRA with packing", shown, speedup >= 1.3)
 
 # %%

@@ -182,3 +182,32 @@ def test_plain_step_runs_through_the_loop(docs):
     plain = bench.run(config, lambda mb: batches.packed_batches(docs, SEQ_LEN, mb), hardware.detect("cpu"),
                       steps=2, warmup=1, seq_len=SEQ_LEN)
     assert plain["oom"] is False and plain["loss"] == pytest.approx(math.log(VOCAB), rel=0.2)
+
+
+def _timed(name, tokens_per_s, mfu=0.3):
+    return {"name": name, "oom": False, "mfu": mfu, "tokens_per_s": tokens_per_s,
+            "tokens_per_s_min": 0.9 * tokens_per_s, "tokens_per_s_max": 1.1 * tokens_per_s}
+
+
+def test_report_fastest_picks_the_fastest_prefixed_row_and_compares(capsys):
+    plain, peer = _timed("plain", 100.0), _timed("peer", 150.0)
+    rows = [plain, _timed("ours, eager", 110.0), _timed("ours, compiled", 130.0, mfu=0.45), peer,
+            {"name": "ours, graphs", "oom": True, "failed": "RuntimeError: no"}]
+    fastest, ratio = bench.report_fastest("our fastest", rows, "ours", plain)
+    assert fastest["name"] == "ours, compiled" and ratio == bench.speed_ratio(fastest, plain)
+    out = capsys.readouterr().out
+    assert "our fastest: ours, compiled" in out and "MFU % datasheet: 45" in out
+    assert "vs peer: " + bench.describe_ratio(*bench.speed_ratio(fastest, peer)) in out
+
+
+def test_report_fastest_where_nothing_fits_says_so(capsys):
+    """Issue 17's simulated T4: every full step ran out of memory, and ``max`` of no rows raised."""
+    rows = [{"name": name, "oom": True} for name in ("plain", "ours", "ours, compiled")]
+    fastest, ratio = bench.report_fastest("our fastest", rows, "ours", rows[0])
+    assert ratio is None and fastest["oom"]
+    assert capsys.readouterr().out.strip() == (
+        "our fastest: nothing to compare on this device: every 'ours' row and plain ran out of memory "
+        "(or failed)")
+    fits_alone = [rows[0], _timed("ours", 50.0)]  # ours fits, the reference does not: still no ratio
+    assert bench.report_fastest("our fastest", fits_alone, "ours", rows[0]) == (fits_alone[1], None)
+    assert "plain ran out of memory" in capsys.readouterr().out

@@ -163,6 +163,25 @@ def describe_ratio(ratio: float, low: float, high: float) -> str:
     return f"no measurable difference ({text})" if low <= 1.0 <= high else text
 
 
+def report_fastest(label: str, rows: list[dict], prefix: str, reference: dict) -> tuple[dict, tuple | None]:
+    """Print the fastest of ``rows`` whose name starts with ``prefix``, with its MFU and its ratio to each
+    row without the prefix that fits; return it and its ``speed_ratio`` to ``reference``.
+
+    Where it or ``reference`` did not run (out of memory or failed: on a small GPU, every such row), it
+    says so and returns that row with None for the ratio: there is nothing to compare.
+    """
+    fastest = max((r for r in rows if r["name"].startswith(prefix)), key=rate)  # an OOM row only if all are
+    if not fits(fastest, reference):
+        gone = [f"every {prefix!r} row"] * fastest["oom"] + [reference["name"]] * reference["oom"]
+        print(f"{label}: nothing to compare on this device: {' and '.join(gone)} ran out of memory "
+              "(or failed)")
+        return fastest, None
+    report(f"{label}: {fastest['name']}", **{"MFU % datasheet": 100 * (fastest.get("mfu") or 0)}, **{
+        f"vs {r['name']}": describe_ratio(*speed_ratio(fastest, r)) for r in rows
+        if not r["name"].startswith(prefix) and fits(r)})
+    return fastest, speed_ratio(fastest, reference)
+
+
 def check_states(row: dict, predicted: dict[str, float], tolerance: float = 0.05) -> bool:
     """Print predicted against measured weights, gradients and optimizer state; True if all agree.
 

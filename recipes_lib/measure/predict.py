@@ -15,6 +15,9 @@ def qlora_state_bytes(config, r: int | None, weight_bytes: int) -> dict[str, flo
     Full fine-tuning (``r=None``): every weight in ``weight_bytes``, a gradient of the same size,
     and two AdamW moments of the same dtype. QLoRA: NF4 decoder linears, the rest in ``weight_bytes``,
     fp32 adapters with fp32 gradients and two fp32 moments.
+
+    Each takes its own ``weight_bytes``: full fine-tuning's weights are in ``hw.model_dtype``, QLoRA's
+    unquantized ones in ``qlora.unquantized_dtype(hw)``, and on a T4 the two differ (fp32, fp16).
     """
     shapes = linear_shapes(config)
     n_linear = sum(i * o for i, o in shapes)

@@ -71,6 +71,16 @@ def base_of(model: torch.nn.Module) -> str | None:
     return found[0] if found else None
 
 
+def unquantized_dtype(hw: Hardware) -> torch.dtype:
+    """The dtype ``qlora_model`` keeps the weights it does not quantize in (embeddings, norms, LM head), on
+    every base: ``hw.compute_dtype``, so bf16 on a bf16 GPU, fp16 on a GPU without bf16 (a T4), fp32 on a CPU.
+
+    Full fine-tuning holds its weights in ``hw.model_dtype`` instead, fp32 on a T4 (fp16 AMP needs fp32
+    masters), which a frozen base does not need: predict each with its own (``predict.qlora_state_bytes``).
+    """
+    return hw.compute_dtype
+
+
 def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa", hw=None,
                 quant_storage: torch.dtype = torch.uint8, base: str = "auto", compiled: bool | None = None):
@@ -78,7 +88,8 @@ def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout
     all linear layers (adapters in fp32, peft's default).
 
     Unlike ``prepare_model_for_kbit_training`` it keeps the unquantized weights (embeddings, norms,
-    LM head) in that compute dtype: upcasting them to fp32 costs memory and makes the LM head an fp32 matmul.
+    LM head) in that compute dtype (``unquantized_dtype``): upcasting them to fp32 costs memory and makes
+    the LM head an fp32 matmul.
     ``quant_storage=torch.bfloat16`` packs the NF4 values into bf16 words, which FSDP can shard.
 
     Args:
@@ -108,11 +119,13 @@ def qlora_model(name: str = DEFAULT_MODEL, r: int = 16, alpha: int = 32, dropout
 
 def quantized_base(name: str, base: str, hw: Hardware, quant_storage: torch.dtype = torch.uint8, **load):
     """The model ``name`` with every linear layer but the LM head on the 4-bit ``base`` (``BASES``), computing
-    in ``hw.compute_dtype``; ``load`` goes to ``load_model``. No adapters: ``qlora_model`` adds them, and
-    ``recipes eval`` loads a run's base with it to put the run's adapters back on."""
+    in ``hw.compute_dtype``, the rest kept in ``unquantized_dtype(hw)``; ``load`` goes to ``load_model``. No
+    adapters: ``qlora_model`` adds them, and ``recipes eval`` loads a run's base with it to put the run's
+    adapters back on."""
     if base == "bitsandbytes":
-        return load_model(name, quantization="nf4", hw=hw, quant_storage=quant_storage, **load)
-    model = load_model(name, dtype=hw.compute_dtype, hw=hw, **load)
+        return load_model(name, quantization="nf4", dtype=unquantized_dtype(hw), hw=hw,
+                          quant_storage=quant_storage, **load)
+    model = load_model(name, dtype=unquantized_dtype(hw), hw=hw, **load)
     (nf4 if base == "torch" else nf4_torchao).quantize_model(model, hw.compute_dtype)
     memory.free_memory()  # the unquantized weights just dropped
     return model
