@@ -555,20 +555,24 @@ if hw.cuda:  # issue 18's target: missed, not skipped, where no full step fits
 # %% [markdown]
 # **Reading it** (the committed H100 run; each ratio with the range of its timed steps).
 # - **Our loop costs nothing**: with the same model, loss and optimizer our step and the plain transformers
-#   step are not measurably different (1.00x, range 0.98-1.00).
-# - **Our chunked fused loss costs speed**: 0.88x (0.87-0.88) at 4 x 2048 tokens, for 9.7 GiB less peak
+#   step are not measurably different (1.01x, range 0.99-1.02).
+# - **Our chunked fused loss costs speed**: 0.88x (0.87-0.89) at 4 x 2048 tokens, for 9.7 GiB less peak
 #   (22.4 against 32.1 GiB). So the ladder's full fine-tuning rung uses the model's own loss (the fast
 #   reference every "vs full fine-tuning" ratio divides by), and the chunked loss is for where memory binds
 #   (notebook 04 puts it beside the maintained fused kernels, which are faster than ours).
-# - **Compiling each decoder layer meets issue 18's target**: 1.28x (1.25-1.31) the plain step, at 46% MFU
+# - **Compiling each decoder layer meets issue 18's target**: 1.30x (1.22-1.32) the plain step, at 46% MFU
 #   of the datasheet peak, and 4 GiB less peak memory (the compiler fuses elementwise work and keeps fewer
-#   intermediates). The device is busy 94-95% of every full step, so what compile buys is fewer,
+#   intermediates). The device is busy 95-96% of every full step, so what compile buys is fewer,
 #   fused kernels, not less host overhead.
-# - **Liger Kernel's kernels on the plain step are level with it**: 1.26x (1.21-1.27) the plain step, and
-#   ours against it is 1.01x (0.98-1.07): no measurable difference in speed. Liger's peak is 11 GiB lower
-#   (16.9 against 28.1 GiB): its fused linear cross-entropy never holds the `[tokens, vocab]` logits, while
-#   our compiled step keeps the model's own loss. Our fastest full step does not beat the maintained peer;
-#   it ties it, at a higher peak.
+# - **The maintained peers are level with it**: Liger Kernel's kernels on the plain step run 1.28x
+#   (1.22-1.30) the plain step, and Cut Cross-Entropy as our compiled step's loss 1.30x (1.28-1.31); ours
+#   against them is 1.01x (0.95-1.07) and 1.00x (0.94-1.02): no measurable difference in speed. Their peaks
+#   are 11 GiB lower (16.9 and 17.1 against 28.1 GiB): their fused losses never hold the `[tokens, vocab]`
+#   logits, while our compiled step keeps the model's own loss. Our fastest full step does not beat the
+#   maintained peers; it ties them, at a higher peak. Why not faster: in all three the pointwise work is
+#   fused (by Inductor in ours, by Liger's kernels in its row), the device is busy 95% of the step, and a
+#   fused loss saves memory here, not time: Cut Cross-Entropy's loss on our compiled step is level with the
+#   model's own loss on it (58,571 against 58,499 tokens/s).
 
 # %% [markdown]
 # ## Speed 2 · Our QLoRA against the strongest documented set-up, one change at a time
@@ -647,21 +651,20 @@ plt.show()
 
 # %% [markdown]
 # **Reading the ablation** (the committed H100 run; each ratio with the range of its timed steps).
-# - **Packing is the first win, and it is the documented set-up's own**: 2.3x over dynamic padding,
-#   whose per-shape costs make its steps spread widely in a short run (1,332-9,015 tokens/s). It is
+# - **Packing is the first win, and it is the documented set-up's own**: 2.2x over dynamic padding,
+#   whose per-shape costs make its steps spread widely in a short run (1,634-8,997 tokens/s). It is
 #   therefore the baseline.
-# - **The eager QLoRA step is host-bound, so its rows swing with the host**: "device busy" is 54-91% across
-#   these rows (the full steps of Speed 1: 94-95%). bitsandbytes' 4-bit layers launch many small kernels,
-#   and a step whose GPU waits on Python and launches takes the host's speed of the moment. That is why the
-#   rows are not monotone: "no adapter dropout" measured 1.48x the baseline at 91% busy, and adding
-#   non-reentrant checkpointing and our fused loss to it measured 1.26x and 1.13x at 54% and 71% busy,
-#   although neither change adds device work that large (on the H200 run before this one, non-reentrant
-#   checkpointing made no measurable difference).
-# - **Our set-up's changes, measured on this host**: our QLoRA step is 1.13x (1.09-1.24) the documented one
-#   with packing, short of the 1.3x target (the H200 run before this one measured 1.17x; an earlier H100 run
-#   1.39x). The target is missed, and the reason is the host-bound eager step, which Speed 3 removes.
-# - **Our fused chunked loss saves memory**: a peak of 2.8 instead of 13.5 GiB. Liger Kernel's fused loss
-#   in its place was slower here (0.91x, 0.78-0.95).
+# - **The eager QLoRA step is host-bound, so its rows swing with the host**: "device busy" is 69-93% across
+#   these rows (the full steps of Speed 1: 95-96%). bitsandbytes' 4-bit layers launch many small kernels,
+#   and a step whose GPU waits on Python and launches takes the host's speed of the moment. In this run
+#   bf16 weights gave 1.39x, no adapter dropout 1.07x more, non-reentrant checkpointing nothing measurable
+#   and our fused loss 0.96x; in the H100 run before it the last three rows measured 1.48x, 1.26x and 1.13x
+#   the baseline at 91%, 54% and 71% busy: not monotone, although neither change adds that much device work.
+# - **Our set-up's changes, measured on this host**: our QLoRA step is 1.44x (1.42-1.45) the documented one
+#   with packing: the 1.3x target is met in this run, but the eager figure has ranged from 1.13x to 1.44x
+#   across runs (1.17x on the H200), because the step is host-bound; Speed 3 removes that.
+# - **Our fused chunked loss saves memory**: a peak of 2.8 instead of 13.5 GiB, for 0.96x (0.95-0.99) of
+#   the row above. Liger Kernel's fused loss in its place is level with it (1.04x, 0.90-1.06).
 
 # %% [markdown]
 # ## Speed 3 · Toward 2x the documented set-up: candidates for the QLoRA step
@@ -745,32 +748,33 @@ assert targets.check("fastest candidate's loss after 50 steps within 2x the step
                      ends["gap"] <= 2 * ends["noise"]) or hw.cuda
 
 # %% [markdown]
-# **Reading the candidates** (the committed H100 run; the baseline, documented QLoRA with packing: 15,731
+# **Reading the candidates** (the committed H100 run; the baseline, documented QLoRA with packing: 15,772
 # tokens/s).
-# - **Compiling is what pays**, on every base: bitsandbytes' layers compiled 27,229 tokens/s (1.73x the
-#   baseline), our PyTorch NF4 base compiled 28,143 (1.79x), torchao's `NF4Tensor` compiled
-#   **34,476 (2.19x)**.
-#   The eager step is host-bound (our eager step: device busy 52%); the torchao step keeps the GPU busy 88%
-#   of the time. Why torchao's compiled layers beat ours by 23% was not profiled.
-# - **Not compiled, the base makes no difference**: our PyTorch NF4 base eager ran 16,981 tokens/s against
-#   bitsandbytes' 17,787.
-# - **Dequantizing once per step** pays a little eagerly (19,481 tokens/s, 1.10x our eager step) for 1.8 GiB
-#   more peak (15.3 against 13.5 GiB), and cannot combine with compiled layers: those are faster without it.
-# - **FlexAttention with a document mask** was slower than SDPA here (15,788 tokens/s): at 2048 tokens the
-#   tiles it skips are few. **Liger's kernels** on the eager step did not pay (16,972): the step waits on the
-#   host, not on the norms and activations they fuse. **CUDA graphs failed**: with activation checkpointing
-#   a layer's recomputation runs while an earlier replay's outputs are still awaited by the backward, and
-#   `torch.compile` refuses to overwrite them.
-# - **The target is missed by a hair**: measured again, torchao's compiled step ran 31,438 tokens/s, 2.00x
-#   (1.96-2.11) the baseline, 1.998x at its median, under 2.0. The same configuration ran 9% slower in its
-#   second measurement than in its first, a run-to-run spread larger than any one run's: 2.0x is within it,
-#   not above it.
+# - **Compiling is what pays**, on every base: bitsandbytes' layers compiled 32,397 tokens/s (2.05x the
+#   baseline), our PyTorch NF4 base compiled 32,371 (2.05x), torchao's `NF4Tensor` compiled
+#   **34,662 (2.20x)**, with the GPU busy 92% of its step (our eager step: 75%).
+# - **Not compiled, bitsandbytes' base is the faster**: our PyTorch NF4 base eager ran 17,019 tokens/s
+#   against bitsandbytes' 23,902.
+# - **Dequantizing once per step** pays over our eager NF4 base (19,821 tokens/s, 1.16x) for 1.8 GiB more
+#   peak (15.3 against 13.5 GiB), and cannot combine with compiled layers: those are faster without it.
+# - **Our fused LoRA MLP did not pay**: on torchao's compiled step it ran 33,500 tokens/s against 34,662
+#   without it (0.97x, inside the two rows' spread). Inductor already fuses the MLP's pointwise work; why
+#   the written-out backward gains nothing here was not profiled further.
+# - **FlexAttention with a document mask** was level with SDPA's (24,871 tokens/s): at 2048 tokens the
+#   tiles it skips are few. **Liger's kernels** on the eager step did not pay (19,532): the step waits on the
+#   host (42% busy), not on the norms and activations they fuse. **CUDA graphs failed**: with activation
+#   checkpointing a layer's recomputation runs while an earlier replay's outputs are still awaited by the
+#   backward, and `torch.compile` refuses to overwrite them.
+# - **The target is met**: measured again, back to back with a second run of the baseline, torchao's
+#   compiled step ran 34,923 tokens/s against 15,688: 2.23x (2.18-2.27). (In the H100 run before this one
+#   the same configuration measured 1.998x against a baseline run minutes earlier, which is why the ratio now
+#   divides two runs measured back to back.)
 # - **It keeps QLoRA's memory and learns the same**: weights + gradients + optimizer are 12.2% of full
 #   fine-tuning's, and after 50 steps of the embedded task its loss (3.03) is 0.056 from the documented
 #   set-up's (3.08), inside their step-to-step noise (0.069).
 #
 # So torchao's NF4 base with compiled decoder layers is the fastest QLoRA step we measured, and the one to use
-# on a GPU: it is now the library's default there (`qlora.default_path`), which this notebook's ladder and
+# on a GPU: it is the library's default there (`qlora.default_path`), which this notebook's ladder and
 # `recipes train` use.
 
 # %% [markdown]
