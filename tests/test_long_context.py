@@ -105,6 +105,26 @@ def test_climb_applies_each_rung_and_measures_at_its_longest():
     assert all(layer.gradient_checkpointing for layer in models.decoder_layers(model))
 
 
+def test_climb_keeps_a_slow_probe_as_the_row_at_the_longest_length():
+    model = models.load_model()
+    calls = []
+
+    def step(rung, n):  # a step of minutes at 4096 (as 2^19 tokens on a GPU), of a second below
+        calls.append(n)
+        return {"oom": n > 4096, "peak_bytes": n, "seconds": 300.0 if n == 4096 else 1.0, "tokens_per_s": n}
+
+    rungs = [ladder.Rung("slow at its longest", "sdpa", 1)]
+    summary, probes = ladder.climb(model, rungs, step, 1024, 8192, rerun_under_s=60)
+    assert summary[0]["longest"] == 4096 and summary[0]["seconds"] == 300.0
+    assert calls.count(4096) == 1 and len(probes) == len(calls)  # the search's step at 4096 stands
+    calls.clear()
+    summary, probes = ladder.climb(model, rungs, step, 1024, 8192)  # default: one more step, warm
+    assert calls.count(4096) == 2 and len(probes) == len(calls) - 1
+    calls.clear()
+    summary, _ = ladder.climb(model, rungs, step, 1024, 2048, rerun_under_s=60)  # a fast step: run again
+    assert summary[0]["longest"] == 2048 and calls == [1024, 2048, 2048]
+
+
 def test_length_schedule():
     schedule = curriculum.length_schedule(512, 12, start=128, grow_fraction=0.5)
     assert schedule == [128] * 3 + [256] * 3 + [512] * 6

@@ -121,8 +121,8 @@ def search_limit(rung: Rung, limit: int) -> int:
 
 
 def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start: int,
-          limit: int | None = None, refine: int = 2,
-          multiple: int | None = None) -> tuple[list[dict], list[dict]]:
+          limit: int | None = None, refine: int = 2, multiple: int | None = None,
+          rerun_under_s: float | None = None) -> tuple[list[dict], list[dict]]:
     """Each rung's longest trainable length with ``step``'s row there, and every probe of the searches.
 
     Args:
@@ -132,16 +132,36 @@ def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start
         limit: where the search stops (default: the model's own position limit); a rung that extends
             RoPE searches up to its ``rope_positions`` instead (``search_limit``).
         multiple: the bisection's grid (default ``start``).
+        rerun_under_s: the row at each rung's longest length comes from one more step there, warm (the
+            search has just run one), unless the search's own step there took at least this many seconds:
+            then that probe's row stands, its first-call costs a small share of it, and a step of minutes
+            is not run twice. None: always one more step.
     """
     limit = limit or rope.original_limit(model)
     summary, probes = [], []
     for rung in rungs:
         apply(model, rung)
         top = search_limit(rung, limit)
-        best, rows = longest_trainable(functools.partial(step, rung), start, top, refine, multiple or start)
+        probed: dict[int, dict] = {}
+
+        def probe(n: int, rung: Rung = rung, probed: dict = probed) -> dict:
+            probed[n] = step(rung, n)
+            return probed[n]
+
+        best, rows = longest_trainable(probe, start, top, refine, multiple or start)
         probes += rows
-        at_best = step(rung, best) if best else {"oom": True}
+        at_best = _row_at(best, probed.get(best), functools.partial(step, rung), rerun_under_s)
         measured = ("peak_bytes", "host_bytes", "seconds", "tokens_per_s", "mfu")
         fits = {key: None if at_best["oom"] else at_best.get(key) for key in measured}
         summary.append({"name": rung.name, "longest": best, "limit": top, "at limit": best == top, **fits})
     return summary, probes
+
+
+def _row_at(best: int | None, probed: dict | None, step: Callable[[int], dict],
+            rerun_under_s: float | None) -> dict:
+    """The row at a rung's longest length: the search's own (``probed``) where its step took at least
+    ``rerun_under_s`` seconds, else one more step there."""
+    if not best:
+        return {"oom": True}
+    slow = rerun_under_s is not None and probed is not None and (probed.get("seconds") or 0) >= rerun_under_s
+    return probed if slow else step(best)
