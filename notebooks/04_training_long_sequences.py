@@ -409,9 +409,8 @@ ladder_bench.train_step(model, optimizer, 128, hw)  # the AdamW state exists fro
 ckpt_settings = {"none": None, "every 2nd layer": 2, "every layer": 1}
 
 
-def step(rung, seq_len, budget=None, repeats=1):
-    return ladder_bench.train_step(model, optimizer, seq_len, hw, rung.chunked_loss, budget, rung.name,
-                                   repeats)
+def step(rung, n, budget=None, repeats=1):  # one AdamW step (or `repeats`) at batch 1 and n tokens
+    return ladder_bench.train_step(model, optimizer, n, hw, rung.chunked_loss, budget, rung.name, repeats)
 
 
 def checkpointing_row(seq_len, name, every):
@@ -565,15 +564,16 @@ assert all(e < 1e-5 for e in mlp_errors.values()), mlp_errors
 # the same limit as the rungs before it, then RoPE extended to `rope_positions` and searched up to there.
 # On the GPU that is 2^19 = 524,288 tokens, 4x the model's limit; a step there takes minutes (attention is
 # quadratic: about 3.5 on an H200 by the model FLOPs of the 131,072-token step measured above), so this
-# cell runs about ten. On the CPU the tiny model is extended from 8,192 to 12,288 positions under the
-# same small memory budget. (The `t4` and `l4` profiles stop below the position limit, so their RoPE
+# cell runs about seven (a step of a minute or more is not run twice: `rerun_under_s`). On the CPU the tiny
+# model is extended from 8,192 to 12,288 positions under the same small memory budget. (The `t4` and `l4`
+# profiles stop below the position limit, so their RoPE
 # rung extends nothing.) The target, 2^19 tokens in one AdamW step of the 1B shape on one H200, is the
 # length ALST trains an 8B model at on one H100.
 
 # %%
 long_rungs = ladder.past_the_limit(rungs[-1], P["tile_mlp_tokens"], P["rope_positions"])
 long_rows, long_probes = ladder.climb(model, long_rungs, lambda rung, n: step(rung, n, BUDGET),
-                                      min(P["ladder_start"], limit), limit)
+                                      min(P["ladder_start"], limit), limit, rerun_under_s=60)
 ladder.apply(model, rungs[-1])  # the model's own RoPE and MLPs again
 display(ladder_bench.summary_table(ladder_rows + long_rows, BASELINE))
 
@@ -613,7 +613,8 @@ display(long_split if isinstance(long_split, str) else long_split.table())  # st
 # %%
 long_plans = estimate_check.ladder_plans(long_probes, long_rungs, P["model"], hw)
 display(long_predicted := estimate_check.side_by_side(long_probes, long_plans, config, host=True))
-assert long_predicted["error %"].abs().max() <= 10, "the estimate should be within 10% of every probe run"
+miss = long_predicted["error %"].abs().max()  # on a GPU a target: never yet compared there past the limit
+assert targets.check("estimate within 10% past the limit", f"{miss:.1f}%", miss <= 10) or hw.cuda
 predicted_reach = estimate_check.reach(long_plans[-1], hw, extended_row["longest"], extended_row["seconds"],
                                        STEP_LIMIT_S, BUDGET, min(P["ladder_start"], limit), config)  # RoPE's
 report("recipes estimate: full recipe", **predicted_reach)
