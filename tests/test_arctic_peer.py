@@ -199,7 +199,9 @@ def recording(*args, **kwargs):  # what LlamaModel.forward hands its attention l
 modeling_llama.create_causal_mask = recording
 L = 512
 ids = torch.randint(0, 1000, (1, L), generator=torch.Generator().manual_seed(0))
-old = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(L)[None]}
+labels = ids.clone()
+ids[:, -64:], labels[:, -64:] = 0, -100  # the collator's padding: pad ids, ignored labels, positions go on
+old = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(L)[None]}
 new = ap.with_unpadded_attention_mask(old)
 config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
@@ -207,19 +209,23 @@ config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num
 torch.manual_seed(0)
 model = LlamaForCausalLM(config).train()
 model.gradient_checkpointing_enable()
-losses = []
+losses, grads = [], []
 for batch in (old, new):
     seen.clear()
-    losses.append(model(**batch, use_cache=False).loss.item())
+    model.zero_grad()
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    losses.append(loss.item())
+    grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     print(transformers.__version__, seen, ap.causal_mask_probe(config, batch))
-print(losses[0] - losses[1])
+print(losses[0] - losses[1], ((grads[0] - grads[1]).norm() / grads[0].norm()).item())
 """
 
 
 def test_transformers_4_builds_no_mask_for_the_peer_batch_and_a_dense_one_for_the_collators(tmp_path):
     """With transformers 4.57.6 from the wheel (skipped where .whl_arctic is absent): the collator's batch
     makes LlamaModel hand SDPA a dense [L, L] mask, the batch with the all-ones mask none (is_causal), and
-    the loss is the same; causal_mask_probe says the same as the model saw."""
+    the loss and gradients are the same, a padded tail included; causal_mask_probe says what the model saw."""
     import zipfile
 
     wheels = [next((ROOT / ".whl_arctic").glob(f"{name}*.whl"), None) for name in TRANSFORMERS_4_WHEELS]
@@ -235,4 +241,5 @@ def test_transformers_4_builds_no_mask_for_the_peer_batch_and_a_dense_one_for_th
     old, new, difference = done.stdout.strip().splitlines()[-3:]
     assert old == "4.57.6 [(1, 1, 512, 512)] Tensor [1, 1, 512, 512] torch.bool (first 512 tokens)"
     assert new == "4.57.6 [None] None"
-    assert abs(float(difference)) < 1e-5
+    loss_difference, grad_difference = map(float, difference.split())
+    assert abs(loss_difference) < 1e-5 and grad_difference < 1e-5
