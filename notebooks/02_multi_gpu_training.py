@@ -521,6 +521,8 @@ else:
 # embedded model (a few milliseconds per step on a GPU), the case where data loading decides the speed.
 # On a CPU the "accelerator" is the CPU itself: worker processes would compete with the compute for
 # the same cores, so there the efficient pipeline reads its pre-tokenised rows in the training process.
+# The claims on waiting and step time are asserts on a CPU and targets on a GPU, which another process may
+# share (issue 17's simulated T4 and L4 ran side by side on one H100); on the H200 a miss still fails the run.
 
 # %%
 D = P["data"]
@@ -569,10 +571,15 @@ plots.side_by_side([
 plt.show()
 
 # %%
-assert fast_t.wait_fraction < naive_t.wait_fraction, "the efficient pipeline waits less"
-if hw.cuda:
-    assert naive_t.wait_fraction > 0.3, "on a GPU, tokenising in the training loop starves a small model"
-    assert fast_t.wait_fraction < 0.1 and fast_t.step_s < naive_t.step_s
+waits_less = fast_t.wait_fraction < naive_t.wait_fraction
+assert hw.cuda or waits_less, "the efficient pipeline waits less"
+if hw.cuda:  # timings: asserted on a CPU, targets on a GPU (another process may share it: issue 17)
+    waits = f"waiting {naive_t.wait_fraction:.0%} (naive) vs {fast_t.wait_fraction:.0%} (efficient)"
+    targets.check("on a GPU, tokenising in the training loop starves a small model (> 30% waiting)", waits,
+                  naive_t.wait_fraction > 0.3)
+    targets.check("the efficient pipeline waits less, under 10%, and steps faster than the naive one",
+                  f"{waits}; step {1e3 * fast_t.step_s:.1f} vs {1e3 * naive_t.step_s:.1f} ms",
+                  waits_less and fast_t.wait_fraction < 0.1 and fast_t.step_s < naive_t.step_s)
 if ON_GPUS:
     idle_s = naive_t.wait_s / naive_t.steps
     step_1b = ok["fsdp2"]["step_seconds"] / P["accum"]  # one micro-batch of the 1B model on one GPU

@@ -350,7 +350,11 @@ plt.show()
 # on a GPU only: on a CPU the toy weights stay in cache and the copy bandwidth swings with the machine's
 # load, so a row can "beat" its floor there (a loaded CI runner saw 245%); its floors are shown, not
 # checked. For the same reason the CPU run shows its chosen student but distils the depth-only one:
-# a choice made from toy timings would change from run to run.
+# a choice made from toy timings would change from run to run. Each row against its floor is a target, as
+# is F.rms_norm against the written-out formula below (printed only on a CPU, as every target there), and
+# the student decoding faster is an assert on a CPU and its >= 2x row on a GPU: another process may share
+# the GPU (issue 17's simulated T4 and L4 ran side by side on one H100); on the H100 a miss still fails the
+# run, at the end.
 
 # %%
 student_choice = sweep_analysis.get("student", "no bf16 batch-1 cost model: no student chosen")
@@ -358,8 +362,9 @@ display(pd.DataFrame([student_choice]) if isinstance(student_choice, dict) else 
 used = sweep_analysis if hw.cuda else {"student": "CPU: toy timings are Python overhead: shown, not used"}
 
 # %%
-worst = sweep_table.get("% of floor", pd.Series(dtype=float)).max()  # NaN fails (on a GPU): none measured
-assert worst <= 100 + FLOOR_TOLERANCE_PCT or not hw.cuda, f"a row decodes at {worst:.0f}% of its floor"
+worst = sweep_table.get("% of floor", pd.Series(dtype=float)).max()  # NaN misses: none measured
+targets.check(f"every size-sweep row at most {100 + FLOOR_TOLERANCE_PCT}% of its bandwidth floor (timings)",
+              f"worst {worst:.0f}%", worst <= 100 + FLOOR_TOLERANCE_PCT)  # a target: the GPU may be shared
 checked = fits[fits["points"] > fits["terms"]]  # a fit with as many terms as points has no residual to check
 print("exact fits, no residual to check:", list(fits.index.difference(checked.index)) or "none")
 assert len(fits) and (checked["max |residual| %"] <= 100 * P["sweep_fit_bound"]).all(), \
@@ -459,7 +464,7 @@ for claim, ok in {"KD predicts the answers better than CE": kd["answer_perplexit
                   "KD scores at least as well as CE": kd["accuracy"] >= ce["accuracy"]}.items():
     # a narrower (chosen) student has no scouting run behind these: reported there, asserted otherwise
     assert reported.check(claim, f"KD {kd['accuracy']:.3f}, CE {ce['accuracy']:.3f} accuracy", ok) or chosen
-assert student_speedup > 1.0, "the student should decode faster"
+assert hw.cuda or student_speedup > 1.0, "the student should decode faster"  # on a GPU: >= 2x, below
 (targets if chosen else reported).check(  # the depth cut of the 1B shape is a reported row
     f"chosen student decode >= 2x its teacher on the {sweep_analysis['largest']} shape (batch 1)" if chosen
     else "1B shape (reported): distilled student decode >= 2x the teacher (batch 1)",
@@ -671,9 +676,8 @@ if "RMSNorm (Triton)" in norm_times:  # our kernels against the formula, forward
     report("Triton RMSNorm vs fp64 formula", **{f"max |error| {k}": v for k, v in triton_errors.items()})
 
 # %%
-if hw.cuda:  # on CPU, F.rms_norm may itself be the written-out formula
-    assert norm_times["RMSNorm (F.rms_norm)"].median < norm_times["RMSNorm (eager formula)"].median, \
-        "one fused kernel should beat the written-out formula"
+targets.check("F.rms_norm beats the written-out formula (fwd+bwd)", str(norm_times["RMSNorm (F.rms_norm)"]),
+              norm_times["RMSNorm (F.rms_norm)"].median < norm_times["RMSNorm (eager formula)"].median)
 if "RMSNorm (Triton)" in norm_times:  # bf16 outputs: a few ulps of values up to ~4; dw sums 4096 rows in fp32
     assert triton_errors["y"] < 0.05 and triton_errors["dx"] < 0.05 \
         and triton_errors["dw (relative)"] < 0.01, \
