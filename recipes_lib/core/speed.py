@@ -45,7 +45,7 @@ def compile_layers(model: torch.nn.Module, **options) -> torch.nn.Module:
 def default_compile(hw) -> tuple[bool, str]:
     """Whether the library's default training path compiles each decoder layer on ``hw``, and why.
 
-    On a bf16 GPU it does: notebook 01 measured our full fine-tuning step with compiled layers at 1.28x
+    On a bf16 GPU it does: notebook 01 measured our full fine-tuning step with compiled layers at 1.30x
     plain transformers' (H100, 1B shape, 4 x 2048 tokens; issue 18), and QLoRA's fastest step compiles them
     too. Elsewhere it does not: on a CPU compiling takes longer than the short runs it would speed up, and
     a GPU without bf16 (a T4, fp16) was not measured."""

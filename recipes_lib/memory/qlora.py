@@ -39,11 +39,12 @@ def default_path(hw: Hardware, sharded: bool = False, config=None) -> tuple[str,
     """The QLoRA step ``qlora_model(base="auto")`` builds on ``hw``: ``(base, compiled, why)``.
 
     The fastest step notebook 01 measured (H100, 1B shape, 2048 tokens; issue 18) is torchao's ``NF4Tensor``
-    base with compiled decoder layers: 2.0x the documented transformers + peft + bitsandbytes step with
-    packing, where bitsandbytes' eager base is 1.1x. It needs a bf16 GPU (the compiler's Triton kernels; it
-    was not measured in fp16) and torchao. Elsewhere the path falls back, and ``why`` says to what:
-    bitsandbytes' base with compiled layers (a bf16 GPU without torchao: 1.7x), or eager (a CPU, a GPU
-    without bf16, or a base FSDP2 shards, ``sharded``: stored in bf16 words, which only bitsandbytes' does).
+    base with compiled decoder layers: 2.2x the documented transformers + peft + bitsandbytes step with
+    packing, where bitsandbytes' eager base is 1.0-1.4x from run to run (host-bound). It needs a bf16 GPU
+    (the compiler's Triton kernels; it was not measured in fp16) and torchao. Elsewhere the path falls back,
+    and ``why`` says to what: bitsandbytes' base with compiled layers (a bf16 GPU without torchao: 2.05x in
+    the same run), or eager (a CPU, a GPU without bf16, or a base FSDP2 shards, ``sharded``: stored in bf16
+    words, which only bitsandbytes' does).
     With the model's ``config``, a model torchao's base cannot take (``nf4_torchao.unsupported``) gets
     bitsandbytes' base, compiled.
     """
