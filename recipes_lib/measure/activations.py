@@ -1,4 +1,4 @@
-"""Activation and loss memory of one training micro-batch, derived from the model's shape.
+"""Activation memory of one training micro-batch from the model's shape (the loss's: ``loss_memory``).
 
 Counted tensor by tensor as autograd keeps them for backward in a Hugging Face Llama-style decoder
 layer (RMSNorm, rotary embeddings, SDPA / flash / eager attention, SwiGLU MLP): each ``Term`` is
@@ -19,7 +19,12 @@ backward can recompute the cheap pointwise ops from (the min cut). So each RMSNo
 keeps an rsqrt, the first the layer's input, the second the o_proj output it recomputes the residual
 sum ``x + o`` from (the fp32 upcasts and the normalised outputs are recomputed); each linear's input is
 kept once (autocast's per-linear casts are one node after CSE); SwiGLU keeps gate and up, not
-``silu(gate)``.
+``silu(gate)``. With LoRA adapters on a frozen base it keeps the same, plus each adapter's rank-``r`` output
+and the o adapter's own copy of the attention output (peft's cast of its input is a new tensor beside the
+one attention's backward reads); peft's per-adapter copies of the other inputs are one each after CSE.
+Under checkpointing such a layer's recompute and backward run as one compiled graph, whose transient
+tensors are not modelled: a recomputed compiled adapter layer keeps eager autograd's count
+(``recomputed_terms``).
 
 A tiled MLP (``tiled_mlp``, ``long_context.tiling``) keeps only its input: the ``[tokens, intermediate]``
 tensors exist for one chunk at a time, while its backward recomputes that chunk (``tiled_mlp_backward``).
@@ -108,11 +113,11 @@ def _inputs(s: Shape, lay: Layout) -> list[Term]:
 
 
 def compiled_modelled(lay: Layout) -> bool:
-    """Whether the compiled formulas apply: full fine-tuning with a fused attention kernel (what notebook
-    02 compiles and the tests check); adapters, eager attention and a tiled MLP keep eager autograd's
-    terms (an upper bound)."""
-    return (lay.compiled and lay.trainable and not lay.adapters and lay.attention != "eager"
-            and not lay.tiled_mlp)
+    """Whether the compiled formulas apply: full fine-tuning, or LoRA adapters without dropout on a frozen
+    base, with a fused attention kernel (what notebooks 01 and 02 compile and the tests check); adapter
+    dropout, eager attention and a tiled MLP keep eager autograd's terms."""
+    return (lay.compiled and (lay.trainable or (lay.adapters and not lay.adapter_dropout))
+            and lay.attention != "eager" and not lay.tiled_mlp)
 
 
 def _compiled_kept(s: Shape, lay: Layout) -> list[Term]:
@@ -125,16 +130,42 @@ def _compiled_kept(s: Shape, lay: Layout) -> list[Term]:
                  f"({r} + {a}) x d({d}) + 2 x 4"),
             Term("q, k, v input (norm output, one copy)", a * d, f"{a} x d({d})"),
             Term("gate, up input (norm output, one copy)", a * d, f"{a} x d({d})"),
-            Term("down input (MLP product)", m * s.ffn, f"{m} x ffn({s.ffn})"), mlp]
+            Term("down input (MLP product)", m * s.ffn, f"{m} x ffn({s.ffn})"),
+            mlp] + _compiled_adapters(s, lay)
+
+
+def _compiled_adapters(s: Shape, lay: Layout) -> list[Term]:
+    """What a compiled layer's LoRA adapters keep besides the base's terms: the o adapter's copy of the
+    attention output and each adapter's rank-r output."""
+    if not lay.adapters:
+        return []
+    a, n = lay.compute, 7 if s.gated else 6
+    return [Term("o adapter's input (its copy of the attention output)", a * s.q, f"{a} x q({s.q})"),
+            Term("LoRA A outputs", n * a * lay.lora_r, f"{n} x {a} x r({lay.lora_r})")]
 
 
 def layer_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
     """Bytes per token one decoder layer keeps for backward, tensor by tensor."""
     if compiled_modelled(lay):
         return _compiled_kept(s, lay) + _attention(s, lay, seq_len)
-    a, r, d = lay.compute, lay.residual, s.d
-    norm_h = f" + {r} x d (normalised, trainable weight)" if lay.trainable else ""
     eager_count = " (compiled, not modelled here: eager autograd's count)" if lay.compiled else ""
+    return _eager_terms(s, lay, seq_len, eager_count)
+
+
+def recomputed_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:
+    """Bytes per token a checkpointed layer holds once recomputed in backward: ``layer_terms``, except for a
+    compiled layer with adapters, whose recompute and backward Inductor runs as one graph (not modelled:
+    eager autograd's count)."""
+    if lay.compiled and lay.adapters:
+        note = " (compiled and recomputed, not modelled: eager autograd's count)"
+        return _eager_terms(s, lay, seq_len, note)
+    return layer_terms(s, lay, seq_len)
+
+
+def _eager_terms(s: Shape, lay: Layout, seq_len: int, note: str) -> list[Term]:
+    """``layer_terms`` as eager autograd keeps them (``note`` labels the first term)."""
+    a, r, d, eager_count = lay.compute, lay.residual, s.d, note
+    norm_h = f" + {r} x d (normalised, trainable weight)" if lay.trainable else ""
     terms = [Term("2 RMSNorms" + eager_count, 2 * (4 * d + 4 + (r * d if lay.trainable else 0)),
                   f"2 x (4 x d({d}) fp32 input + 4 rsqrt{norm_h})")]
     terms += _inputs(s, lay)
@@ -183,10 +214,16 @@ def non_layer_terms(s: Shape, lay: Layout, chunked: bool, rows: int = 1) -> list
     return terms  # the attention mask itself: no backward keeps it, it is gone once the decoder returns
 
 
-def first_layer_saving(s: Shape, lay: Layout) -> float:
+def first_layer_saving(s: Shape, lay: Layout, recomputed: bool = False) -> Term:
     """Bytes per token the first layer keeps less than the others: with frozen embeddings its input needs
-    no gradient, so its input norm keeps nothing."""
-    return 0 if lay.trainable else 4 * s.d + 4
+    no gradient, so its input norm keeps nothing (eager: its fp32 input and rsqrt; compiled: the layer's
+    input and rsqrt). ``recomputed``: the layer is checkpointed (see ``recomputed_terms``)."""
+    name = "first layer's input norm keeps nothing (frozen embeddings)"
+    if lay.trainable:
+        return Term(name, 0, "0")
+    if compiled_modelled(lay) and not (recomputed and lay.adapters):
+        return Term(name, lay.residual * s.d + 4, f"{lay.residual} x d({s.d}) + 4")
+    return Term(name, 4 * s.d + 4, f"4 x d({s.d}) + 4")
 
 
 def checkpointed_layer(s: Shape, lay: Layout, offload: bool) -> Term:
@@ -233,54 +270,6 @@ def tiled_mlp_backward(s: Shape, lay: Layout, chunk: int, mlp_params: int, param
     return Term("tiled MLP backward: one chunk + fp32 weight-gradient sums", 6 * m * s.ffn * c + m * s.d * c
                 + weights, f"(6 x {m} x ffn({s.ffn}) + {m} x d({s.d})) x chunk({c}) + {mlp_params:,} "
                 f"trained MLP parameters x (4 + {param_bytes}) B")
-
-
-@dataclass(frozen=True)
-class LossMemory:
-    """Bytes of the loss: kept from its forward into its backward (``held``), and the extra at the
-    forward's and at the backward's peak (``forward``, ``backward``)."""
-
-    held: Term
-    forward: Term
-    backward: Term
-
-
-def chunked_loss(s: Shape, lay: Layout, tokens: int, chunk: int, head_trainable: bool,
-                 head_bytes: int, kernel_temporaries: bool = True) -> LossMemory:
-    """``core.losses.linear_cross_entropy``: one chunk's logits at a time; the hidden states' gradient
-    and (trained head) the head's fp32 gradient, computed in forward and kept for backward.
-
-    ``kernel_temporaries``: count logsumexp's internal ``x - max`` (CUDA's allocator sees it; the CPU
-    ``AllocationTracker``, which counts the outputs of operators, does not)."""
-    c, v, d, r = min(chunk, tokens), s.vocab, s.d, lay.residual
-    weight = 4 * v * d if head_trainable else 0
-    held = Term("hidden-state gradient" + (" + head gradient in fp32" if head_trainable else ""),
-                r * tokens * d + weight, f"{r} x tokens({tokens}) x d({d})"
-                + (f" + 4 x vocab({v}) x d" if head_trainable else ""))
-    if kernel_temporaries:  # fp32 logits and logsumexp's fp32 (x - max): more than logits + fp32 copy
-        forward = Term("one chunk: fp32 logits + logsumexp temporary", 8 * c * v,
-                       f"8 x chunk({c}) x vocab({v})")
-    else:
-        both = 4 + (lay.compute if lay.compute != 4 else 0)
-        forward = Term("one chunk of logits" + (" + fp32 copy" if both > 4 else ""), both * c * v,
-                       f"{both} x chunk({c}) x vocab({v})")
-    cast = v * d * head_bytes if head_trainable and head_bytes != 4 else 0
-    backward = Term("head gradient cast to the weight dtype", cast,
-                    f"{head_bytes} x vocab({v}) x d({d})" if cast else "0")
-    return LossMemory(held, forward, backward)
-
-
-def full_logits_loss(s: Shape, tokens: int, logits_bytes: int) -> LossMemory:
-    """The model's logits and an fp32 cross-entropy (``core.losses.cross_entropy_sum``, transformers'
-    loss): the log-softmax is kept; forward also holds the logits and their fp32 copy, backward two
-    fp32 gradients of the logits' size."""
-    nv, v = tokens * s.vocab, s.vocab
-    up = 4 if logits_bytes != 4 else 0
-    held = Term("fp32 log-softmax", 4 * nv, f"4 x tokens({tokens}) x vocab({v})")
-    forward = Term("logits" + (" + fp32 copy" if up else ""), (logits_bytes + up) * nv,
-                   f"({logits_bytes}{' + 4' if up else ''}) x tokens({tokens}) x vocab({v})")
-    backward = Term("2 fp32 gradients of the logits", 8 * nv, f"8 x tokens({tokens}) x vocab({v})")
-    return LossMemory(held, forward, backward)
 
 
 def per_token(terms: list[Term]) -> float:

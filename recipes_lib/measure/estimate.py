@@ -36,6 +36,7 @@ STRATEGIES = ("single", "ddp", "fsdp2", "fsdp2-no-reshard", "fsdp2-offload", "de
               "deepspeed-zero3", "naive-mp")
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 OPTIMIZERS = ("fused", "foreach", "loop", "offload")  # AdamW: fused, foreach, per tensor, torchao offload
+NF4_BASES = ("torchao", "bitsandbytes", "torch")  # memory.qlora.BASES: who holds QLoRA's 4-bit base
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Plan:
     upcast_fp32: bool = False      # peft's prepare_model_for_kbit_training: embeddings, norms, head in fp32
     ddp_bucket_view: bool = True   # False: DDP's default, a second copy of the gradients in its buckets
     compiled: bool = False         # torch.compile'd decoder layers: Inductor keeps fewer tensors
+    nf4_base: str = "torchao"      # QLoRA's base: compiled on torchao's, layers keep dequantized weights
     tile_mlp_tokens: int = 0       # 0: the MLP whole; n: tiled in chunks of n tokens (long_context.tiling)
     rope_positions: int = 0        # 0: the model's position limit; n: RoPE extended to n positions
     device: str = "cuda"
@@ -69,7 +71,7 @@ class Plan:
     def check(self) -> Plan:
         """This plan, or one RecipeError naming the bad value and the choices."""
         for key, choices in (("method", METHODS), ("precision", PRECISIONS), ("strategy", STRATEGIES),
-                             ("attention", ATTENTIONS), ("optimizer", OPTIMIZERS)):
+                             ("attention", ATTENTIONS), ("optimizer", OPTIMIZERS), ("nf4_base", NF4_BASES)):
             if getattr(self, key) not in choices:
                 raise RecipeError(f"{key}={getattr(self, key)!r}; choose one of {', '.join(choices)}")
         for key in ("gpus", "micro_batch", "seq_len", "accum_steps", "chunk_size", "lora_r"):

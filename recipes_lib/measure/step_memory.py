@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import activations as act
+from . import loss_memory
 from .memory import GiB
 
 CUDA_WORKSPACE = 64 * 2**20  # cuBLAS and cuBLASLt workspaces (32 MiB each on Hopper), in PyTorch's allocator
@@ -66,28 +67,32 @@ def moments(plan, s: act.Shape, lay: act.Layout, c: Counts, states: list[act.Ter
     layer_terms = act.layer_terms(s, lay, plan.seq_len)
     kept = act.checkpointed_layer(s, lay, plan.offload_activations and cuda)  # on a CPU, host = device
     non_layer = act.non_layer_terms(s, lay, plan.chunked_loss, 1 if plan.packed else plan.micro_batch)
-    saving = act.Term("first layer's input norm keeps nothing (frozen embeddings)",
-                      -act.first_layer_saving(s, lay), "-(4 x d + 4)")
+    def saving(recomputed: bool) -> act.Term:
+        kept_less = act.first_layer_saving(s, lay, recomputed)
+        return act.Term(kept_less.name, -kept_less.value, f"-({kept_less.formula})")
+
     transient = _transient(plan, s, lay, n)
 
     def tokens(terms, how=""):
         return _scaled(terms, n, f"tokens({n}){how}")
 
-    def layer_set(count, how):
-        return _scaled(layer_terms, n * count, f"tokens({n}) x {how}") if count else []
+    def layer_set(count, how, terms=layer_terms):
+        return _scaled(terms, n * count, f"tokens({n}) x {how}") if count else []
 
     n_kept, n_ckpt = layers - sum(checkpointed), sum(checkpointed)
     stored = (layer_set(n_kept, f"{n_kept} layers") + _scaled([kept], n * n_ckpt, f"tokens({n}) x {n_ckpt} "
                                                                "checkpointed layers")
-              + ([] if checkpointed[0] else tokens([saving])))
-    last = layer_set(1, "the last layer, recomputed") if checkpointed[-1] else []
-    first = (layer_set(1, "the first layer" + (", recomputed" if checkpointed[0] else "")) + tokens([saving])
-             + (tokens([kept]) if checkpointed[0] else []))
+              + ([] if checkpointed[0] else tokens([saving(False)])))
+    recomputed = act.recomputed_terms(s, lay, plan.seq_len)
+    last = layer_set(1, "the last layer, recomputed", recomputed) if checkpointed[-1] else []
+    first = (layer_set(1, "the first layer" + (", recomputed" if checkpointed[0] else ""),
+                       recomputed if checkpointed[0] else layer_terms)
+             + tokens([saving(checkpointed[0])]) + (tokens([kept]) if checkpointed[0] else []))
     if plan.chunked_loss:
         head_bytes = 4 if plan.precision in ("fp32", "mixed") and not _sharded_mp(plan) else 2
-        loss = act.chunked_loss(s, lay, n, plan.chunk_size, plan.method == "full", head_bytes, cuda)
+        loss = loss_memory.chunked_loss(s, lay, n, plan.chunk_size, plan.method == "full", head_bytes, cuda)
     else:
-        loss = act.full_logits_loss(s, n, lay.compute)
+        loss = loss_memory.full_logits_loss(s, n, lay.compute)
 
     copies = _weight_copies(plan, s, c, layers, checkpointed)
     kept_grads = grads if plan.accum_steps > 1 or plan.strategy == "ddp" else 0
@@ -187,20 +192,35 @@ def _weight_copies(plan, s: act.Shape, c: Counts, layers: int, checkpointed: lis
         if plan.strategy == "fsdp2-no-reshard":
             return root + s.layers * layer, root + s.layers * layer, root + layer
         return root, root + 2 * layer, root + layer
+    dequantized = _dequantized_kept(plan, s, c, checkpointed)
     if plan.precision == "fp32" or plan.strategy.startswith("deepspeed"):
-        return 0, 0, 0
+        return dequantized
     # A tiled MLP's linears run without autograd in forward: autocast caches their copies until the forward
     # ends, but backward keeps none (it casts again, one chunk at a time).
     tiled = (3 if s.gated else 2) * bool(plan.tile_mlp_tokens)  # linears of the MLP, untiled: none
     if plan.method != "full":  # fp32 adapters' bf16 copies; an upcast fp32 head's, kept with full logits
         head = 2 * c.embed if plan.upcast_fp32 else 0
         kept = 2 * (c.lora - tiled * plan.lora_r * (s.d + s.ffn) * s.layers)
-        return 2 * c.lora + head, kept + (0 if plan.chunked_loss else head), 0
+        at_end, in_last, in_first = dequantized
+        return 2 * c.lora + head + at_end, kept + (0 if plan.chunked_loss else head) + in_last, in_first
     if plan.precision != "mixed":
         return 0, 0, 0
     kept_layers = sum(not ck for ck in checkpointed)
     head, kept = c.embed * 2, 2 * (c.linear - tiled * s.d * s.ffn) * kept_layers
     return 2 * c.linear * layers + head, kept + (0 if plan.chunked_loss else head), 0
+
+
+def _dequantized_kept(plan, s: act.Shape, c: Counts, checkpointed: list[bool]) -> tuple[float, float, float]:
+    """A compiled layer on torchao's NF4 base keeps its weights dequantized to the compute dtype for backward
+    (the min-cut partitioner saves the dequantized weight rather than recompute the NF4 lookup); the first
+    layer, whose input needs no gradient, keeps o's and the MLP's only. At the forward's end, in the last
+    layer's backward and in the first's; a checkpointed layer's recompute is not modelled (none)."""
+    if not (plan.method == "qlora" and plan.compiled and plan.nf4_base == "torchao"):
+        return 0, 0, 0
+    compute = 4 if plan.precision == "fp32" else 2
+    layer, first = c.linear * compute, (c.linear - s.d * (s.q + 2 * s.kv)) * compute
+    kept = [0 if ck else (first if i == 0 else layer) for i, ck in enumerate(checkpointed)]
+    return sum(kept), sum(kept), kept[0]
 
 
 def _optimizer_temporary(plan, opt: float, c: Counts, s: act.Shape) -> float:
@@ -214,4 +234,7 @@ def _optimizer_temporary(plan, opt: float, c: Counts, s: act.Shape) -> float:
 def _copies_note(plan) -> str:
     if plan.strategy.startswith(("fsdp2", "deepspeed-zero3")):
         return "gathered root (embeddings, norm) and decoder layers in the compute dtype"
+    if plan.method == "qlora" and plan.compiled and plan.nf4_base == "torchao":
+        return ("autocast's bf16 copies of the fp32 adapters, and the compiled layers' dequantized NF4 "
+                "weights (not checkpointed ones'), kept for backward")
     return "autocast's bf16 copies of the fp32 weights, kept for backward"
