@@ -176,3 +176,33 @@ def test_report_format(capsys):
     out = capsys.readouterr().out.strip()
     assert out.startswith("config")
     assert out.endswith("peak (GiB): 1.23 | tokens/s: 12,346 | oom: False")
+
+
+class _Pair(torch.Tensor):
+    """A wrapper tensor subclass holding two plain tensors, as torchao's Int8Tensor and NF4Tensor do."""
+
+    @staticmethod
+    def __new__(cls, a, b):
+        return torch.Tensor._make_wrapper_subclass(cls, a.shape, dtype=a.dtype)
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __tensor_flatten__(self):
+        return ["a", "b"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:  # what nn.Parameter and .data call
+            return cls(args[0].a, args[0].b)
+        raise NotImplementedError(func)
+
+
+def test_allocation_tracker_counts_the_tensors_a_subclass_holds():
+    """`recipes bench --technique int8` on a CPU with torchao: its weights are wrapper subclasses, whose own
+    storage is no memory (accessing it raised)."""
+    pair = _Pair(torch.zeros(10), torch.zeros(20, dtype=torch.float64))
+    pair = torch.nn.Parameter(pair, requires_grad=False)
+    plain = torch.zeros(5)
+    tracker = memory.AllocationTracker([pair, plain])
+    assert tracker.current == tracker.peak == 10 * 4 + 20 * 8 + 5 * 4

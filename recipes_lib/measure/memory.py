@@ -123,6 +123,12 @@ class AllocationTracker(TorchDispatchMode):
             self._add(t)
 
     def _add(self, t: torch.Tensor) -> None:
+        if isinstance(t, torch.nn.Parameter):
+            t = t.data
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # torchao: Int8Tensor, NF4Tensor
+            for name in t.__tensor_flatten__()[0]:
+                self._add(getattr(t, name))
+            return
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key in self._live or storage.nbytes() == 0:
