@@ -409,8 +409,9 @@ ladder_bench.train_step(model, optimizer, 128, hw)  # the AdamW state exists fro
 ckpt_settings = {"none": None, "every 2nd layer": 2, "every layer": 1}
 
 
-def step(rung, n, budget=None, repeats=1):  # one AdamW step (or `repeats`) at batch 1 and n tokens
-    return ladder_bench.train_step(model, optimizer, n, hw, rung.chunked_loss, budget, rung.name, repeats)
+def step(rung, n, budget=None, repeats=1, profile=False):  # one AdamW step (or `repeats`), batch 1, n tokens
+    return ladder_bench.train_step(model, optimizer, n, hw, rung.chunked_loss, budget, rung.name, repeats,
+                                   profile)
 
 
 def checkpointing_row(seq_len, name, every):
@@ -470,8 +471,7 @@ limit = min(P["ladder_limit"], config.max_position_embeddings)
 ladder_rows, probes = ladder.climb(model, rungs, lambda rung, n: step(rung, n, BUDGET),
                                    min(P["ladder_start"], limit), limit)
 BASELINE = 2  # the documented set-up's rung
-ladder_table = ladder_bench.summary_table(ladder_rows, BASELINE)
-display(ladder_table)
+display(ladder_table := ladder_bench.summary_table(ladder_rows, BASELINE))
 
 # %% [markdown]
 # **Predicted before running** (`recipes estimate`): each probe of the search as a plan for
@@ -482,8 +482,7 @@ display(ladder_table)
 
 # %%
 plans = estimate_check.ladder_plans(probes, rungs, P["model"], hw)
-predicted = estimate_check.side_by_side(probes, plans, config)
-display(predicted)
+display(predicted := estimate_check.side_by_side(probes, plans, config))
 assert predicted["error %"].abs().max() <= 10, "the estimate should be within 10% of every probe that ran"
 print(*estimate_check.oom_advice(probes, plans, hw, BUDGET, config), sep="\n")
 
@@ -572,8 +571,9 @@ assert all(e < 1e-5 for e in mlp_errors.values()), mlp_errors
 
 # %%
 long_rungs = ladder.past_the_limit(rungs[-1], P["tile_mlp_tokens"], P["rope_positions"])
-long_rows, long_probes = ladder.climb(model, long_rungs, lambda rung, n: step(rung, n, BUDGET),
-                                      min(P["ladder_start"], limit), limit, rerun_under_s=60)
+past_limit = lambda rung, n: step(rung, n, BUDGET, profile=n > limit)  # noqa: E731 (profiled past the limit)
+long_rows, long_probes = ladder.climb(model, long_rungs, past_limit, min(P["ladder_start"], limit), limit,
+                                      rerun_under_s=60)
 ladder.apply(model, rungs[-1])  # the model's own RoPE and MLPs again
 display(ladder_bench.summary_table(ladder_rows + long_rows, BASELINE))
 
@@ -589,16 +589,19 @@ if hw.cuda:
                   (extended_row["longest"] or 0) >= 2**19)
 
 # %% [markdown]
-# **Where the step's time goes** at the longest length the RoPE rung reached: one more step there, under
-# torch.profiler (`ladder_bench.step_time_split`), split into attention (SDPA's kernels), the tiled MLP and
-# the chunked loss (the `record_function` ranges around their forward and backward), offload copies
-# (host <-> device copies while no kernel runs; all their time, overlapped or not, is in the row's name)
-# and everything else (norms, RoPE, the optimizer, gaps): device time on a GPU, host time on the CPU,
-# which has no copies.
+# **Where the step's time goes** at the longest length the RoPE rung reached: past the position limit the
+# ladder's steps ran under torch.profiler (`ladder_bench.train_step(profile=True)`), so where the search's
+# own step there stands as the rung's row (a step of a minute or more) its split is shown; else one more
+# step there is profiled (`ladder_bench.step_time_split`). The step's time is split into attention
+# (SDPA's kernels), the tiled MLP and the chunked loss (the `record_function` ranges around their forward
+# and backward), offload copies (host <-> device copies while no kernel runs; all their time, overlapped
+# or not, is in the row's name) and everything else (norms, RoPE, the optimizer, gaps): device time on a
+# GPU, host time on the CPU, which has no copies.
 
 # %%
-ladder.apply(model, long_rungs[-1])  # the RoPE rung again (its loss is the chunked one: fused_head)
-long_split = ladder_bench.step_time_split(model, optimizer, extended_row["longest"], hw, fused_head=True)
+ladder.apply(model, long_rungs[-1])  # the RoPE rung again, where its own step at the top was not profiled
+long_split = extended_row["split"] or ladder_bench.step_time_split(model, optimizer, extended_row["longest"],
+                                                                   hw, fused_head=True)
 ladder.apply(model, rungs[-1])
 display(long_split if isinstance(long_split, str) else long_split.table())  # str: out of memory
 
@@ -799,8 +802,7 @@ def window_claims(window):  # the answer's own tokens and the separator: 8 token
     return {"answers inside": inside, "not beyond": beyond, "sinks help": sum(with_sinks) > sum(bare)}
 
 
-claims = pd.DataFrame({f"window {w}": window_claims(w) for w in WINDOWS})
-display(claims)
+display(claims := pd.DataFrame({f"window {w}": window_claims(w) for w in WINDOWS}))
 assert min(accuracy["full attention"]) > 0.8, "the embedded model should retrieve at every distance"
 assert claims.loc["answers inside"].all(), "a window + sinks should answer the facts inside the window"
 assert claims.loc["not beyond"].all(), "a window should not answer the facts beyond it"

@@ -123,6 +123,13 @@ def test_climb_keeps_a_slow_probe_as_the_row_at_the_longest_length():
     calls.clear()
     summary, _ = ladder.climb(model, rungs, step, 1024, 2048, rerun_under_s=60)  # a fast step: run again
     assert summary[0]["longest"] == 2048 and calls == [1024, 2048, 2048]
+    assert summary[0]["split"] is None  # a step that has none
+
+    def profiled(rung, n):  # as ladder_bench.train_step(profile=True) adds it
+        return {**step(rung, n), "split": f"split at {n}"}
+
+    summary, _ = ladder.climb(model, rungs, profiled, 1024, 8192, rerun_under_s=60)
+    assert summary[0]["split"] == "split at 4096"  # the slow step's own, kept with its row
 
 
 def test_length_schedule():

@@ -42,6 +42,20 @@ def test_a_tiled_step_with_the_chunked_loss_splits_into_every_part():
     assert abs(table["% of step"].iloc[:-1].sum() - 100) < 0.5  # rounded to 0.1 each
 
 
+def test_the_measured_step_itself_can_be_split():
+    """``train_step(profile=True)``: the ladder's own step at its top is profiled, not run again (a step of
+    minutes at 2^19 tokens on a GPU); its time, peak and split come from that one step."""
+    model, optimizer = _tiny(tiled=True)
+    ladder_bench.train_step(model, optimizer, SEQ, CPU, fused_head=True)  # warm
+    row = ladder_bench.train_step(model, optimizer, SEQ, CPU, fused_head=True, profile=True)
+    plain = ladder_bench.train_step(model, optimizer, SEQ, CPU, fused_head=True)
+    split = row["split"]
+    assert "split" not in plain and not row["oom"] and row["peak_bytes"] > 0
+    assert all(split.seconds[part] > 0 for part in ("attention", "mlp", "loss", "other")), split.seconds
+    assert split.step_s >= row["seconds"] * 0.5 and sum(split.seconds.values()) <= split.step_s * (1 + 1e-9)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_the_ranges_run_in_forward_backward_and_recomputation():
     """Each tiled MLP records its range in forward, in the checkpointed layer's recomputation and in
     backward; the chunked loss in forward and backward."""

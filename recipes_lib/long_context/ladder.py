@@ -127,8 +127,8 @@ def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start
 
     Args:
         step: ``(rung, seq_len) -> row`` with ``oom``, and ``peak_bytes``, ``seconds``, ``tokens_per_s``
-            when it fits (``host_bytes`` and ``mfu`` too where it has them, else None in the summary);
-            called on ``model`` after ``apply(model, rung)``.
+            when it fits (``host_bytes``, ``mfu`` and a profiled ``split`` too where it has them, else None
+            in the summary); called on ``model`` after ``apply(model, rung)``.
         limit: where the search stops (default: the model's own position limit); a rung that extends
             RoPE searches up to its ``rope_positions`` instead (``search_limit``).
         multiple: the bisection's grid (default ``start``).
@@ -151,7 +151,7 @@ def climb(model, rungs: Sequence[Rung], step: Callable[[Rung, int], dict], start
         best, rows = longest_trainable(probe, start, top, refine, multiple or start)
         probes += rows
         at_best = _row_at(best, probed.get(best), functools.partial(step, rung), rerun_under_s)
-        measured = ("peak_bytes", "host_bytes", "seconds", "tokens_per_s", "mfu")
+        measured = ("peak_bytes", "host_bytes", "seconds", "tokens_per_s", "mfu", "split")
         fits = {key: None if at_best["oom"] else at_best.get(key) for key in measured}
         summary.append({"name": rung.name, "longest": best, "limit": top, "at limit": best == top, **fits})
     return summary, probes

@@ -6,7 +6,8 @@ the one timer, its peak by the one tracker, running out of memory a row (``oom_a
 device's peak, a step on CUDA reports the pinned host memory it held (offloaded activations), and
 every step that fits its model FLOPs utilisation (``flops.mfu``, None without a datasheet peak).
 ``step_time_split`` profiles the same step once and splits its time into attention, MLP, loss and offload
-copies (``measure.step_split``).
+copies (``measure.step_split``); ``train_step(profile=True)`` splits the measured step itself, so a step of
+minutes at the ladder's top is not run a second time to be profiled.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def random_batch(vocab_size: int, seq_len: int, device, seed: int = 0) -> dict:
 
 
 def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = False,
-               budget_bytes: int | None = None, name: str = "", repeats: int = 1) -> dict:
+               budget_bytes: int | None = None, name: str = "", repeats: int = 1,
+               profile: bool = False) -> dict:
     """One optimizer step at batch 1 and ``seq_len`` tokens: peak bytes, seconds and tokens/s, or OOM.
 
     The row also has ``host_bytes``: the pinned host memory the step held at its peak on CUDA (the
@@ -41,10 +43,13 @@ def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = 
         fused_head: the chunked LM head + cross-entropy instead of the model's full logits.
         budget_bytes: a memory budget; a step whose peak exceeds it counts as out of memory (how the
             CPU run, which never runs out, plays the game of a smaller device).
+        profile: run the measured step under torch.profiler and add its time split (``split``: a
+            ``step_split.StepSplit``, as ``step_time_split`` gives); its time and peak are still measured
+            (the profiler's own cost: a few ms per thousand operators, and CUPTI's set-up on a GPU).
     """
     models.check_seq_len(model, seq_len)  # past the position limit RoPE would extrapolate silently
     row = {"name": name, "seq_len": seq_len, "peak_bytes": None, "host_bytes": None, "seconds": None}
-    row |= memory.oom_as_result(lambda: _measure(model, optimizer, seq_len, hw, fused_head, repeats))
+    row |= memory.oom_as_result(lambda: _measure(model, optimizer, seq_len, hw, fused_head, repeats, profile))
     if budget_bytes is not None and row["peak_bytes"] is not None and row["peak_bytes"] > budget_bytes:
         row["oom"] = True
     if not row["oom"]:
@@ -56,19 +61,26 @@ def train_step(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool = 
     return row
 
 
-def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool, repeats: int) -> dict:
+def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool, repeats: int,
+             profile: bool = False) -> dict:
     batch = random_batch(model.config.vocab_size, seq_len, hw.device)
     step = _one_step(model, optimizer, batch, hw, fused_head)
     states = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
+    seconds, split = [], {}
     try:
         with memory.peak_memory(hw.device, states) as peak, memory.host_peak_memory(hw.device) as host:
-            took = timing.Timing.of([timing.seconds(step, hw.device)])
+            if profile:  # timing.seconds waits for the device, as step_split.profile asks of a step
+                split["split"] = step_split.profile(lambda: seconds.append(timing.seconds(step, hw.device)),
+                                                    hw.device)
+            else:
+                seconds.append(timing.seconds(step, hw.device))
+        took = timing.Timing.of(seconds)
         if repeats > 1:
             took = timing.time_it(step, hw.device, repeats, warmup=0)
     finally:
         optimizer.zero_grad(set_to_none=True)  # a step that ran out of memory leaves gradients behind
     return {"oom": False, "seconds": took.median, "seconds_min": took.low, "seconds_max": took.high,
-            "peak_bytes": peak["peak"], "host_bytes": host.get("peak")}
+            "peak_bytes": peak["peak"], "host_bytes": host.get("peak"), **split}
 
 
 def _one_step(model, optimizer, batch: dict, hw: Hardware, fused_head: bool):
