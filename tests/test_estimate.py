@@ -431,6 +431,11 @@ def test_plan_of_a_train_config():
     plan = estimate_cmd.plan_of(cfg, gpus=4)
     assert (plan.strategy, plan.gpus, plan.accum_steps) == ("fsdp2-no-reshard", 4, 2)
     assert (plan.method, plan.checkpoint_every, plan.precision) == ("qlora", 2, "mixed")
+    assert plan.nf4_base == "bitsandbytes"  # auto: the base a sharded run holds
+    single = estimate_cmd.plan_of(validate({"model": {"method": "qlora", "compile": True}}))
+    assert single.nf4_base == "torchao" and single.compiled  # auto: the default path on one bf16 GPU
+    chosen = validate({"model": {"method": "qlora", "compile": True, "nf4_base": "torch"}})
+    assert estimate_cmd.plan_of(chosen).nf4_base == "torch"
     long = estimate_cmd.plan_of(validate({"model": {"source": "random:llama-3.2-1b", "method": "full",
                                                     "attention": "eager", "long_context": True},
                                           "data": {"seq_len": 2**19}}))

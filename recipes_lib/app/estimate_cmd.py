@@ -19,6 +19,7 @@ from ..measure import advisor
 from ..measure.estimate import (
     ATTENTIONS,
     METHODS,
+    NF4_BASES,
     OPTIMIZERS,
     PRECISIONS,
     STRATEGIES,
@@ -48,6 +49,8 @@ FLAGS = {  # flag: (Plan field, type, help)
     "--lora-dropout": ("lora_dropout", float, "adapter dropout (its masks and inputs are kept)"),
     "--tile-mlp-tokens": ("tile_mlp_tokens", int, "tiled MLP: tokens per chunk (0: the MLP whole)"),
     "--rope-positions": ("rope_positions", int, "RoPE extended to this many positions (0: as trained)"),
+    "--nf4-base": ("nf4_base", str, f"qlora's 4-bit base: one of {', '.join(NF4_BASES)} (compiled on "
+                   "torchao's, each layer keeps its weights dequantized for backward)"),
 }
 SWITCHES = {  # flag: (Plan field, help); each also has --no-<flag>
     "--checkpointing": ("checkpoint_every", "checkpoint every decoder layer (--checkpoint-every 1)"),
@@ -55,7 +58,8 @@ SWITCHES = {  # flag: (Plan field, help); each also has --no-<flag>
     "--chunked-loss": ("chunked_loss", "fused chunked LM head + cross-entropy instead of full logits"),
     "--packed": ("packed", "documents packed with position_ids, or padded: attention gets a mask"),
     "--upcast-fp32": ("upcast_fp32", "prepare_model_for_kbit_training: embeddings, norms, head in fp32"),
-    "--compiled": ("compiled", "torch.compile'd decoder layers (full fine-tuning, fused attention)"),
+    "--compiled": ("compiled", "torch.compile'd decoder layers (modelled with fused attention and no adapter "
+                   "dropout; a recomputed adapter layer counts eager's tensors)"),
 }
 STRATEGY = {"single": "single", "ddp": "ddp", "zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3"}
 
@@ -101,7 +105,9 @@ def plan_of(cfg: run_config.RunConfig, gpus: int = 1) -> Plan:
                 packed=True, optimizer="offload" if cfg.optim.offload else "fused", lora_r=m.lora_r,
                 lora_dropout=m.lora_dropout,  # compile auto: compiled on a bf16 GPU (fast_path), the target
                 compiled=m.compile is True or (m.compile == "auto" and not fast_path.unmeasured(cfg)))
-    return replace(plan, **long)
+    fastest = plan.compiled and strategy == "single"  # auto: torchao's base with compiled layers on one GPU
+    base = m.nf4_base if m.nf4_base != "auto" else "torchao" if fastest else "bitsandbytes"
+    return replace(plan, nf4_base=base, **long)
 
 
 def _plan(args) -> Plan:
