@@ -233,3 +233,32 @@ def test_merge_joins_commands_and_compares_across_them(tmp_path):
     assert json.loads(paths[2].read_text())["analysis"]["not_fitted"]
     with pytest.raises(RecipeError, match="different prompt lengths"):
         decode_sweep.merge([result("bf16", 600), result("int8", 900, prompt_len=128)])
+
+
+def test_a_failing_format_is_a_skipped_row_when_keeping_going(monkeypatch):
+    """On a GPU (keep_going) one format's compile or kernel error becomes rows that name it and the sweep
+    goes on to the next format; on CPU (the default there) the error is raised, so CI sees the bug."""
+    from recipes_lib.core import hardware
+    from recipes_lib.measure import decode
+
+    real = decode.benchmark
+
+    def int8_fails(model, *args, **kwargs):
+        if quantize.quantization_of(model):
+            raise RuntimeError("Inductor lowering failed:\n  a long\n  traceback" + " x" * 300)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "benchmark", int8_fails)
+    how = dict(shapes=["llama-mini"], formats=["bf16", "int8"], batches=[1, 2], prompt_len=4, new_tokens=2,
+               repeats=1, compile=False, tune=False, bandwidth=1e10, hw=hardware.detect())
+    rows = decode_sweep.run(keep_going=True, **how)["rows"]
+    assert [(r["format"], r["batch"]) for r in rows] == [("bf16", 1), ("bf16", 2), ("int8", 1), ("int8", 2)]
+    assert all(r["skipped"] is None and r["decode_tokens_per_s"] > 0 for r in rows[:2])
+    for r in rows[2:]:
+        assert r["skipped"].startswith("failed while compiling or decoding: RuntimeError: Inductor lowering")
+        assert "\n" not in r["skipped"] and len(r["skipped"]) < 300 and r["speedup_vs_bf16"] is None
+    monkeypatch.setattr(decode_sweep, "build", lambda *a, **k: (_ for _ in ()).throw(ValueError("no model")))
+    rows = decode_sweep.run(keep_going=True, **how)["rows"]
+    assert [r["skipped"] for r in rows] == ["failed while building or quantizing: ValueError: no model"] * 4
+    with pytest.raises(ValueError, match="no model"):  # CPU's default: raised
+        decode_sweep.run(**how)

@@ -77,10 +77,22 @@ def memory_shortfall(config, batch: int, prompt_len: int, new_tokens: int, hw: H
     return None if need <= free else f"needs about {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"
 
 
+def _failure(error: Exception) -> str:
+    """An error in one line (its type and the first 200 characters of its message), for a skipped row."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
 def measure_format(shape: str, config, fmt: str, batches: list[int], hw: Hardware, bandwidth: float,
                    prompt_len: int, new_tokens: int, repeats: int, compile: bool | None, tune: bool,
-                   group_size: int, int8_backend: str = "auto") -> list[dict]:
-    """The rows of one shape in one format, a row per batch (skipped rows say why)."""
+                   group_size: int, int8_backend: str = "auto", keep_going: bool | None = None) -> list[dict]:
+    """The rows of one shape in one format, a row per batch (skipped rows say why).
+
+    ``keep_going`` (default: on a GPU) turns any other error of building, quantizing, compiling or timing
+    into skipped rows that name it, so that one kernel that fails (a torchao or Inductor error) does not
+    end a sweep of many compiled steps; on CPU (CI) such an error is raised, as a bug should be.
+    """
+    keep_going = hw.cuda if keep_going is None else keep_going
     size = torch.finfo(hw.model_dtype).bits // 8
     context = decode_floor.mean_context(prompt_len, new_tokens)
     base = {"shape": shape, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
@@ -106,6 +118,11 @@ def measure_format(shape: str, config, fmt: str, batches: list[int], hw: Hardwar
             except torch.OutOfMemoryError:
                 rows.append(row(batch, skipped="out of GPU memory while decoding"))
                 continue
+            except Exception as error:
+                if not keep_going:
+                    raise
+                rows.append(row(batch, skipped=f"failed while compiling or decoding: {_failure(error)}"))
+                continue
             measured = {**row(batch, backend=backend, weight_bytes=weights), **measured}
             measured["pct_of_floor"] = 100 * measured["decode_tokens_per_s"] / measured["floor_tokens_per_s"]
             rows.append(decode.report_row(measured))
@@ -113,6 +130,10 @@ def measure_format(shape: str, config, fmt: str, batches: list[int], hw: Hardwar
         rows = [row(b, skipped=str(error)) for b in batches]
     except torch.OutOfMemoryError:
         rows = [row(b, skipped="out of GPU memory while building or quantizing") for b in batches]
+    except Exception as error:
+        if not keep_going:
+            raise
+        rows = [row(b, skipped=f"failed while building or quantizing: {_failure(error)}") for b in batches]
     finally:
         model = None
         if hw.cuda:
@@ -142,8 +163,9 @@ def depths_of(config, fractions) -> list[int]:
 def run(shapes=SHAPES, formats=decode_floor.FORMATS, batches=(1, 16), prompt_len: int = 512,
         new_tokens: int = 64, repeats: int = 5, hw: Hardware | None = None, bandwidth: float | None = None,
         depth_fractions=(1.0,), compile: bool | None = None, tune: bool = True,
-        group_size: int = 128, int8_backend: str = "auto") -> dict:
-    """Every shape x depth x format x batch (see the module docstring); returns the rows and how."""
+        group_size: int = 128, int8_backend: str = "auto", keep_going: bool | None = None) -> dict:
+    """Every shape x depth x format x batch (see the module docstring); returns the rows and how.
+    ``keep_going``: see ``measure_format`` (default: on a GPU, a failing format becomes skipped rows)."""
     hw = hw or hardware.detect()
     bandwidth = bandwidth or timing.copy_bandwidth(hw.device, n_bytes=GiB if hw.cuda else 2**24)
     rows = []
@@ -152,7 +174,8 @@ def run(shapes=SHAPES, formats=decode_floor.FORMATS, batches=(1, 16), prompt_len
             config = shape_config(shape, layers)
             for fmt in formats:
                 rows += measure_format(shape, config, fmt, list(batches), hw, bandwidth, prompt_len,
-                                       new_tokens, repeats, compile, tune, group_size, int8_backend)
+                                       new_tokens, repeats, compile, tune, group_size, int8_backend,
+                                       keep_going)
     return dict(device=hw.summary(), bandwidth=bandwidth, prompt_len=prompt_len, new_tokens=new_tokens,
                 context=decode_floor.mean_context(prompt_len, new_tokens), group_size=group_size,
                 act_bytes=torch.finfo(hw.model_dtype).bits // 8, rows=add_speedups(rows))
