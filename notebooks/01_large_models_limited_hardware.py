@@ -165,7 +165,7 @@ notebook.state_runtime(P, *workload.notebook01(P, config))  # this profile's wor
 
 # %%
 FULL_COMPILED, why_full = speed.default_compile(hw)
-_, QLORA_COMPILED, why_qlora = qlora.default_path(hw, config=config)  # what qlora_model(base="auto") builds
+QLORA_BASE, QLORA_COMPILED, why_qlora = qlora.default_path(hw, config=config)  # qlora_model(base="auto")
 print(f"full fine-tuning: {why_full} | QLoRA: {why_qlora}")
 
 
@@ -468,10 +468,10 @@ if bench.fits(accum_row, ladder_rows[-1]):
 # %%
 full_plan = estimate.Plan(MODEL_NAME, "full", "bf16", micro_batch=P["micro_batch"], seq_len=SEQ_LEN,
                           lora_r=P["lora_r"])  # packed rows, chunked loss, fused AdamW: the defaults
-ckpt_qlora = dict(method="qlora", checkpoint_every=1)
-ckpt_qlora = dict(ckpt_qlora, compiled=QLORA_COMPILED)
+qlora_path = dict(method="qlora", compiled=QLORA_COMPILED, nf4_base=QLORA_BASE)  # as default_path builds it
+ckpt_qlora = dict(qlora_path, checkpoint_every=1)
 rung_changes = [dict(chunked_loss=False, compiled=FULL_COMPILED),
-                dict(method="qlora", compiled=QLORA_COMPILED),
+                qlora_path,
                 ckpt_qlora,
                 dict(ckpt_qlora, micro_batch=small, accum_steps=P["accum_steps"]),
                 dict(ckpt_qlora, micro_batch=small, accum_steps=P["accum_steps"], optimizer="offload")]
