@@ -351,10 +351,11 @@ plt.show()
 # load, so a row can "beat" its floor there (a loaded CI runner saw 245%); its floors are shown, not
 # checked. For the same reason the CPU run shows its chosen student but distils the depth-only one:
 # a choice made from toy timings would change from run to run. Each row against its floor is a target, as
-# is F.rms_norm against the written-out formula below (printed only on a CPU, as every target there), and
-# the student decoding faster is an assert on a CPU and its >= 2x row on a GPU: another process may share
-# the GPU (issue 17's simulated T4 and L4 ran side by side on one H100); on the H100 a miss still fails the
-# run, at the end.
+# are the cost models' fits to their steps (within 25% on a GPU; a fit with as many terms as points is
+# exact, not checked) and F.rms_norm against the written-out formula below (printed only on a CPU, as every
+# target there), and the student decoding faster is an assert on a CPU and its >= 2x row on a GPU: another
+# process may share the GPU (issue 17's simulated T4 and L4 ran side by side on one H100); on the H100 a
+# miss still fails the run, at the end, after every figure is saved.
 
 # %%
 student_choice = sweep_analysis.get("student", "no bf16 batch-1 cost model: no student chosen")
@@ -365,10 +366,11 @@ used = sweep_analysis if hw.cuda else {"student": "CPU: toy timings are Python o
 worst = sweep_table.get("% of floor", pd.Series(dtype=float)).max()  # NaN misses: none measured
 targets.check(f"every size-sweep row at most {100 + FLOOR_TOLERANCE_PCT}% of its bandwidth floor (timings)",
               f"worst {worst:.0f}%", worst <= 100 + FLOOR_TOLERANCE_PCT)  # a target: the GPU may be shared
-checked = fits[fits["points"] > fits["terms"]]  # a fit with as many terms as points has no residual to check
+checked = fits[fits["points"] > fits["terms"]]["max |residual| %"]  # as many terms as points: no residual
 print("exact fits, no residual to check:", list(fits.index.difference(checked.index)) or "none")
-assert len(fits) and (checked["max |residual| %"] <= 100 * P["sweep_fit_bound"]).all(), \
-    f"cost models off by over {P['sweep_fit_bound']:.0%} (a fit's GB/s is at most 1.1x the copy's):\n{fits}"
+assert len(fits), "no format and batch has a cost model"  # how well they fit the timings: a target
+targets.check(f"size-sweep cost models within {P['sweep_fit_bound']:.0%} of each measured step", f"worst "
+              f"{checked.max():.0f}% ({len(checked)} checked)", (checked <= 100 * P["sweep_fit_bound"]).all())
 if P["profile"] == "gpu":  # issue 20's target, where int8 should pay: the 8B shape at batch 1
     int8_8b = next(r for r in size_sweep["rows"] if (r["shape"], r["layers"], r["format"], r["batch"])
                    == ("llama-3.1-8b", 32, "int8", 1))
