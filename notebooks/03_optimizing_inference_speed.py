@@ -305,7 +305,9 @@ plt.show()
 # layer, and each part is a latency plus the bytes it reads over the memory bandwidth
 # (`measure.decode_cost`). int8 halves the bytes, not the latency. A layer's bytes grow with the square
 # of its width while its few kernels' latency hardly grows, so the larger the model, the larger the
-# share int8 can save. `measure.decode_sweep` measures it: bf16, int8 weight-only and int4 weight-only
+# share int8 can save. `measure.decode_sweep` measures it: bf16, int8 weight-only (through the path the
+# table above found faster on this GPU, `best_wo`: in the H200 run of 2026-12-02 torchao's step decoded the
+# 1B shape at 0.33x bf16, the plain module at 0.92x) and int4 weight-only
 # (torchao's tinygemm layout: CUDA, compute capability 8.0+, bf16 weights; elsewhere its rows say why
 # they were skipped), at batch 1 and a larger batch, on Llama shapes of growing size with random
 # weights, through the same harness. Beside each row is its **bandwidth floor**
@@ -316,7 +318,7 @@ plt.show()
 # fixed from the per-layer cost), decoded eagerly with fp32 weights as the unquantized reference.
 
 # %%
-size_sweep = decode_sweep.run(hw=hw, **P["sweep"])
+size_sweep = decode_sweep.run(hw=hw, int8_backend=best_wo, **P["sweep"])  # the faster int8 path here
 sweep_table = pd.DataFrame(decode_sweep.table(size_sweep["rows"]))
 display(sweep_table.set_index("shape"))
 
