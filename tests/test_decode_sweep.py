@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import LlamaForCausalLM
 
+from recipes_lib.core import hardware
 from recipes_lib.core.errors import RecipeError
 from recipes_lib.inference import quantize
-from recipes_lib.measure import decode_cost, decode_floor, decode_sweep
+from recipes_lib.measure import decode, decode_cost, decode_fits, decode_floor, decode_sweep
 
 LLAMA_1B = decode_sweep.shape_config("llama-3.2-1b")
 LLAMA_8B = decode_sweep.shape_config("llama-3.1-8b")
@@ -112,7 +113,7 @@ def test_analyse_fits_each_format_and_chooses_the_student():
              "parameters": decode_floor.parameter_count(c), "ms_per_decode_step": 1e3 * t}
             for (s, d), (c, t) in zip(measured, points(measured))]
     rows.append({**rows[0], "format": "int4", "skipped": "no int4 kernel here"})
-    out = decode_sweep.analyse({"rows": rows, "context": 544, "act_bytes": 2, "bandwidth": 2.9e12})
+    out = decode_fits.analyse({"rows": rows, "context": 544, "act_bytes": 2, "bandwidth": 2.9e12})
     assert list(out["cost_models"]) == ["bf16 batch 1"] and out["largest"] == "llama-3.1-8b"
     fitted = out["cost_models"]["bf16 batch 1"]
     assert fitted["bandwidth"] == pytest.approx(3e12, rel=1e-6)  # from two widths, not the 2.9e12 given
@@ -129,14 +130,14 @@ def test_a_fit_with_a_negative_latency_falls_back_to_the_copy_bandwidth():
                                                             ("llama-3.1-8b", 32), ("llama-3.1-8b", 16)]]
     measured = [(c, unphysical.step_s(c)) for c in configs]
     assert decode_cost.fit(measured, context=544).layer_latency_s < 0  # what the free fit would report
-    model, terms = decode_sweep.fit_points(measured, 3e12, context=544)  # latencies at the given bandwidth
+    model, terms = decode_fits.fit_points(measured, 3e12, context=544)  # latencies at the given bandwidth
     assert terms == 2 and model.bandwidth == 3e12 and model.layer_latency_s == pytest.approx(-5e-6, rel=1e-6)
     physical = points([("llama-3.2-1b", 16), ("llama-3.2-1b", 8), ("llama-3.1-8b", 32), ("llama-3.1-8b", 16)])
-    model, terms = decode_sweep.fit_points(physical, 2.9e12, context=544)  # within the 10% slack
+    model, terms = decode_fits.fit_points(physical, 2.9e12, context=544)  # within the 10% slack
     assert terms == 3 and model.bandwidth == pytest.approx(3e12, rel=1e-6)
-    model, terms = decode_sweep.fit_points(physical, 2e12, context=544)  # faster than copying: not physical
+    model, terms = decode_fits.fit_points(physical, 2e12, context=544)  # faster than copying: not physical
     assert terms == 2 and model.bandwidth == 2e12
-    one_width, terms = decode_sweep.fit_points(points([("llama-3.2-1b", 16), ("llama-3.2-1b", 8)]), 3e12,
+    one_width, terms = decode_fits.fit_points(points([("llama-3.2-1b", 16), ("llama-3.2-1b", 8)]), 3e12,
                                                context=544)
     assert terms == 2 and one_width.layer_latency_s == pytest.approx(TRUTH.layer_latency_s, rel=1e-6)
 
@@ -152,7 +153,7 @@ INT8 = dataclasses.replace(TRUTH, fmt="int8", overhead_s=0.5e-3, layer_latency_s
 
 
 def test_cost_table_splits_each_fit_at_the_largest_shape():
-    (bf16, int8) = decode_sweep.cost_table(fitted_analysis(TRUTH, INT8))
+    (bf16, int8) = decode_fits.cost_table(fitted_analysis(TRUTH, INT8))
     assert bf16["model"] == "bf16 batch 1" and int8["model"] == "int8 batch 1"
     for record, model in [(bf16, TRUTH), (int8, INT8)]:
         assert record["fixed ms"] == pytest.approx(1e3 * model.fixed_s(LLAMA_8B))
@@ -164,19 +165,19 @@ def test_cost_table_splits_each_fit_at_the_largest_shape():
 
 
 def test_crossover_is_where_the_fitted_speedup_passes_one():
-    where = decode_sweep.crossover(fitted_analysis(TRUTH, INT8))
+    where = decode_fits.crossover(fitted_analysis(TRUTH, INT8))
     sizes, speedups = zip(*where["curve"])
     assert list(sizes) == sorted(sizes) and sizes[-1] == decode_floor.parameter_count(LLAMA_8B)
     assert speedups[-1] == pytest.approx(TRUTH.step_s(LLAMA_8B) / INT8.step_s(LLAMA_8B))
     i = next(i for i, s in enumerate(speedups) if s >= 1)  # slower when small, faster when large
     assert 0 < i and speedups[i - 1] < 1 and sizes[i - 1] < where["parameters"] < sizes[i]
-    assert where["words"].startswith(f"passes bf16 at about {decode_sweep._count(where['parameters'])} param")
-    assert [decode_sweep._count(n) for n in (2.74e5, 5.5e6, 3.2e9, 12)] == ["274K", "5.5M", "3.2B", "12"]
-    never = decode_sweep.crossover(fitted_analysis(TRUTH, dataclasses.replace(INT8, layer_latency_s=1e-3)))
+    assert where["words"].startswith(f"passes bf16 at about {decode_fits._count(where['parameters'])} param")
+    assert [decode_fits._count(n) for n in (2.74e5, 5.5e6, 3.2e9, 12)] == ["274K", "5.5M", "3.2B", "12"]
+    never = decode_fits.crossover(fitted_analysis(TRUTH, dataclasses.replace(INT8, layer_latency_s=1e-3)))
     assert never["parameters"] is None and never["words"].startswith("stays below bf16")
-    assert decode_sweep.crossover(fitted_analysis(TRUTH)) is None  # no int8 fit
+    assert decode_fits.crossover(fitted_analysis(TRUTH)) is None  # no int8 fit
     # cheaper fixed part, dearer layers: faster when tiny, slower in between, faster again when the bytes rule
-    both = decode_sweep.crossover(fitted_analysis(TRUTH, dataclasses.replace(
+    both = decode_fits.crossover(fitted_analysis(TRUTH, dataclasses.replace(
         INT8, overhead_s=0.05e-3, layer_latency_s=80e-6)))
     assert both["words"].startswith("falls below bf16 at about")
     assert ", then passes bf16 at about" in both["words"]
@@ -195,7 +196,7 @@ def test_sweep_runs_a_tiny_shape_on_cpu(tmp_path):
     out = tmp_path / "sweep.json"
     result = decode_sweep.main(["--shapes", "llama-mini", "--formats", "bf16", "int8", "int4",
                                 "--batches", "1", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "2",
-                                "--eager", "--out", str(out)])
+                                "--eager", "--int8-backend", "pytorch", "--out", str(out)])
     bf16, int8, int4 = result["rows"]
     assert [r["format"] for r in (bf16, int8, int4)] == ["bf16", "int8", "int4"]
     for row in (bf16, int8):
@@ -211,6 +212,37 @@ def test_sweep_runs_a_tiny_shape_on_cpu(tmp_path):
     assert json.loads(out.read_text())["rows"][1]["backend"] == "pytorch"
     assert [r["skipped"] for r in decode_sweep.table(result["rows"])[2:]] == [int4["skipped"]]
     assert torch.get_default_device().type == "cpu"  # build's device context did not leak
+
+
+def test_sweep_reuses_rows_measured_the_same_way_and_stops_at_its_budget(monkeypatch):
+    """Notebook 03 hands the sweep section 1's rows of the 1B shape (the same harness): those are not timed
+    again; a budget spent leaves the formats not begun as skipped rows; the rows come back sorted."""
+    cpu = hardware.detect("cpu")
+    model = decode_sweep.build(decode_sweep.shape_config("llama-mini"), cpu)
+    how = dict(prompt_len=4, new_tokens=2, repeats=2)
+    done = decode.sweep(model, cpu, [1], **how, compile=False, name="bf16")  # as notebook 03's section 1
+    measured = []
+    real = decode_sweep.measure_format
+    monkeypatch.setattr(decode_sweep, "measure_format",
+                        lambda *a, **k: measured.append(a[:3]) or real(*a, **k))
+    sweep = dict(shapes=("llama-mini",), formats=("bf16", "int8"), batches=(1,), hw=cpu, compile=False,
+                 int8_backend="pytorch", bandwidth=1e10, **how)
+    result = decode_sweep.run(given={("llama-mini", "bf16"): ("none", done)}, **sweep)
+    bf16, int8 = result["rows"]
+    assert bf16["reused"] and bf16["decode_tokens_per_s"] == done[0]["decode_tokens_per_s"]
+    share = bf16["decode_tokens_per_s"] / bf16["floor_tokens_per_s"]
+    assert bf16["pct_of_floor"] == pytest.approx(100 * share)
+    assert [m[2] for m in measured] == ["int8"] and int8["speedup_vs_bf16"] is not None
+    measured.clear()
+    other = decode_sweep.run(given={("llama-mini", "bf16"): ("none", done)}, **{**sweep, "new_tokens": 3})
+    assert [m[2] for m in measured] == ["bf16", "int8"] and "reused" not in other["rows"][0]  # not as given
+    spent = decode_sweep.run(given={("llama-mini", "bf16"): ("none", done)}, budget_s=0, **sweep)
+    assert spent["rows"][0]["reused"]
+    assert spent["rows"][1]["skipped"].startswith("not measured: the sweep's 0 s")
+    words, met = decode_sweep.floor_check(spent["rows"], ("llama-mini", "llama-3.1-8b"), at_least=0)
+    assert words.startswith("llama-mini: ") and words.endswith("llama-3.1-8b: not measured") and not met
+    assert decode_sweep.floor_check(spent["rows"], ("llama-mini",), at_least=0)[1]
+    assert not decode_sweep.floor_check(spent["rows"], ("llama-mini",), at_least=1e9)[1]
 
 
 def test_merge_joins_commands_and_compares_across_them(tmp_path):

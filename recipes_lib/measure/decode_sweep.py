@@ -16,9 +16,8 @@ choose a student for the largest shape.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -28,20 +27,12 @@ from ..core import hardware
 from ..core.errors import RecipeError
 from ..core.hardware import Hardware
 from ..inference import quantize
-from . import bench, decode, decode_cost, decode_floor, memory, timing
-from .estimate import model_config
+from . import bench, decode, decode_floor, memory, timing
+from .decode_fits import analyse, shape_config
 from .report import report
 
 SHAPES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
 GiB = 2**30
-
-
-def shape_config(shape: str, layers: int | None = None):
-    """The config of ``shape`` (a ``data/configs`` name, ``random:<name>``, a folder), cut to ``layers``."""
-    config = model_config(shape if shape.startswith("random:") or "/" in shape else f"random:{shape}")
-    if layers is not None:
-        config.num_hidden_layers = layers
-    return config
 
 
 def build(config, hw: Hardware, seed: int = 0):
@@ -93,16 +84,8 @@ def measure_format(shape: str, config, fmt: str, batches: list[int], hw: Hardwar
     end a sweep of many compiled steps; on CPU (CI) such an error is raised, as a bug should be.
     """
     keep_going = hw.cuda if keep_going is None else keep_going
-    size = torch.finfo(hw.model_dtype).bits // 8
-    context = decode_floor.mean_context(prompt_len, new_tokens)
-    base = {"shape": shape, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-            "format": fmt, "weight_dtype": str(hw.model_dtype),
-            "parameters": decode_floor.parameter_count(config)}
-
-    def row(batch: int, **fields) -> dict:
-        floor = decode_floor.floor_tokens_per_s(config, batch, context, fmt, bandwidth, group_size, size)
-        return {**base, "batch": batch, "floor_tokens_per_s": floor, "skipped": None, **fields}
-
+    row = _row_maker(shape, config, fmt, hw, bandwidth, decode_floor.mean_context(prompt_len, new_tokens),
+                     group_size)
     short = memory_shortfall(config, max(batches), prompt_len, new_tokens, hw)
     if short:
         return [row(b, skipped=f"does not fit GPU memory: {short}") for b in batches]
@@ -123,9 +106,7 @@ def measure_format(shape: str, config, fmt: str, batches: list[int], hw: Hardwar
                     raise
                 rows.append(row(batch, skipped=f"failed while compiling or decoding: {_failure(error)}"))
                 continue
-            measured = {**row(batch, backend=backend, weight_bytes=weights), **measured}
-            measured["pct_of_floor"] = 100 * measured["decode_tokens_per_s"] / measured["floor_tokens_per_s"]
-            rows.append(decode.report_row(measured))
+            rows.append(_measured_row(row(batch, backend=backend, weight_bytes=weights), measured))
     except RecipeError as error:  # no kernel for this format here
         rows = [row(b, skipped=str(error)) for b in batches]
     except torch.OutOfMemoryError:
@@ -155,6 +136,34 @@ def add_speedups(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _row_maker(shape: str, config, fmt: str, hw: Hardware, bandwidth: float, context: float, group_size: int):
+    """``row(batch, **fields)``: a row of ``shape`` (cut to ``config``'s depth) in ``fmt``, with its floor."""
+    size = torch.finfo(hw.model_dtype).bits // 8
+    base = {"shape": shape, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "format": fmt, "weight_dtype": str(hw.model_dtype),
+            "parameters": decode_floor.parameter_count(config)}
+
+    def row(batch: int, **fields) -> dict:
+        floor = decode_floor.floor_tokens_per_s(config, batch, context, fmt, bandwidth, group_size, size)
+        return {**base, "batch": batch, "floor_tokens_per_s": floor, "skipped": None, **fields}
+
+    return row
+
+
+def _measured_row(row: dict, measured: dict) -> dict:
+    measured = {**row, **measured}
+    measured["pct_of_floor"] = 100 * measured["decode_tokens_per_s"] / measured["floor_tokens_per_s"]
+    return decode.report_row(measured)
+
+
+def reusable(given, batches, prompt_len: int, new_tokens: int, compiled: bool, tune: bool) -> bool:
+    """Whether ``given`` rows (``decode.benchmark``'s, one per batch) were measured as the sweep would
+    measure them: the same batches, prompt, new tokens, CUDA graph or not, and tuning (batch 1 only)."""
+    how = [(r["batch"], r["prompt_len"], r["new_tokens"], bool(r["compiled"]), bool(r["tuned"]))
+           for r in given]
+    return how == [(b, prompt_len, new_tokens, compiled, compiled and tune and b == 1) for b in batches]
+
+
 def depths_of(config, fractions) -> list[int]:
     """Layer counts ``fractions`` of ``config``'s depth (at least one layer), without repeats."""
     return list(dict.fromkeys(max(1, round(config.num_hidden_layers * f)) for f in fractions))
@@ -163,22 +172,57 @@ def depths_of(config, fractions) -> list[int]:
 def run(shapes=SHAPES, formats=decode_floor.FORMATS, batches=(1, 16), prompt_len: int = 512,
         new_tokens: int = 64, repeats: int = 5, hw: Hardware | None = None, bandwidth: float | None = None,
         depth_fractions=(1.0,), compile: bool | None = None, tune: bool = True,
-        group_size: int = 128, int8_backend: str = "auto", keep_going: bool | None = None) -> dict:
+        group_size: int = 128, int8_backend: str = "auto", keep_going: bool | None = None,
+        given: dict | None = None, budget_s: float | None = None) -> dict:
     """Every shape x depth x format x batch (see the module docstring); returns the rows and how.
-    ``keep_going``: see ``measure_format`` (default: on a GPU, a failing format becomes skipped rows)."""
+
+    Formats are measured in turn (every shape's bf16, then every shape's int8, ...), the rows then sorted
+    by shape, depth, format and batch.
+
+    Args:
+        keep_going: see ``measure_format`` (default: on a GPU, a failing format becomes skipped rows).
+        given: ``{(shape, format): (backend, rows)}``, full-depth rows measured elsewhere with
+            ``decode.benchmark`` (notebook 03's section 1): used in place of measuring them again where
+            ``reusable`` (same batches, prompt, new tokens, CUDA graph and tuning), each row saying so.
+        budget_s: once this many seconds have gone, the formats and shapes not yet begun are rows
+            skipped for time (the GPU session's budget), not measured.
+    """
     hw = hw or hardware.detect()
     bandwidth = bandwidth or timing.copy_bandwidth(hw.device, n_bytes=GiB if hw.cuda else 2**24)
-    rows = []
-    for shape in shapes:
-        for layers in depths_of(shape_config(shape), depth_fractions):
-            config = shape_config(shape, layers)
-            for fmt in formats:
-                rows += measure_format(shape, config, fmt, list(batches), hw, bandwidth, prompt_len,
-                                       new_tokens, repeats, compile, tune, group_size, int8_backend,
-                                       keep_going)
+    context, given, start = decode_floor.mean_context(prompt_len, new_tokens), given or {}, time.monotonic()
+    compiled, rows = hw.cuda if compile is None else compile, []
+    for fmt in formats:
+        for shape in shapes:
+            for layers in depths_of(shape_config(shape), depth_fractions):
+                config = shape_config(shape, layers)
+                row = _row_maker(shape, config, fmt, hw, bandwidth, context, group_size)
+                backend, done = given.get((shape, fmt), (None, []))
+                if layers == shape_config(shape).num_hidden_layers and done and reusable(
+                        done, batches, prompt_len, new_tokens, compiled, tune):
+                    rows += [_measured_row(row(r["batch"], backend=backend, reused=True), r) for r in done]
+                elif budget_s is not None and time.monotonic() - start > budget_s:
+                    rows += [row(b, skipped=f"not measured: the sweep's {budget_s:.0f} s were spent")
+                             for b in batches]
+                else:
+                    rows += measure_format(shape, config, fmt, list(batches), hw, bandwidth, prompt_len,
+                                           new_tokens, repeats, compile, tune, group_size, int8_backend,
+                                           keep_going)
+    shapes, formats = list(shapes), list(formats)
+    rows.sort(key=lambda r: (shapes.index(r["shape"]), -r["layers"], formats.index(r["format"]), r["batch"]))
     return dict(device=hw.summary(), bandwidth=bandwidth, prompt_len=prompt_len, new_tokens=new_tokens,
-                context=decode_floor.mean_context(prompt_len, new_tokens), group_size=group_size,
-                act_bytes=torch.finfo(hw.model_dtype).bits // 8, rows=add_speedups(rows))
+                context=context, group_size=group_size, act_bytes=torch.finfo(hw.model_dtype).bits // 8,
+                rows=add_speedups(rows))
+
+
+def floor_check(rows: list[dict], shapes, fmt: str = "bf16", batch: int = 1,
+                at_least: float = 70.0) -> tuple[str, bool]:
+    """Each of ``shapes``' share of its bandwidth floor at full depth in ``fmt`` at ``batch``, in words, and
+    whether every one reached ``at_least`` % (issue 20's first point: bf16 at batch 1, 70%)."""
+    full = {r["shape"]: r for r in sorted(rows, key=lambda r: r["layers"])
+            if (r["format"], r["batch"]) == (fmt, batch)}  # the deepest row of each shape
+    shares = {s: None if s not in full or full[s]["skipped"] else full[s]["pct_of_floor"] for s in shapes}
+    words = ", ".join(f"{s}: {'not measured' if v is None else f'{v:.0f}%'}" for s, v in shares.items())
+    return words, all(v is not None and v >= at_least for v in shares.values())
 
 
 def merge(results: list[dict]) -> dict:
@@ -205,84 +249,6 @@ def table(rows: list[dict]) -> list[dict]:
                     "min-max": bench.spread(decode.rates(r)), "% of floor": round(r["pct_of_floor"], 1),
                     "vs bf16": speedup, "backend": r["backend"]})
     return out
-
-
-def fit_points(points: list, bandwidth: float, slack=1.1, **how) -> tuple[decode_cost.CostModel, int]:
-    """A cost model of ``points`` and its fitted terms: 3 (bandwidth too) if possible and physical (no
-    negative cost, reads no faster than ``slack`` x the copy ``bandwidth``: toy weights in cache), else 2."""
-    with contextlib.suppress(RecipeError):
-        model = decode_cost.fit(points, **how)
-        if min(model.overhead_s, model.layer_latency_s) >= 0 and model.bandwidth <= slack * bandwidth:
-            return model, 3
-    return decode_cost.fit(points, bandwidth=bandwidth, **how), 2
-
-
-def cost_model(entry: dict) -> decode_cost.CostModel:
-    """The ``CostModel`` of one of ``analyse``'s ``cost_models`` entries."""
-    return decode_cost.CostModel(**{f.name: entry[f.name] for f in dataclasses.fields(decode_cost.CostModel)})
-
-
-def analyse(result: dict, target_speedup: float = 2.0) -> dict:
-    """Per (format, batch), a cost model fitted to the measured rows (``fit_points``; ``points``, ``terms``);
-    the ``largest`` shape; from bf16 batch 1, its student predicted to decode ``target_speedup`` x as fast."""
-    rows = [r for r in result["rows"] if not r["skipped"]]
-    models, errors = {}, {}
-    for fmt, batch in dict.fromkeys((r["format"], r["batch"]) for r in rows):
-        points = [(shape_config(r["shape"], r["layers"]), r["ms_per_decode_step"] / 1e3) for r in rows
-                  if (r["format"], r["batch"]) == (fmt, batch)]
-        how = dict(fmt=fmt, batch=batch, context=result["context"], act_bytes=result["act_bytes"])
-        try:
-            model, terms = fit_points(points, result["bandwidth"], **how)
-        except RecipeError as error:
-            errors[f"{fmt} batch {batch}"] = str(error)
-            continue
-        models[f"{fmt} batch {batch}"] = {**dataclasses.asdict(model), "points": len(points), "terms": terms,
-                                          "residuals": decode_cost.residuals(model, points)}
-    out = {"cost_models": models, "not_fitted": errors,
-           "largest": max(rows, key=lambda r: r["parameters"])["shape"] if rows else None}
-    if "bf16 batch 1" in models:
-        try:
-            s = decode_cost.choose_student(shape_config(out["largest"]), target_speedup,
-                                           cost_model(models["bf16 batch 1"]))
-            out["student"] = {"teacher": out["largest"], "layers": s.layers, "hidden_size": s.hidden_size,
-                              "num_attention_heads": s.config.num_attention_heads,
-                              "num_key_value_heads": s.config.num_key_value_heads,
-                              "intermediate_size": s.config.intermediate_size, "parameters": s.parameters,
-                              "predicted_speedup": s.speedup, "target_speedup": target_speedup}
-        except RecipeError as error:
-            out["student"] = str(error)
-    return out
-
-
-def cost_table(analysis: dict) -> list[dict]:
-    """``analyse``'s cost models as table records: fixed and per-layer costs at the largest shape, and fit."""
-    top = shape_config(analysis["largest"])
-    return [{"model": name, "fixed ms": 1e3 * m.fixed_s(top), "µs per layer": 1e6 * m.per_layer_s(top),
-             "latency µs": 1e6 * m.layer_latency_s, "read µs": 1e6 * (m.per_layer_s(top) - m.layer_latency_s),
-             "GB/s": m.bandwidth / 1e9, "points": e["points"], "terms": e["terms"],
-             "max |residual| %": 100 * max(map(abs, e["residuals"]))}
-            for name, e in analysis["cost_models"].items() for m in [cost_model(e)]]
-
-
-def _count(n: float) -> str:
-    return next(f"{n / s:.3g}{unit}" for s, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= s)
-
-
-def crossover(analysis: dict, fmt: str = "int8", batch: int = 1) -> dict | None:
-    """``fmt``'s fitted speed-up over bf16 along the largest shape scaled down; where it passes 1x (words)."""
-    ref, other = (analysis["cost_models"].get(f"{f} batch {batch}") for f in ("bf16", fmt))
-    if ref is None or other is None:
-        return None
-    ref, other, top = cost_model(ref), cost_model(other), shape_config(analysis["largest"])
-    curve = [(decode_floor.parameter_count(c), ref.step_s(c) / other.step_s(c)) for c in [
-        decode_cost.student_config(top, max(1, round(top.num_hidden_layers * k / top.num_key_value_heads)), k)
-        for k in range(1, top.num_key_value_heads + 1)]]  # depth and width scaled down together
-    cross = [(a * (b / a) ** ((1 - s) / (t - s)), "passes" if s < t else "falls below")
-             for (a, s), (b, t) in zip(curve, curve[1:]) if min(s, t) < 1 <= max(s, t)]  # either way
-    words = (", then ".join(f"{how} bf16 at about {_count(n)} parameters" for n, how in cross) if cross else
-             f"stays {'above' if curve[0][1] >= 1 else 'below'} bf16 from {_count(curve[0][0])} to "
-             f"{_count(curve[-1][0])} parameters") + f" ({curve[-1][1]:.2f}x at full size)"
-    return dict(fmt=fmt, batch=batch, curve=curve, parameters=(cross or [(None,)])[0][0], words=words)
 
 
 def main(argv: list[str] | None = None) -> dict:
