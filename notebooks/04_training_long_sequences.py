@@ -589,17 +589,20 @@ if hw.cuda:
                   (extended_row["longest"] or 0) >= 2**19)
 
 # %% [markdown]
-# **Where the step's time goes** at the longest length the RoPE rung reached: past the position limit the
-# ladder's steps ran under torch.profiler (`ladder_bench.train_step(profile=True)`), so where the search's
-# own step there stands as the rung's row (a step of a minute or more) its split is shown; else one more
-# step there is profiled (`ladder_bench.step_time_split`). The step's time is split into attention
+# **Where the step's time goes** at the longest length the RoPE rung reached. The ladder's steps past its
+# search limit (`limit`: the model's position limit on the GPU, 2^17; the CPU's search stops at 4,096)
+# ran under torch.profiler (`ladder_bench.train_step(profile=True)`), the row's own step included, so the
+# split shown is that step's, not one more step of minutes; only where the rung stopped within the limit
+# is one more step profiled (`ladder_bench.step_time_split`). The RoPE rung's step time, tokens/s and MFU
+# above therefore include the profiler's own cost: small beside a step of minutes (a few ms per thousand
+# operators, and CUPTI's set-up once). The step's time is split into attention
 # (SDPA's kernels), the tiled MLP and the chunked loss (the `record_function` ranges around their forward
 # and backward), offload copies (host <-> device copies while no kernel runs; all their time, overlapped
 # or not, is in the row's name) and everything else (norms, RoPE, the optimizer, gaps): device time on a
 # GPU, host time on the CPU, which has no copies.
 
 # %%
-ladder.apply(model, long_rungs[-1])  # the RoPE rung again, where its own step at the top was not profiled
+ladder.apply(model, long_rungs[-1])  # the RoPE rung again, for a rung that stopped within the limit
 long_split = extended_row["split"] or ladder_bench.step_time_split(model, optimizer, extended_row["longest"],
                                                                    hw, fused_head=True)
 ladder.apply(model, rungs[-1])

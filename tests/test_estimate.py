@@ -179,7 +179,7 @@ COMPILED_CASES = {"full bf16": ("full", "bf16", False), "full bf16 packed": ("fu
                   "full fp32": ("full", "fp32", False),
                   "full fp32 weights, bf16 autocast": ("full", "mixed", False),
                   "lora bf16": ("lora", "bf16", False), "lora bf16 packed": ("lora", "bf16", True),
-                  "qlora torchao bf16": ("qlora", "bf16", False)}
+                  "lora fp32": ("lora", "fp32", False), "qlora torchao bf16": ("qlora", "bf16", False)}
 
 
 @pytest.mark.parametrize("case", COMPILED_CASES)
@@ -216,7 +216,9 @@ def test_compiled_layer_formulas_match_what_the_partitioner_saves(case):
     saved = _saved_bytes(model, batch, None if precision == "fp32" else torch.bfloat16)
     expected = _expected_saved(config, plan, model, 2 * 96)
     eager = _expected_saved(config, replace(plan, compiled=False), model, 2 * 96)
-    assert abs(saved / expected - 1) < 0.02, (case, saved, expected, eager)
+    # within 1%: what is left is autocast's copies of the first layer's q, k, v LoRA-A weights, counted in
+    # _expected_saved, which that layer's backward (its input needs no gradient) does not keep
+    assert abs(saved / expected - 1) < 0.01, (case, saved, expected, eager)
     if method == "qlora":  # at 192 tokens the dequantized weights outweigh what the partitioner saves less
         without = _expected_saved(config, replace(plan, nf4_base="bitsandbytes"), model, 2 * 96)
         assert without < eager < expected, (case, without, eager, expected)

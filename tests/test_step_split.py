@@ -52,7 +52,9 @@ def test_the_measured_step_itself_can_be_split():
     split = row["split"]
     assert "split" not in plain and not row["oom"] and row["peak_bytes"] > 0
     assert all(split.seconds[part] > 0 for part in ("attention", "mlp", "loss", "other")), split.seconds
-    assert split.step_s >= row["seconds"] * 0.5 and sum(split.seconds.values()) <= split.step_s * (1 + 1e-9)
+    # the split is of the timed step itself: its range encloses the timing, by no more than the timer's calls
+    assert row["seconds"] <= split.step_s * (1 + 1e-4) and split.step_s < 1.1 * row["seconds"] + 1e-3
+    assert sum(split.seconds.values()) <= split.step_s * (1 + 1e-9)
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -20,8 +20,9 @@ keeps an rsqrt, the first the layer's input, the second the o_proj output it rec
 sum ``x + o`` from (the fp32 upcasts and the normalised outputs are recomputed); each linear's input is
 kept once (autocast's per-linear casts are one node after CSE); SwiGLU keeps gate and up, not
 ``silu(gate)``. With LoRA adapters on a frozen base it keeps the same, plus each adapter's rank-``r`` output
-and the o adapter's own copy of the attention output (peft's cast of its input is a new tensor beside the
-one attention's backward reads); peft's per-adapter copies of the other inputs are one each after CSE.
+and, in bf16, the o adapter's own copy of the attention output (peft's cast of its input to the fp32
+adapters is a new tensor beside the one attention's backward reads); peft's per-adapter copies of the
+other inputs are one each after CSE.
 Under checkpointing such a layer's recompute and backward run as one compiled graph, whose transient
 tensors are not modelled: a recomputed compiled adapter layer keeps eager autograd's count
 (``recomputed_terms``).
@@ -140,8 +141,11 @@ def _compiled_adapters(s: Shape, lay: Layout) -> list[Term]:
     if not lay.adapters:
         return []
     a, n = lay.compute, 7 if s.gated else 6
-    return [Term("o adapter's input (its copy of the attention output)", a * s.q, f"{a} x q({s.q})"),
-            Term("LoRA A outputs", n * a * lay.lora_r, f"{n} x {a} x r({lay.lora_r})")]
+    terms = [Term("LoRA A outputs", n * a * lay.lora_r, f"{n} x {a} x r({lay.lora_r})")]
+    if a != 4:  # peft casts the input to the fp32 adapters: a copy (none where everything is fp32)
+        terms.insert(0, Term("o adapter's input (its copy of the attention output)", a * s.q,
+                             f"{a} x q({s.q})"))
+    return terms
 
 
 def layer_terms(s: Shape, lay: Layout, seq_len: int) -> list[Term]:

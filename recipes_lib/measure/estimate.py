@@ -187,10 +187,10 @@ def estimate(plan: Plan, config=None) -> Estimate:
 
 def for_hardware(plan: Plan, hw) -> Plan:
     """``plan`` as the machine ``hw`` (``core.hardware.detect()``) runs it: its device and weights' dtype, and
-    the fallbacks: without bitsandbytes QLoRA's base stays unquantized; on a CPU, AdamW steps one tensor at a
-    time and has no state to offload. On a GPU without bf16 (a T4), full fine-tuning keeps fp32 weights under
-    fp16 autocast ("mixed"), while QLoRA's frozen base is held in fp16 (``models.load_model``), as many
-    bytes as bf16."""
+    the fallbacks: without bitsandbytes a bitsandbytes QLoRA base stays unquantized (torchao's and ours need
+    none); on a CPU, AdamW steps one tensor at a time and has no state to offload. On a GPU without bf16 (a
+    T4), full fine-tuning keeps fp32 weights under fp16 autocast ("mixed"), while QLoRA's frozen base is held
+    in fp16 (``models.load_model``), as many bytes as bf16."""
     if hw.model_dtype == torch.bfloat16:
         precision = plan.precision
     elif hw.amp_dtype is not None:
@@ -198,7 +198,7 @@ def for_hardware(plan: Plan, hw) -> Plan:
     else:
         precision = "fp32"
     changes = {"device": hw.device.type, "precision": precision}
-    if plan.method == "qlora" and not hw.bitsandbytes:
+    if plan.method == "qlora" and plan.nf4_base == "bitsandbytes" and not hw.bitsandbytes:
         changes["method"] = "lora"
     if not hw.cuda:
         changes["optimizer"] = "loop"

@@ -181,7 +181,8 @@ def _grad_bytes(plan) -> int:
 
 def _weight_copies(plan, s: act.Shape, c: Counts, layers: int, checkpointed: list[bool]):
     """Extra weight bytes at the forward's end, in the last layer's backward and in the first's:
-    autocast's cached bf16 copies of fp32 weights, or the layers FSDP2 / ZeRO-3 hold gathered."""
+    autocast's cached bf16 copies of fp32 weights, compiled layers' dequantized weights on torchao's NF4
+    base (``_dequantized_kept``), or the layers FSDP2 / ZeRO-3 hold gathered."""
     compute = 4 if plan.precision == "fp32" else 2
     if plan.strategy.startswith(("fsdp2", "deepspeed-zero3")):
         if plan.method == "qlora":
@@ -218,7 +219,8 @@ def _dequantized_kept(plan, s: act.Shape, c: Counts, checkpointed: list[bool]) -
     if not (plan.method == "qlora" and plan.compiled and plan.nf4_base == "torchao"):
         return 0, 0, 0
     compute = 4 if plan.precision == "fp32" else 2
-    layer, first = c.linear * compute, (c.linear - s.d * (s.q + 2 * s.kv)) * compute
+    mlp = (3 if s.gated else 2) * s.d * s.ffn if plan.tile_mlp_tokens else 0  # a tiled MLP keeps none
+    layer, first = (c.linear - mlp) * compute, (c.linear - mlp - s.d * (s.q + 2 * s.kv)) * compute
     kept = [0 if ck else (first if i == 0 else layer) for i, ck in enumerate(checkpointed)]
     return sum(kept), sum(kept), kept[0]
 
@@ -235,6 +237,7 @@ def _copies_note(plan) -> str:
     if plan.strategy.startswith(("fsdp2", "deepspeed-zero3")):
         return "gathered root (embeddings, norm) and decoder layers in the compute dtype"
     if plan.method == "qlora" and plan.compiled and plan.nf4_base == "torchao":
-        return ("autocast's bf16 copies of the fp32 adapters, and the compiled layers' dequantized NF4 "
-                "weights (not checkpointed ones'), kept for backward")
+        copies = "" if plan.precision == "fp32" else "autocast's bf16 copies of the fp32 adapters, and "
+        return copies + ("the compiled layers' dequantized NF4 weights (not checkpointed ones'), "
+                         "kept for backward")
     return "autocast's bf16 copies of the fp32 weights, kept for backward"
