@@ -75,6 +75,24 @@ def test_killed_run_resumes_bit_for_bit(uninterrupted, tmp_path):
     assert resumed.returncode == 0, output
     assert "resumed from" in output
     assert _losses(tmp_path) == _losses(uninterrupted)  # every step's loss, exactly
+    logged = [r["step"] for r in logs.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert logged == list(range(1, 9))  # the steps the killed run logged past its checkpoint, once
+    assert "is deprecated" not in output and "Failed to load CPU gemm_4bit_forward" not in output
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_same_command_refuses_to_train_over_it(tmp_path):
+    proc = _cli(tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and checkpoint.latest(tmp_path) is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in output, output
+    assert "run the same command with checkpoint.resume=true" in output
+    again = _cli(tmp_path)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 2 and "already holds checkpoint-" in output, output
 
 
 def test_resume_refuses_another_config(uninterrupted):

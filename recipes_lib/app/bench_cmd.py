@@ -18,7 +18,7 @@ from ..core import hardware
 from ..core.errors import RecipeError
 from ..measure import bench
 from ..measure.memory import GiB
-from . import bench_runs, techniques
+from . import bench_runs, preflight, techniques
 from .techniques import Settings, Technique
 
 
@@ -33,6 +33,7 @@ def settings(t: Technique, hw: hardware.Hardware, model: str | None = None, seq_
             raise RecipeError(f"--{key.replace('_', '-')}={chosen[key]}: give a positive number")
     if chosen["seq_len"] < 16:
         raise RecipeError(f"--seq-len={chosen['seq_len']} is too short to measure: use 16 tokens or more")
+    preflight.local_model(chosen["model"], "--model")
     try:
         bench_runs.model_config(chosen["model"])
     except Exception as error:  # RecipeError (no such folder) or transformers' errors: one message

@@ -12,9 +12,11 @@ import json
 import os
 import sys
 
+import recipes_lib
+
 from ..core.errors import RecipeError
+from . import checkpoint, config, estimate_cmd, preflight, trainer
 from . import commands as subcommands
-from . import config, estimate_cmd, trainer
 
 USAGE = """recipes train CONFIG [key=value ...] [--resume PATH]
 
@@ -44,9 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "handler", None) is not None:  # eval, bench, export
         return subcommands.run(args)
-    if args.help or args.config is None:
+    if args.help:
         print(USAGE + "\nEvery key, with its default:\n\n" + config.reference_yaml())
-        return 0 if args.help else 2
+        return 0
+    if args.config is None:
+        print(f"usage: {USAGE}\nrecipes train: give a CONFIG file (the quick start: "
+              "configs/lora-tiny-cpu.yaml; recipes train --help lists every key)", file=sys.stderr)
+        return 2
+    recipes_lib.quiet()
+    main_rank, cfg = os.environ.get("RANK", "0") == "0", None  # one summary per run, not one per rank
     try:
         cfg = config.load(args.config, args.overrides)
         if args.print_config:
@@ -56,6 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"recipes train: {error}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") == "0":  # one summary per run, not one per rank
+    except KeyboardInterrupt:
+        if main_rank:
+            print(f"\nrecipes train: {interrupted(cfg)}", file=sys.stderr)
+        return 130
+    if main_rank:
         print(json.dumps(summary, indent=1))
     return 0
+
+
+def interrupted(cfg: config.RunConfig | None) -> str:
+    """What Ctrl-C leaves, and how to go on from it."""
+    last = checkpoint.latest(cfg.output.dir) if cfg is not None else None
+    if last is None:
+        return "interrupted before a checkpoint was saved: run the same command to start again"
+    return (f"interrupted; {last} holds step {preflight.step_of(last)}: run the same command with "
+            f"checkpoint.resume=true to continue from it")

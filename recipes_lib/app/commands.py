@@ -26,7 +26,7 @@ DATA_OPTIONS = {"split": "split to read (default: the run's, else train)",
 def add(commands) -> None:
     """Register ``eval``, ``bench`` and ``export`` on the ``recipes`` subcommand parser."""
     ev = commands.add_parser("eval", help="score a run (or a model) against its base on held-out data",
-                             description=evaluate.__doc__.splitlines()[0])
+                             description=evaluate.__doc__.splitlines()[0].replace("``", "`"))
     ev.add_argument("target", help="a `recipes train` output folder, a model folder or a hub id")
     ev.add_argument("--data", help="data to score (default: the run's validation split)")
     for name, text in DATA_OPTIONS.items():
@@ -40,7 +40,7 @@ def add(commands) -> None:
     ev.set_defaults(handler=_eval)
 
     be = commands.add_parser("bench", help="measure one recipe of the notebooks against its plain reference",
-                             description=bench_cmd.__doc__.splitlines()[0])
+                             description=bench_cmd.__doc__.splitlines()[0].replace("``", "`"))
     be.add_argument("--technique", help="one of: " + ", ".join(techniques.TECHNIQUES))
     be.add_argument("--list", action="store_true", help="name and describe every technique")
     be.add_argument("--model", help="hub id, model folder or random:<shape> (default: the profile's)")

@@ -165,6 +165,11 @@ def split_documents(docs: list[Document], fraction: float, seed: int
     return ([d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held])
 
 
+def from_cwd(path: Path) -> str:
+    """Where a relative path that was not found was looked for (nothing for an absolute one)."""
+    return "" if path.is_absolute() else f" (relative paths start from the current folder, {Path.cwd()})"
+
+
 def load_table(cfg: DataConfig) -> datasets.Dataset:
     """The raw rows of ``cfg.source`` (split ``cfg.split``), or a ``RecipeError`` that says what to fix."""
     path = Path(cfg.source).expanduser()
@@ -183,7 +188,7 @@ def load_table(cfg: DataConfig) -> datasets.Dataset:
             return _load_files(None, str(path), cfg)
         looks_local = cfg.source.startswith((".", "/", "~")) or cfg.source.count("/") > 1
         if looks_local or path.suffix.lower() in FILE_BUILDERS:
-            raise RecipeError(f"data source {cfg.source} does not exist: give {ACCEPTED}")
+            raise RecipeError(f"data source {cfg.source} does not exist: give {ACCEPTED}{from_cwd(path)}")
         return datasets.load_dataset(cfg.source, split=cfg.split, cache_dir=cfg.cache_dir)
     except RecipeError:
         raise

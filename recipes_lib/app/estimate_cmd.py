@@ -29,7 +29,7 @@ from ..measure.estimate import (
 )
 from ..measure.memory import GiB
 from . import config as run_config
-from . import fast_path
+from . import fast_path, preflight
 
 FLAGS = {  # flag: (Plan field, type, help)
     "--model": ("model", str, "model folder, hub id or random:<shape>"),
@@ -67,7 +67,7 @@ STRATEGY = {"single": "single", "ddp": "ddp", "zero2": "deepspeed-zero2", "zero3
 def add_parser(commands) -> None:
     """The ``estimate`` subcommand with every flag."""
     cmd = commands.add_parser("estimate", help="predicted memory per GPU; --gpu: does it fit, what to change",
-                              description=__doc__.split("\n\n", 1)[1],
+                              description=__doc__.split("\n\n", 1)[1].replace("``", "`"),
                               epilog="without a config, the defaults: " + ", ".join(
                                   f"{key}={value}" for key, value in vars(Plan()).items()),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +149,7 @@ def main(args) -> int:
     """Run ``recipes estimate`` with parsed ``args``; 0 on success, 2 on a RecipeError (printed)."""
     try:
         plan = _plan(args)
+        preflight.local_model(plan.model, "the model (--model or model.source)", paths=False)
         config = model_config(plan.model)
         result = estimate(plan, config)
         advice = advisor.advice_text(plan, args.gpu, config) if args.gpu else None

@@ -21,7 +21,7 @@ from ..core import hardware, models
 from ..core.batches import Document
 from ..core.errors import RecipeError
 from ..memory import qlora
-from . import checkpoint, data, fast_path, trainer
+from . import checkpoint, data, fast_path, preflight, trainer
 from .config import RunConfig
 from .encoding import encode_rows
 
@@ -56,6 +56,12 @@ class Rows:
 def target(name: str, base: str | None = None) -> Target:
     """The run folder or the model ``name``; a run's base comes from its saved config."""
     path = Path(name).expanduser()
+    preflight.local_model(base, "--base")
+    if path.is_dir() and not _is_run(path) and not _is_model(path):
+        run = f"the run folder {path.parent}" if (path / "state.pt").is_file() else "its run folder"
+        raise RecipeError(f"{name} is neither a `recipes train` run (no checkpoint-*/, adapter/ or model/ in "
+                          f"it) nor a model folder (no config.json or adapter_config.json): pass {run}, "
+                          "a model folder, or a hub id")
     if path.is_dir() and ((path / "config.json").is_file() or not _is_run(path)):
         return Target(name, base)  # a model folder (or a folder the model loader will judge)
     if path.is_dir():
@@ -67,7 +73,12 @@ def target(name: str, base: str | None = None) -> Target:
     if name.startswith((".", "/", "~")) or name.count("/") != 1 or path.suffix:
         raise RecipeError(f"no run folder or model at {name!r}: pass the output.dir of a `recipes train` "
                           "run, a model folder, or a hub id such as 'HuggingFaceTB/SmolLM2-135M'")
+    preflight.local_model(name, "target")  # a near miss of a local folder, not a hub id
     return Target(name, base)
+
+
+def _is_model(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def _is_run(path: Path) -> bool:
@@ -145,7 +156,8 @@ def data_config(tgt: Target, updates: dict) -> tuple[data.DataConfig, bool]:
     try:
         cfg = data.DataConfig.model_validate({**start, **given})
     except pydantic.ValidationError as error:
-        raise RecipeError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise RecipeError("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: "
+                                    f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
                           ) from None
     run_data = tgt.config.data if tgt.config is not None else None
     own = run_data is not None and (cfg.source, cfg.split) == (run_data.source, run_data.split)

@@ -27,7 +27,7 @@ from ..long_context import recipe
 from ..measure import flops
 from ..memory import offload, qlora
 from ..parallel import context
-from . import checkpoint, data, distributed, fast_path, logs
+from . import checkpoint, data, distributed, fast_path, logs, preflight
 from .config import RunConfig
 
 EMBEDDED_TOKENIZER = "data/tiny-llama"
@@ -80,8 +80,7 @@ def build_model(cfg: RunConfig, hw: hardware.Hardware) -> torch.nn.Module:
 
 
 def check_positions(model, cfg: RunConfig) -> None:
-    """Refuse a ``data.seq_len`` over the model's position limit (where RoPE would extrapolate), naming the
-    switch that extends it."""
+    """Refuse a ``data.seq_len`` over the model's position limit, naming the switch that extends it."""
     try:
         models.check_seq_len(models.unwrap(model), cfg.data.seq_len)
     except RecipeError as error:
@@ -105,8 +104,8 @@ def build_optimizer(cfg: RunConfig, model, hw: hardware.Hardware):
 
 
 def _counted(batches: Iterator[dict], counter: list[int], pad_id: int) -> Iterator[dict]:
-    """``batches``, adding each one's real tokens to ``counter`` (a packed row's padded tail is not
-    counted: the tokens that are not ``pad_id``, where there is no attention mask)."""
+    """``batches``, adding each one's real tokens to ``counter`` (without an attention mask: those not
+    ``pad_id``, so a packed row's padded tail is not counted)."""
     for batch in batches:
         mask = batch.get("attention_mask")
         counter[0] += int(mask.sum()) if mask is not None else int((batch["input_ids"] != pad_id).sum())
@@ -130,8 +129,7 @@ def validation_batches(docs, cfg: RunConfig, pad_id: int) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict], loss_of, autocast_dtype) -> float | None:
-    """Mean loss per target token over the validation micro-batches (None without any); every rank
-    evaluates the same batches (FSDP2's ranks must run each forward together)."""
+    """Mean loss per target token of the validation micro-batches (None without); on every rank (FSDP2)."""
     if not batches:
         return None
     model.eval()
@@ -188,6 +186,7 @@ def _run(cfg: RunConfig, ctx, resume_from: str | None) -> dict:
     hw = hardware.detect(str(ctx.device)) if ctx else hardware.detect()
     world = ctx.world_size if ctx else 1
     out_dir = Path(cfg.output.dir)
+    preflight.train(cfg, resume_from)
     accum = cfg.train.global_batch // (cfg.train.micro_batch * world)
     tokenizer = tokenizer_for(cfg)
     train_docs, val_docs = data.load_documents(cfg.data, tokenizer)
@@ -225,11 +224,12 @@ def _run(cfg: RunConfig, ctx, resume_from: str | None) -> dict:
                                     max_grad_norm=cfg.optim.max_grad_norm, fused_head=cfg.model.chunked_loss,
                                     scaler=scaler, grad_norms=norms)
     main = ctx is None or ctx.is_main
-    log = logs.RunLog(out_dir, main=main, tensorboard=cfg.log.tensorboard)
+    log = logs.RunLog(out_dir, main=main, tensorboard=cfg.log.tensorboard, first_step=start["step"])
     hook = _StepHook(cfg, model, lm, optimizer, scheduler, scaler, log, hw, ctx, tokens, norms, start, accum,
                      validation, autocast_dtype, per_token)
     train.train(model, optimizer, batches, steps=remaining, accum_steps=accum, scheduler=scheduler,
-                progress=cfg.log.progress and main, desc="train", on_step=hook, step_fn=step_fn)
+                progress=cfg.log.progress and main, on_step=hook, step_fn=step_fn,
+                desc=f"train (steps {start['step'] + 1}-{cfg.train.max_steps})" if start["step"] else "train")
     written = save_outputs(model, lm, tokenizer, cfg, out_dir, hw, ctx)
     total = context.all_ranks_sum(tokens[0], hw.device, torch.int64) if ctx else tokens[0]
     return log.finish(hw, int(total), remaining, first_step=start["step"], ranks=world,
