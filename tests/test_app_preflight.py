@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from recipes_lib.app import cli, data, eval_data, logs, preflight
+from recipes_lib.app import cli, config, data, eval_data, fast_path, logs, preflight
 from recipes_lib.app.config import RunConfig
+from recipes_lib.core import hardware
 from recipes_lib.core.errors import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,3 +110,24 @@ def test_eval_of_a_folder_that_is_no_run_or_model_says_which_to_pass(tmp_path):
         eval_data.target(str(saved))
     with pytest.raises(RecipeError, match=r"^--max-examples: max_examples=0: use a positive number"):
         eval_data.data_config(eval_data.Target("x", None, RunConfig()), {"max_examples": 0})
+
+
+def test_overrides_may_follow_the_options_and_a_bad_resume_path_fails_before_loading(tmp_path, capsys):
+    args = cli.parse(["train", str(EXAMPLE), "lr=1e-3", "--resume", "x", "max_steps=5"])
+    assert args.overrides == ["lr=1e-3", "max_steps=5"] and args.resume == "x"
+    assert cli.parse(["export", "axolotl", str(EXAMPLE), "-o", "a.yaml", "lr=1"]).overrides == ["lr=1"]
+    with pytest.raises(SystemExit):
+        cli.parse(["train", str(EXAMPLE), "--resume", "x", "--bogus"])
+    _checkpoint(tmp_path, 10)
+    missing = str(tmp_path / "nope")
+    assert cli.main(["train", str(EXAMPLE), "--resume", missing, f"output.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "there is no checkpoint there" in err and f"{tmp_path} holds checkpoint-0000010" in err
+
+
+def test_the_qlora_base_says_why_auto_stays_eager_on_a_cpu():
+    cpu, qlora_1b = hardware.detect("cpu"), REPO / "configs" / "qlora-1b.yaml"
+    _, why = fast_path.nf4_base_choice(config.load(qlora_1b), cpu)
+    assert "the layers stay eager" in why and "model.compile: false" not in why  # it is auto, not false
+    _, why = fast_path.nf4_base_choice(config.load(qlora_1b, ["compile=false"]), cpu)
+    assert why.endswith("and here model.compile: false")

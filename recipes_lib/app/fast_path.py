@@ -51,8 +51,10 @@ def nf4_base_choice(cfg: RunConfig, hw) -> tuple[str, str]:
     if cfg.model.nf4_base != "auto":
         return cfg.model.nf4_base, f"model.nf4_base: {cfg.model.nf4_base}"
     found = unmeasured(cfg)  # several processes among them: DDP and FSDP2 take bitsandbytes' base only
-    if found or not compile_choice(cfg, hw)[0]:
-        why = f"not measured with {', '.join(found)}" if found else "model.compile: false"
+    compiled, reason = compile_choice(cfg, hw)
+    if found or not compiled:
+        why = (f"not measured with {', '.join(found)}" if found else
+               reason if cfg.model.compile is False else f"the layers stay {reason}")
         return "bitsandbytes", f"bitsandbytes' base: torchao's pays with compiled layers, and here {why}"
     config = AutoConfig.from_pretrained(models.resolve(cfg.model.source))
     base, _, why = qlora.default_path(hw, config=config)

@@ -45,9 +45,20 @@ def output_dir(cfg: RunConfig, resume_from: str | None) -> None:
                           f"output.dir (or delete that folder) to start over")
 
 
+def resume_path(cfg: RunConfig, resume_from: str | None) -> None:
+    """Raise where ``--resume`` names no checkpoint, listing those of ``output.dir``."""
+    if resume_from is None or (Path(resume_from) / "state.pt").is_file():
+        return
+    found = [p.name for p in checkpoint.checkpoints(cfg.output.dir)]
+    held = f"{cfg.output.dir} holds {', '.join(found)}" if found else f"{cfg.output.dir} holds none"
+    raise RecipeError(f"--resume {resume_from}: there is no checkpoint there (a checkpoint-<step> folder "
+                      f"with state.pt); {held} (checkpoint.resume=true takes the latest)")
+
+
 def train(cfg: RunConfig, resume_from: str | None) -> None:
     """Every check of ``recipes train``."""
     output_dir(cfg, resume_from)
+    resume_path(cfg, resume_from)
     local_model(cfg.model.source, "model.source")
     local_model(cfg.model.tokenizer, "model.tokenizer")
 
