@@ -44,10 +44,10 @@ cfgs = [bench.Config("full compiled", full, adamw, 8, fused_head=False),
         bench.Config("QLoRA default + ckpt + accum + offload", ql(True), off, 2, accum_steps=4,
                      max_grad_norm=None)]
 base = estimate.Plan(NAME, "full", "bf16", micro_batch=8, seq_len=SEQ, lora_r=16)
-plans = [dict(chunked_loss=False, compiled=True), dict(compiled=True, optimizer="offload"),
-         dict(method="qlora", compiled=True),
-         dict(method="qlora", compiled=True, checkpoint_every=1, micro_batch=2, accum_steps=4,
-              optimizer="offload")]
+nf4_base, qlora_compiled, _ = qlora.default_path(hw, config=config)  # what qlora_model built above
+qlora_path = dict(method="qlora", compiled=qlora_compiled, nf4_base=nf4_base)
+plans = [dict(chunked_loss=False, compiled=True), dict(compiled=True, optimizer="offload"), qlora_path,
+         dict(qlora_path, checkpoint_every=1, micro_batch=2, accum_steps=4, optimizer="offload")]
 rows = []
 for c in cfgs:
     t = time.time()
