@@ -193,11 +193,12 @@ def run(shapes=SHAPES, formats=decode_floor.FORMATS, batches=(1, 16), prompt_len
     compiled, rows = hw.cuda if compile is None else compile, []
     for fmt in formats:
         for shape in shapes:
+            full = shape_config(shape).num_hidden_layers
             for layers in depths_of(shape_config(shape), depth_fractions):
                 config = shape_config(shape, layers)
                 row = _row_maker(shape, config, fmt, hw, bandwidth, context, group_size)
                 backend, done = given.get((shape, fmt), (None, []))
-                if layers == shape_config(shape).num_hidden_layers and done and reusable(
+                if layers == full and done and reusable(
                         done, batches, prompt_len, new_tokens, compiled, tune):
                     rows += [_measured_row(row(r["batch"], backend=backend, reused=True), r) for r in done]
                 elif budget_s is not None and time.monotonic() - start > budget_s:

@@ -66,14 +66,14 @@ def _measure(model, optimizer, seq_len: int, hw: Hardware, fused_head: bool, rep
     batch = random_batch(model.config.vocab_size, seq_len, hw.device)
     step = _one_step(model, optimizer, batch, hw, fused_head)
     states = list(model.parameters()) + list(model.buffers()) + memory.optimizer_tensors(optimizer)
-    seconds, split = [], {}
+    seconds = []
+
+    def timed():  # timing.seconds waits for the device, as step_split.profile asks of a step
+        seconds.append(timing.seconds(step, hw.device))
+
     try:
         with memory.peak_memory(hw.device, states) as peak, memory.host_peak_memory(hw.device) as host:
-            if profile:  # timing.seconds waits for the device, as step_split.profile asks of a step
-                split["split"] = step_split.profile(lambda: seconds.append(timing.seconds(step, hw.device)),
-                                                    hw.device)
-            else:
-                seconds.append(timing.seconds(step, hw.device))
+            split = {"split": step_split.profile(timed, hw.device)} if profile else timed() or {}
         took = timing.Timing.of(seconds)
         if repeats > 1:
             took = timing.time_it(step, hw.device, repeats, warmup=0)

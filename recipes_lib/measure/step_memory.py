@@ -198,7 +198,7 @@ def _weight_copies(plan, s: act.Shape, c: Counts, layers: int, checkpointed: lis
         return dequantized
     # A tiled MLP's linears run without autograd in forward: autocast caches their copies until the forward
     # ends, but backward keeps none (it casts again, one chunk at a time).
-    tiled = (3 if s.gated else 2) * bool(plan.tile_mlp_tokens)  # linears of the MLP, untiled: none
+    tiled = _tiled_mlp_linears(plan, s)  # linears of the MLP, untiled: none
     if plan.method != "full":  # fp32 adapters' bf16 copies; an upcast fp32 head's, kept with full logits
         head = 2 * c.embed if plan.upcast_fp32 else 0
         kept = 2 * (c.lora - tiled * plan.lora_r * (s.d + s.ffn) * s.layers)
@@ -211,15 +211,25 @@ def _weight_copies(plan, s: act.Shape, c: Counts, layers: int, checkpointed: lis
     return 2 * c.linear * layers + head, kept + (0 if plan.chunked_loss else head), 0
 
 
+def _keeps_dequantized(plan) -> bool:
+    """Compiled QLoRA layers on torchao's NF4 base: they keep their weights dequantized for backward."""
+    return plan.method == "qlora" and plan.compiled and plan.nf4_base == "torchao"
+
+
+def _tiled_mlp_linears(plan, s: act.Shape) -> int:
+    """How many of a layer's linears run without autograd, in a tiled MLP (keeping no weight copies): 0
+    where the MLP is whole."""
+    return (3 if s.gated else 2) * bool(plan.tile_mlp_tokens)
+
+
 def _dequantized_kept(plan, s: act.Shape, c: Counts, checkpointed: list[bool]) -> tuple[float, float, float]:
     """A compiled layer on torchao's NF4 base keeps its weights dequantized to the compute dtype for backward
     (the min-cut partitioner saves the dequantized weight rather than recompute the NF4 lookup); the first
     layer, whose input needs no gradient, keeps o's and the MLP's only. At the forward's end, in the last
     layer's backward and in the first's; a checkpointed layer's recompute is not modelled (none)."""
-    if not (plan.method == "qlora" and plan.compiled and plan.nf4_base == "torchao"):
+    if not _keeps_dequantized(plan):
         return 0, 0, 0
-    compute = 4 if plan.precision == "fp32" else 2
-    mlp = (3 if s.gated else 2) * s.d * s.ffn if plan.tile_mlp_tokens else 0  # a tiled MLP keeps none
+    compute, mlp = 4 if plan.precision == "fp32" else 2, _tiled_mlp_linears(plan, s) * s.d * s.ffn
     layer, first = (c.linear - mlp) * compute, (c.linear - mlp - s.d * (s.q + 2 * s.kv)) * compute
     kept = [0 if ck else (first if i == 0 else layer) for i, ck in enumerate(checkpointed)]
     return sum(kept), sum(kept), kept[0]
@@ -236,7 +246,7 @@ def _optimizer_temporary(plan, opt: float, c: Counts, s: act.Shape) -> float:
 def _copies_note(plan) -> str:
     if plan.strategy.startswith(("fsdp2", "deepspeed-zero3")):
         return "gathered root (embeddings, norm) and decoder layers in the compute dtype"
-    if plan.method == "qlora" and plan.compiled and plan.nf4_base == "torchao":
+    if _keeps_dequantized(plan):
         copies = "" if plan.precision == "fp32" else "autocast's bf16 copies of the fp32 adapters, and "
         return copies + ("the compiled layers' dequantized NF4 weights (not checkpointed ones'), "
                          "kept for backward")
